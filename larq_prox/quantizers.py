@@ -1,0 +1,436 @@
+r"""ProxConnect++ (PC++) quantizers: forward/backward pairs as Larq quantizers.
+
+A PC++ quantizer is a pair \((F, B)\): the forward quantizer \(F\) is applied in
+the forward pass and the derivative of the backward quantizer \(B\) replaces
+\(F'\) in back-propagation,
+
+\[
+w = F(\theta), \qquad \frac{\partial L}{\partial \theta} = B'(\theta)\,\frac{\partial L}{\partial w}.
+\]
+
+| class | alias | F (training) | B |
+|---|---|---|---|
+| `BC` | `pcpp_bc` | sign | identity |
+| `BNN` | `pcpp_bnn` | sign | clip(., -c, c) |
+| `BNNPlus` | `pcpp_bnn_plus` | sign | SignSwish |
+| `BNNPlusPlus` | `pcpp_bnn_plus_plus` | SignSwish | SignSwish |
+| `PC` | `pcpp_pc` | \(L^\varrho_\rho\) | identity |
+| `RPC` | `pcpp_rpc` | sign | \(L^\varrho_\rho\) |
+| `ForwardBackward` | - | any | any (derivative by autodiff) |
+
+The PC++ paper's full text was not available to us: this table is our
+reconstruction from its abstract, BNN+ (Darabi et al., 2018) and ProxConnect
+(Dockhorn et al., 2021).
+
+Every pair uses the hard `larq.math.sign` forward outside training
+(`training=False`, the default of a bare call), inside `hard_mode()`, or when
+constructed with `hard=True`, so inference and LCE export see binary values.
+Schedule parameters (`beta`, `rho`, `varrho`) live in non-trainable
+`tf.Variable`s: `larq_prox.callbacks.QuantizerSchedule` anneals them during
+`fit` without retracing.
+
+```python
+import larq as lq
+import larq_prox as lqp
+
+layer = lq.layers.QuantConv2D(
+    64, 3, input_quantizer="pcpp_bnn", kernel_quantizer="pcpp_bnn_plus_plus",
+    kernel_constraint="weight_clip")
+```
+"""
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import larq as lq
+import tensorflow as tf
+from larq.quantizers import _BaseQuantizer
+
+from larq_prox import prox
+
+__all__ = [
+    "PCPPQuantizer",
+    "BC",
+    "BNN",
+    "BNNPlus",
+    "BNNPlusPlus",
+    "PC",
+    "RPC",
+    "ForwardBackward",
+    "ALIASES",
+    "FUNCTIONS",
+    "forward_backward",
+    "hard_mode",
+    "get",
+]
+
+ALIASES: dict[str, type] = {}
+"""Alias string -> PC++ quantizer class, e.g. `ALIASES["pcpp_bnn"] is BNN`."""
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def hard_mode() -> Iterator[None]:
+    """Within this context every PC++ quantizer traced or run uses the hard sign.
+
+    ```python
+    with lqp.quantizers.hard_mode():
+        y = model(x, training=True)   # forward with larq.math.sign everywhere
+    ```
+    """
+    previous = getattr(_state, "hard", False)
+    _state.hard = True
+    try:
+        yield
+    finally:
+        _state.hard = previous
+
+
+def forward_backward(
+    x: tf.Tensor,
+    forward: Callable[[tf.Tensor], tf.Tensor],
+    backward_derivative: Callable[[tf.Tensor], tf.Tensor],
+) -> tf.Tensor:
+    r"""\(F(x)\) in the forward pass, \(B'(x)\,dy\) in the backward pass."""
+
+    @tf.custom_gradient
+    def _pair(x):
+        def grad(dy):
+            return dy * backward_derivative(x)
+
+        return forward(x), grad
+
+    return _pair(x)
+
+
+def _register(alias: str):
+    def decorator(cls):
+        lq.utils.register_keras_custom_object(cls)
+        lq.utils.register_alias(alias)(cls)
+        ALIASES[alias] = cls
+        cls.alias = alias
+        return cls
+
+    return decorator
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value}.")
+    return value
+
+
+def _prox_parameters(rho: float, varrho: float) -> tuple[float, float]:
+    rho, varrho = float(rho), float(varrho)
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"`rho` must be in [0, 1], got {rho}.")
+    if not varrho >= 0.0:
+        raise ValueError(f"`varrho` must be >= 0, got {varrho}.")
+    return rho, varrho
+
+
+class PCPPQuantizer(_BaseQuantizer):
+    """Base class of the PC++ pairs: subclasses define `forward` and `backward_derivative`.
+
+    # Arguments
+        hard: always use the hard `larq.math.sign` forward (inference, export).
+        metrics: larq metrics to add, e.g. `["flip_ratio"]`.
+
+    Attributes:
+        backward_storage: what a low-memory layer must keep of the input for
+            the backward pass: `"none"` (B' is constant), `"mask"` (B' is a
+            0/1 mask, one bit) or `"float"` (B' needs the magnitude).
+    """
+
+    precision = 1
+    alias: str = ""
+    backward_storage = "float"
+
+    def __init__(self, hard: bool = False, **kwargs):
+        self.hard = bool(hard)
+        super().__init__(**kwargs)
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """The training forward quantizer F (hard sign unless overridden)."""
+        return prox.sign(x)
+
+    def backward_derivative(self, x: tf.Tensor) -> tf.Tensor:
+        """B'(x), the surrogate derivative used in back-propagation."""
+        raise NotImplementedError
+
+    @property
+    def schedule_parameters(self) -> dict[str, tf.Variable]:
+        """The annealable parameters, name -> non-trainable variable."""
+        return {}
+
+    def call(self, inputs, training=None):
+        if self.hard or getattr(_state, "hard", False):
+            forward = prox.sign
+        else:
+            if training is None:
+                training = tf.keras.backend.learning_phase()
+
+            def forward(x):
+                return tf.__internal__.smart_cond.smart_cond(
+                    training, lambda: self.forward(x), lambda: prox.sign(x)
+                )
+
+        outputs = forward_backward(inputs, forward, self.backward_derivative)
+        return super().call(outputs)
+
+    def _variable(self, name: str, value: float) -> tf.Variable:
+        return tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
+
+    def get_config(self):
+        values = {
+            name: float(tf.keras.backend.get_value(var))
+            for name, var in self.schedule_parameters.items()
+        }
+        return {**super().get_config(), "hard": self.hard, **values}
+
+
+@_register("pcpp_bc")
+class BC(PCPPQuantizer):
+    r"""BinaryConnect: \(F = \mathrm{sign}\), \(B = \mathrm{id}\), so \(B' = 1\).
+
+    ```python
+    q = lqp.quantizers.BC()
+    ```
+    """
+
+    backward_storage = "none"
+
+    def backward_derivative(self, x):
+        return tf.ones_like(x)
+
+
+@_register("pcpp_bnn")
+class BNN(PCPPQuantizer):
+    r"""BNN straight-through estimator: \(F = \mathrm{sign}\), \(B = \mathrm{clip}(\theta, -c, c)\).
+
+    \(B'(\theta) = 1\{|\theta| \le c\}\): identical to larq's `ste_sign`.
+
+    ```python
+    q = lqp.quantizers.BNN(clip_value=1.0)
+    ```
+
+    # Arguments
+        clip_value: c > 0.
+    """
+
+    backward_storage = "mask"
+
+    def __init__(self, clip_value: float = 1.0, **kwargs):
+        self.clip_value = _positive("clip_value", clip_value)
+        super().__init__(**kwargs)
+
+    def backward_derivative(self, x):
+        return prox.clip_derivative(x, self.clip_value)
+
+    def get_config(self):
+        return {**super().get_config(), "clip_value": self.clip_value}
+
+
+class _SignSwishPair(PCPPQuantizer):
+    def __init__(self, beta: float = 5.0, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = self._variable("beta", _positive("beta", beta))
+
+    @property
+    def schedule_parameters(self):
+        return {"beta": self.beta}
+
+    def backward_derivative(self, x):
+        return prox.signswish_derivative(x, self.beta)
+
+
+@_register("pcpp_bnn_plus")
+class BNNPlus(_SignSwishPair):
+    r"""BNN+: \(F = \mathrm{sign}\), \(B = SS_\beta\) (SignSwish); equals larq's `swish_sign`.
+
+    \(SS'_\beta(x) = \beta(2 - \beta x \tanh(\beta x/2)) / (1 + \cosh \beta x)\).
+
+    ```python
+    q = lqp.quantizers.BNNPlus(beta=5.0)
+    ```
+
+    # Arguments
+        beta: sharpness of SignSwish, > 0 (annealable).
+    """
+
+
+@_register("pcpp_bnn_plus_plus")
+class BNNPlusPlus(_SignSwishPair):
+    r"""BNN++: \(F = B = SS_\beta\), annealed towards sign by increasing \(\beta\).
+
+    ```python
+    q = lqp.quantizers.BNNPlusPlus(beta=1.0)   # anneal beta up with QuantizerSchedule
+    ```
+
+    # Arguments
+        beta: sharpness of SignSwish, > 0 (annealable).
+    """
+
+    def forward(self, x):
+        return prox.signswish(x, self.beta)
+
+
+class _ProxPair(PCPPQuantizer):
+    def __init__(self, rho: float = 0.0, varrho: float = 1.0, **kwargs):
+        rho, varrho = _prox_parameters(rho, varrho)
+        super().__init__(**kwargs)
+        self.rho = self._variable("rho", rho)
+        self.varrho = self._variable("varrho", varrho)
+
+    @property
+    def schedule_parameters(self):
+        return {"rho": self.rho, "varrho": self.varrho}
+
+    def _prox(self, x):
+        return prox.prox_linear(x, self.rho, self.varrho)
+
+    def _prox_derivative(self, x):
+        return prox.prox_linear_derivative(x, self.rho, self.varrho)
+
+
+@_register("pcpp_pc")
+class PC(_ProxPair):
+    r"""ProxConnect: \(F = L^\varrho_\rho\), \(B = \mathrm{id}\).
+
+    \(L^\varrho_\rho(w) = \rho w + (1-\rho)\,\mathrm{clip}(w/\varrho, -1, 1)\); anneal
+    \(\rho \to 0\), \(\varrho \to 0\) so that F reaches sign.
+
+    ```python
+    q = lqp.quantizers.PC(rho=0.0, varrho=1.0)
+    ```
+
+    # Arguments
+        rho: in [0, 1] (annealable).
+        varrho: >= 0 (annealable).
+    """
+
+    backward_storage = "none"
+
+    def forward(self, x):
+        return self._prox(x)
+
+    def backward_derivative(self, x):
+        return tf.ones_like(x)
+
+
+@_register("pcpp_rpc")
+class RPC(_ProxPair):
+    r"""Reversed ProxConnect: \(F = \mathrm{sign}\), \(B = L^\varrho_\rho\).
+
+    \(B'(w) = \rho + (1 - \rho) 1\{|w| \le \varrho\} / \varrho\).
+
+    ```python
+    q = lqp.quantizers.RPC(rho=0.1, varrho=1.0)
+    ```
+
+    # Arguments
+        rho: in [0, 1] (annealable).
+        varrho: >= 0 (annealable).
+    """
+
+    def backward_derivative(self, x):
+        return self._prox_derivative(x)
+
+
+FUNCTIONS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "sign": prox.sign,
+    "identity": prox.identity,
+    "clip": prox.clip,
+    "signswish": prox.signswish,
+    "prox_linear": prox.prox_linear,
+    "tanh": tf.tanh,
+}
+"""Built-in functions `ForwardBackward` accepts by name."""
+
+
+def _resolve_function(name: str, fn) -> Callable[[tf.Tensor], tf.Tensor]:
+    if isinstance(fn, str):
+        if fn in FUNCTIONS:
+            return FUNCTIONS[fn]
+        registered = tf.keras.utils.get_registered_object(fn)
+        if registered is None:
+            raise ValueError(
+                f"`{name}`: unknown function {fn!r}. Use one of {sorted(FUNCTIONS)}, a "
+                "callable, or a function registered with "
+                "`tf.keras.utils.register_keras_serializable()`."
+            )
+        fn = registered
+    if not callable(fn):
+        raise ValueError(f"`{name}` must be callable or a function name, got {fn!r}.")
+    return fn
+
+
+def _function_name(name: str, fn) -> str:
+    for key, value in FUNCTIONS.items():
+        if value is fn:
+            return key
+    registered = tf.keras.utils.get_registered_name(fn)
+    if tf.keras.utils.get_registered_object(registered) is fn:
+        return registered
+    raise ValueError(
+        f"ForwardBackward cannot serialize its `{name}` function {fn!r}: pass a built-in "
+        f"name ({sorted(FUNCTIONS)}) or register the function with "
+        "`@tf.keras.utils.register_keras_serializable()`."
+    )
+
+
+@lq.utils.register_keras_custom_object
+class ForwardBackward(PCPPQuantizer):
+    r"""Any user pair: F = `forward`, B' = autodiff of `backward`.
+
+    ```python
+    q = lqp.quantizers.ForwardBackward(forward="sign", backward=tf.tanh)
+    y = q(x, training=True)     # sign(x), gradient 1 - tanh(x)^2
+    ```
+
+    # Arguments
+        forward: callable or built-in name (see `FUNCTIONS`).
+        backward: callable or built-in name; its derivative comes from autodiff.
+    """
+
+    def __init__(self, forward="sign", backward="identity", **kwargs):
+        self._forward = _resolve_function("forward", forward)
+        self._backward = _resolve_function("backward", backward)
+        super().__init__(**kwargs)
+
+    def forward(self, x):
+        return self._forward(x)
+
+    def backward_derivative(self, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            b = self._backward(x)
+        return tape.gradient(b, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "forward": _function_name("forward", self._forward),
+            "backward": _function_name("backward", self._backward),
+        }
+
+
+def get(identifier):
+    """Resolve a quantizer like `larq.quantizers.get`, listing the PC++ aliases on error.
+
+    ```python
+    q = lqp.quantizers.get("pcpp_rpc")
+    ```
+    """
+    if isinstance(identifier, str) and identifier in ALIASES:
+        return ALIASES[identifier]()
+    try:
+        return lq.quantizers.get(identifier)
+    except ValueError as error:
+        raise ValueError(
+            f"Unknown quantizer {identifier!r}. PC++ aliases: {sorted(ALIASES)}; "
+            "larq's own quantizers (e.g. 'ste_sign') work too."
+        ) from error
