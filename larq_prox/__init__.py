@@ -45,7 +45,7 @@ _select_legacy_keras()
 from larq_prox import prox, quantizers, pcpp, callbacks  # noqa: E402
 
 # Modules with heavy imports (TFDS, LCE, matplotlib) load on first use.
-_LAZY = ("models", "data", "export", "cli")
+_LAZY = ("bitpack", "layers", "optimizers", "memory", "models", "data", "export", "cli")
 
 
 def __getattr__(name: str):

@@ -1,0 +1,8 @@
+"""Keras layers of larq-prox.
+
+- `BinaryBatchNorm` (batch_norm.py): l1 batch normalization whose backward pass
+  needs only binary activations plus per-channel statistics.
+- Low-memory binary layers (binary.py): drop-in replacements of larq's
+  `QuantConv2D`, `QuantDense` and Keras' `MaxPool2D` that keep only packed bits
+  between the forward and the backward pass.
+"""
