@@ -33,9 +33,10 @@ def _select_legacy_keras() -> None:
         return
     import tensorflow as tf
 
-    version = getattr(tf.keras, "__version__", "")
-    if not version.startswith("2."):
-        raise ImportError(_KERAS3_FIX.format(version=version or "3"))
+    # Legacy Keras lives in the `tf_keras` package; Keras 3 in `keras`.
+    if not tf.keras.layers.Layer.__module__.startswith("tf_keras."):
+        version = tf.keras.version() if hasattr(tf.keras, "version") else "3"
+        raise ImportError(_KERAS3_FIX.format(version=version))
 
 
 _select_legacy_keras()

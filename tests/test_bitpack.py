@@ -1,0 +1,41 @@
+"""Bit packing against NumPy's packbits, for static and dynamic shapes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from larq_prox import bitpack
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5, 7), (2, 4, 4, 16)])
+def test_pack_equals_numpy_packbits_and_round_trips(shape):
+    x = np.random.randn(*shape).astype("float32")
+    x.ravel()[0] = 0.0  # sign(0) = +1
+    packed = bitpack.pack_signs(tf.constant(x))
+    assert packed.dtype == tf.uint8 and packed.shape == (bitpack.packed_size(x.size),)
+    np.testing.assert_array_equal(packed, np.packbits((x >= 0).ravel()))
+    signs = bitpack.unpack_signs(packed, x.shape)
+    np.testing.assert_array_equal(signs, np.where(x >= 0, 1.0, -1.0))
+
+
+def test_bits_round_trip_and_dtype():
+    mask = np.random.rand(5, 3) > 0.5
+    packed = bitpack.pack_bits(tf.constant(mask))
+    np.testing.assert_array_equal(bitpack.unpack_bits(packed, [5, 3]), mask)
+    assert bitpack.unpack_signs(packed, [5, 3], tf.float16).dtype == tf.float16
+
+
+def test_dynamic_batch_in_tf_function():
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, 3], tf.float32)])
+    def round_trip(x):
+        return bitpack.unpack_signs(bitpack.pack_signs(x), tf.shape(x))
+
+    for batch in (1, 2, 5):
+        x = np.random.randn(batch, 3, 3).astype("float32")
+        np.testing.assert_array_equal(round_trip(x), np.where(x >= 0, 1.0, -1.0))
+    assert round_trip.experimental_get_tracing_count() == 1
+
+
+def test_packed_bytes_are_one_thirty_second_of_float32():
+    x = tf.random.normal((4, 8, 8, 32))
+    assert bitpack.pack_signs(x).numpy().nbytes * 32 == x.numpy().nbytes

@@ -1,0 +1,235 @@
+"""PC++ quantizers against larq's quantizers, autodiff and serialization round trips."""
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import larq_prox as lqp
+from larq_prox import prox, quantizers
+
+ALIASES = sorted(quantizers.ALIASES)
+X = tf.constant([-3.0, -1.2, -1.0, -0.5, -0.1, 0.0, 0.1, 0.3, 1.0, 1.5, 4.0])
+
+
+def value_and_grad(quantizer, x, training=True):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = quantizer(x, training=training)
+    return y.numpy(), tape.gradient(y, x).numpy()
+
+
+def test_every_alias_resolves_by_string_to_a_registered_binary_quantizer():
+    assert ALIASES == [
+        "pcpp_bc", "pcpp_bnn", "pcpp_bnn_plus", "pcpp_bnn_plus_plus", "pcpp_pc", "pcpp_rpc"
+    ]
+    for alias in ALIASES:
+        q = lq.quantizers.get(alias)
+        assert isinstance(q, quantizers.ALIASES[alias]) and q.precision == 1
+        assert isinstance(lq.quantizers.get(type(q).__name__), type(q))
+
+
+def test_bnn_equals_larq_ste_sign():
+    for clip in (1.0, 0.5):
+        ours = value_and_grad(quantizers.BNN(clip_value=clip), X)
+        theirs = value_and_grad(lq.quantizers.SteSign(clip_value=clip), X)
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("beta", [1.0, 5.0])
+def test_bnn_plus_equals_larq_swish_sign(beta):
+    ours = value_and_grad(quantizers.BNNPlus(beta=beta), X)
+    theirs = value_and_grad(lq.quantizers.SwishSign(beta=beta), X)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [1.0, 5.0])
+def test_bnn_plus_plus_forward_is_signswish_and_gradient_is_its_autodiff(beta):
+    y, grad = value_and_grad(quantizers.BNNPlusPlus(beta=beta), X)
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        ss = prox.signswish(X, beta)
+    np.testing.assert_allclose(y, ss, rtol=1e-6)
+    np.testing.assert_allclose(grad, tape.gradient(ss, X), rtol=1e-5, atol=1e-6)
+
+
+def test_bc_gradient_is_one_everywhere():
+    y, grad = value_and_grad(quantizers.BC(), X)
+    np.testing.assert_array_equal(y, lq.math.sign(X))
+    np.testing.assert_array_equal(grad, np.ones(X.shape))
+
+
+def test_pc_forward_is_prox_map_and_gradient_is_one():
+    y, grad = value_and_grad(quantizers.PC(rho=0.2, varrho=0.5), X)
+    np.testing.assert_allclose(y, prox.prox_linear(X, 0.2, 0.5))
+    np.testing.assert_array_equal(grad, np.ones(X.shape))
+
+
+def test_rpc_forward_is_sign_and_gradient_is_prox_derivative():
+    y, grad = value_and_grad(quantizers.RPC(rho=0.2, varrho=0.5), X)
+    np.testing.assert_array_equal(y, lq.math.sign(X))
+    expected = 0.2 + 0.8 * (np.abs(X.numpy()) <= 0.5) / 0.5
+    np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+
+def test_forward_backward_user_pair_uses_autodiff_of_backward():
+    y, grad = value_and_grad(quantizers.ForwardBackward(forward="sign", backward=tf.tanh), X)
+    np.testing.assert_array_equal(y, lq.math.sign(X))
+    np.testing.assert_allclose(grad, 1 - np.tanh(X.numpy()) ** 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_inference_and_hard_mode_use_hard_sign(alias):
+    q = lq.quantizers.get(alias)
+    sign = lq.math.sign(X).numpy()
+    np.testing.assert_array_equal(q(X, training=False), sign)
+    np.testing.assert_array_equal(q(X), sign)  # a bare call is inference, as in Keras
+    with quantizers.hard_mode():
+        np.testing.assert_array_equal(q(X, training=True), sign)
+    hard = type(q).from_config({**q.get_config(), "hard": True})
+    np.testing.assert_array_equal(hard(X, training=True), sign)
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_hard_mode_keeps_the_backward_of_the_pair(alias):
+    q = lq.quantizers.get(alias)
+    _, soft_grad = value_and_grad(q, X)
+    with quantizers.hard_mode():
+        _, hard_grad = value_and_grad(q, X)
+    np.testing.assert_array_equal(soft_grad, hard_grad)
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_nan_input_gives_nan(alias):
+    y = lq.quantizers.get(alias)(tf.constant([np.nan, 0.5]), training=True)
+    assert np.isnan(y[0]) and not np.isnan(y[1])
+
+
+def test_config_round_trip_keeps_current_schedule_values():
+    q = quantizers.BNNPlusPlus(beta=2.0)
+    q.beta.assign(7.5)
+    clone = quantizers.BNNPlusPlus.from_config(q.get_config())
+    assert float(clone.beta) == 7.5
+    pc = quantizers.PC(rho=0.1, varrho=0.4)
+    assert {k: pc.get_config()[k] for k in ("rho", "varrho")} == pytest.approx({"rho": 0.1, "varrho": 0.4})
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: quantizers.BNNPlus(beta=0.0), "beta"),
+        (lambda: quantizers.BNNPlusPlus(beta=-1.0), "beta"),
+        (lambda: quantizers.PC(rho=1.5), "rho"),
+        (lambda: quantizers.RPC(rho=-0.1), "rho"),
+        (lambda: quantizers.PC(varrho=-1.0), "varrho"),
+        (lambda: quantizers.BNN(clip_value=0.0), "clip_value"),
+        (lambda: quantizers.ForwardBackward(forward=3), "forward"),
+        (lambda: quantizers.ForwardBackward(backward="nope"), "backward"),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_unknown_alias_lists_the_aliases():
+    with pytest.raises(ValueError) as error:
+        quantizers.get("pcpp_nope")
+    for alias in ALIASES:
+        assert alias in str(error.value)
+    assert isinstance(quantizers.get("pcpp_rpc"), quantizers.RPC)
+    assert isinstance(quantizers.get("ste_sign"), lq.quantizers.SteSign)
+
+
+def test_unserializable_user_function_fails_clearly_on_save():
+    q = quantizers.ForwardBackward(forward=lambda x: x, backward="identity")
+    with pytest.raises(ValueError, match="register"):
+        q.get_config()
+
+
+def _model(alias: str, conv: bool) -> tf.keras.Model:
+    kwargs = dict(input_quantizer=alias, kernel_quantizer=alias, kernel_constraint="weight_clip")
+    if conv:
+        layers = [
+            tf.keras.Input((6, 6, 3)),
+            lq.layers.QuantConv2D(4, 3, **kwargs),
+            tf.keras.layers.Flatten(),
+        ]
+    else:
+        layers = [tf.keras.Input((5,)), lq.layers.QuantDense(4, **kwargs)]
+    return tf.keras.Sequential(layers)
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize("conv", [True, False])
+def test_model_h5_and_savedmodel_round_trip(alias, conv, tmp_path):
+    model = _model(alias, conv)
+    for q in lqp.callbacks.find_quantizers(model):
+        for variable in q.schedule_parameters.values():
+            variable.assign(variable * 0.5)  # a non-default (annealed) state
+    x = np.random.uniform(-1.5, 1.5, (3, *model.input_shape[1:])).astype("float32")
+    expected_train = model(x, training=True).numpy()
+    expected_infer = model(x, training=False).numpy()
+    for path in (tmp_path / "model.h5", tmp_path / "saved"):
+        model.save(path)
+        loaded = tf.keras.models.load_model(path)
+        np.testing.assert_allclose(loaded(x, training=True), expected_train, rtol=1e-6)
+        np.testing.assert_allclose(loaded(x, training=False), expected_infer, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_kernel_uses_pair_in_training_and_sign_in_inference(alias):
+    """With identity inputs a QuantDense outputs its quantized kernel."""
+    layer = lq.layers.QuantDense(3, kernel_quantizer=alias, use_bias=False)
+    x = np.eye(5, dtype="float32")
+    layer.build(x.shape)
+    latent = tf.constant(layer.kernel.latent_variable.numpy())
+    forward = {"pcpp_pc": lambda w: prox.prox_linear(w, 0.0, 1.0),
+               "pcpp_bnn_plus_plus": lambda w: prox.signswish(w, 5.0)}.get(alias, lq.math.sign)
+    np.testing.assert_allclose(layer(x, training=True), forward(latent), rtol=1e-6)
+    np.testing.assert_array_equal(layer(x, training=False), lq.math.sign(latent))
+
+
+def test_flip_ratio_metric_appears_when_asked():
+    with lq.context.metrics_scope(["flip_ratio"]):
+        model = tf.keras.Sequential(
+            [tf.keras.Input((5,)), lq.layers.QuantDense(3, kernel_quantizer="pcpp_bnn_plus_plus",
+                                                       kernel_constraint="weight_clip")]
+        )
+    model.compile(tf.keras.optimizers.legacy.SGD(0.1), "mse")
+    history = model.fit(np.random.randn(16, 5), np.random.randn(16, 3), epochs=1, verbose=0)
+    assert any(key.startswith("flip_ratio") for key in history.history)
+
+
+def test_quantizer_string_and_instance_work_in_every_quant_layer():
+    x = np.random.randn(2, 6, 6, 4).astype("float32")
+    layers = [
+        lq.layers.QuantConv2D(2, 3, input_quantizer="pcpp_bnn", kernel_quantizer=quantizers.BC()),
+        lq.layers.QuantDepthwiseConv2D(3, input_quantizer=quantizers.RPC(), depthwise_quantizer="pcpp_pc"),
+        lq.layers.QuantSeparableConv2D(2, 3, input_quantizer="pcpp_bnn_plus",
+                                       depthwise_quantizer="pcpp_bnn", pointwise_quantizer="pcpp_bc"),
+        lq.layers.QuantConv2DTranspose(2, 3, kernel_quantizer="pcpp_bnn_plus_plus"),
+    ]
+    for layer in layers:
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+        grads = tape.gradient(y, layer.trainable_weights)
+        assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
+        assert lq.models.summary is not None
+
+
+@pytest.mark.parametrize("alias", ["pcpp_bnn_plus_plus", "pcpp_pc", "pcpp_rpc"])
+def test_mixed_float16_policy(alias):
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = lq.layers.QuantDense(3, input_quantizer=alias, kernel_quantizer=alias)
+        x = tf.constant(np.random.randn(4, 5), tf.float32)
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+        grad = tape.gradient(y, layer.kernel.latent_variable)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.float16 and grad.dtype == tf.float32
+    assert np.all(np.isfinite(grad)) and np.any(grad.numpy() != 0)
