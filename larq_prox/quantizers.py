@@ -161,6 +161,14 @@ class PCPPQuantizer(_BaseQuantizer):
         """B'(x), the surrogate derivative used in back-propagation."""
         raise NotImplementedError
 
+    def backward_mask(self, x: tf.Tensor) -> tf.Tensor:
+        """The one bit per element that determines B' (pairs with `backward_storage="mask"`)."""
+        raise NotImplementedError(f"{type(self).__name__}'s B' is not determined by a mask.")
+
+    def backward_from_mask(self, mask: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+        """B' rebuilt from `backward_mask(x)`: equals `backward_derivative(x)`."""
+        raise NotImplementedError(f"{type(self).__name__}'s B' is not determined by a mask.")
+
     @property
     def schedule_parameters(self) -> dict[str, tf.Variable]:
         """The annealable parameters, name -> non-trainable variable."""
@@ -229,6 +237,12 @@ class BNN(PCPPQuantizer):
 
     def backward_derivative(self, x):
         return prox.clip_derivative(x, self.clip_value)
+
+    def backward_mask(self, x):
+        return tf.abs(x) <= self.clip_value
+
+    def backward_from_mask(self, mask, dtype=tf.float32):
+        return tf.cast(mask, dtype)
 
     def get_config(self):
         return {**super().get_config(), "clip_value": self.clip_value}
@@ -336,8 +350,20 @@ class RPC(_ProxPair):
         varrho: >= 0 (annealable).
     """
 
+    # B' takes two values, rho + (1 - rho) / varrho inside |w| <= varrho and rho
+    # outside, so one mask bit per element is all a low-memory layer must keep.
+    backward_storage = "mask"
+
     def backward_derivative(self, x):
         return self._prox_derivative(x)
+
+    def backward_mask(self, x):
+        return tf.abs(x) <= tf.cast(self.varrho, x.dtype)
+
+    def backward_from_mask(self, mask, dtype=tf.float32):
+        rho, varrho = tf.cast(self.rho, dtype), tf.cast(self.varrho, dtype)
+        inside = tf.cast(mask, dtype) * tf.cast(varrho > 0, dtype)
+        return rho + (1.0 - rho) * inside / tf.where(varrho > 0, varrho, tf.ones_like(varrho))
 
 
 FUNCTIONS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {

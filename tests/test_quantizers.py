@@ -233,3 +233,18 @@ def test_mixed_float16_policy(alias):
         tf.keras.mixed_precision.set_global_policy("float32")
     assert y.dtype == tf.float16 and grad.dtype == tf.float32
     assert np.all(np.isfinite(grad)) and np.any(grad.numpy() != 0)
+
+
+@pytest.mark.parametrize("q", [quantizers.BNN(), quantizers.BNN(clip_value=0.4),
+                               quantizers.RPC(rho=0.2, varrho=0.5), quantizers.RPC(rho=0.3, varrho=0.0)])
+def test_mask_pairs_rebuild_their_derivative_from_one_bit(q):
+    assert q.backward_storage == "mask"
+    mask = q.backward_mask(X)
+    assert mask.dtype == tf.bool
+    np.testing.assert_allclose(q.backward_from_mask(mask), q.backward_derivative(X), rtol=1e-6)
+
+
+def test_backward_storage_of_each_pair():
+    storage = {alias: cls.backward_storage for alias, cls in quantizers.ALIASES.items()}
+    assert storage == {"pcpp_bc": "none", "pcpp_pc": "none", "pcpp_bnn": "mask", "pcpp_rpc": "mask",
+                       "pcpp_bnn_plus": "float", "pcpp_bnn_plus_plus": "float"}
