@@ -141,13 +141,17 @@ class PCPPQuantizer(_BaseQuantizer):
 
     Attributes:
         backward_storage: what a low-memory layer must keep of the input for
-            the backward pass: `"none"` (B' is constant), `"mask"` (B' is a
-            0/1 mask, one bit) or `"float"` (B' needs the magnitude).
+            the backward pass: `"none"` (B' is constant), `"mask"` (B' is
+            determined by one bit per element) or `"float"` (B' needs the
+            magnitude).
+        binary_forward: whether F is sign during training too (then a
+            layer's input is +-1 and its signs are all the backward needs).
     """
 
     precision = 1
     alias: str = ""
     backward_storage = "float"
+    binary_forward = True
 
     def __init__(self, hard: bool = False, **kwargs):
         self.hard = bool(hard)
@@ -288,6 +292,8 @@ class BNNPlusPlus(_SignSwishPair):
         beta: sharpness of SignSwish, > 0 (annealable).
     """
 
+    binary_forward = False
+
     def forward(self, x):
         return prox.signswish(x, self.beta)
 
@@ -327,6 +333,7 @@ class PC(_ProxPair):
     """
 
     backward_storage = "none"
+    binary_forward = False
 
     def forward(self, x):
         return self._prox(x)
@@ -425,6 +432,7 @@ class ForwardBackward(PCPPQuantizer):
     def __init__(self, forward="sign", backward="identity", **kwargs):
         self._forward = _resolve_function("forward", forward)
         self._backward = _resolve_function("backward", backward)
+        self.binary_forward = self._forward is prox.sign
         super().__init__(**kwargs)
 
     def forward(self, x):

@@ -248,3 +248,12 @@ def test_backward_storage_of_each_pair():
     storage = {alias: cls.backward_storage for alias, cls in quantizers.ALIASES.items()}
     assert storage == {"pcpp_bc": "none", "pcpp_pc": "none", "pcpp_bnn": "mask", "pcpp_rpc": "mask",
                        "pcpp_bnn_plus": "float", "pcpp_bnn_plus_plus": "float"}
+
+
+def test_binary_forward_flag_matches_the_training_forward():
+    x = tf.constant(np.random.randn(50))
+    for alias, cls in quantizers.ALIASES.items():
+        y = cls()(x, training=True).numpy()
+        assert cls.binary_forward == bool(np.all(np.abs(y) == 1)), alias
+    assert quantizers.ForwardBackward("sign", tf.tanh).binary_forward
+    assert not quantizers.ForwardBackward(tf.tanh, tf.tanh).binary_forward
