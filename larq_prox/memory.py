@@ -33,15 +33,19 @@ low-memory layers) and PReLU. Activations, merges (Add, Concatenate, ...),
 reshaping, dropout, average pooling and `Lambda`/`TFOpLambda` ops keep nothing of
 their own in this model: they count only through the largest activation. As in the
 paper, BN moving statistics and the optimizer slots of BN parameters are not
-counted (a few per-channel vectors). A layer of any other type raises an error
+counted (a few per-channel vectors), nor are dropout masks. A layer called
+several times counts its inputs per call and its weights once; nested models are
+walked. A layer of any other type raises an error
 (or, with `on_unknown="warn"`, a warning and a generic count) rather than
 silently counting zero.
 
 Data types are per row, set by a *scheme*: `"standard"` (every row float32, l2
 BN statistics), `"proposed"` (the paper's proposed column), `"proposed_strict"`
 (the same, but non-binary elements stay float16; see below) or a dict such as
-`{"default": "float16", "dW": "bool"}`. Types are `float32`, `float16`,
-`bfloat16` and `bool` (1 bit). Two option keys go with them:
+`{"default": "float16", "dW": "bool"}` (rows not named take "default",
+float32 unless given). Types are `float32`, `float16`, `bfloat16` and `bool`
+(1 bit, packed 8 per byte as `larq_prox.bitpack` does); MiB = 2**20 bytes. Two
+option keys go with them:
 
 - `"bn"`: `"l2"` (2 statistics per channel), `"proposed"` (3: mean, psi, omega) or
   `"auto"` (3 for a layer named `BinaryBatchNorm`, else 2). Default `"auto"`.
@@ -65,8 +69,8 @@ Counts that reproduce the paper's BinaryNet table (batch 100, Adam): X
 kernels binary); stats and beta 2 x 3,850 (3 x 3,850 proposed stats; BN without
 scale); momenta 28,044,032; pool masks 22,937,600. Totals 512.85 MiB standard and
 138.16 MiB proposed (paper: 512.81 and 138.15). The paper prints 87.46 MiB for
-the float32 pool masks, but its own count is 87.50 MiB: that typo is the whole
-difference in the standard total; this module computes 87.50. The paper's 0.02
+the float32 pool masks, but its own count is 87.50 MiB: that typo is 0.04 of
+the 0.04 MiB difference in the standard total; this module computes 87.50. The paper's 0.02
 MiB for float16 beta/dbeta is 0.0147 MiB (0.01 rounded).
 
 An optimizer is a string or a Keras optimizer: `"adam"` (2 slots per weight),
@@ -383,8 +387,8 @@ def _layer_calls(model: tf.keras.Model):
         raise ValueError(
             f"Model {model.name!r} ({type(model).__name__}) has no layer graph: the memory "
             "model reads tensor shapes from the graph of a Sequential or functional model. "
-            "Build it with tf.keras.Input(...) (or Sequential.build(input_shape)); a "
-            "subclassed model can be wrapped: tf.keras.Model(inputs, subclassed(inputs))."
+            "Build it with tf.keras.Input(...) or Sequential.build(input_shape); a "
+            "subclassed model has no graph: write it as a functional model."
         )
     # Larger depth is closer to the inputs.
     for depth in sorted(nodes_by_depth, reverse=True):
@@ -777,13 +781,13 @@ def plot_bars(
     if not reports:
         raise ValueError("`reports` is empty: give a dict of scheme name to MemoryReport.")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(reports), 4.8))
+    fig, ax = plt.subplots(figsize=(4.2 + 1.2 * len(reports), 4.8))
     names = list(reports)
     bottoms = np.zeros(len(names))
     colors = plt.get_cmap("tab10")
     for i, row in enumerate(ROWS):
         heights = np.array([reports[n].rows[row].mib for n in names])
-        ax.bar(names, heights, bottom=bottoms, label=ROW_TITLES[row], color=colors(i))
+        ax.bar(names, heights, 0.6, bottom=bottoms, label=ROW_TITLES[row], color=colors(i))
         bottoms += heights
     for x, total in enumerate(bottoms):
         ax.text(x, total, f"{total:.1f}", ha="center", va="bottom")
@@ -792,7 +796,10 @@ def plot_bars(
     first = next(iter(reports.values()))
     ax.set_ylabel("MiB")
     ax.set_title(title or f"{first.model_name}: batch {first.batch_size}, {first.optimizer}")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles, labels = ax.get_legend_handles_labels()
+    # Reversed, so that the legend reads top-down like the stacks.
+    ax.legend(handles[::-1], labels[::-1], fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
