@@ -183,10 +183,12 @@ class MemoryModel(tf.keras.callbacks.Callback):
 
     The measurement (`memory_source`) is the TensorFlow allocator's peak on the
     training device, `tf.config.experimental.get_memory_info("GPU:0")` when a GPU
-    is visible, else `"CPU:0"`, reset at each epoch's start. On CPU the allocator
-    keeps statistics with oneDNN on (TensorFlow's default on x86) or with
-    `TF_CPU_ALLOCATOR_USE_BFC=true`; with neither (`TF_ENABLE_ONEDNN_OPTS=0`)
-    the callback falls back to `"rss"`: the process's peak resident set size
+    is visible, else `"CPU:0"`, reset at each epoch's start. On CPU (TF 2.19)
+    the allocator keeps statistics with `TF_CPU_ALLOCATOR_USE_BFC=true` (every
+    tensor) or with oneDNN on, TensorFlow's default on x86 (then small tensors
+    are not seen: a model of a few KiB reads 0); with neither
+    (`TF_ENABLE_ONEDNN_OPTS=0`) the callback falls back to `"rss"`: the
+    process's peak resident set size
     (`resource.getrusage`), which includes TensorFlow itself and cannot be reset,
     so it never decreases between epochs.
 
