@@ -268,7 +268,8 @@ class MemoryModel(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.reports and self._probe is not None:
-            self._model_memory(int(self._probe.numpy()), logs)
+            # Not into this batch's logs: the progress bar would average them in.
+            self._model_memory(int(self._probe.numpy()))
 
     def _model_memory(self, batch_size: int, logs=None) -> None:
         self.batch_size = batch_size
