@@ -2,6 +2,8 @@
 
 - `QuantizerSchedule`: anneals a PC++ schedule parameter (beta, rho, varrho)
   per epoch or per step during `fit`, without retracing.
+- `MemoryModel`: prints the modeled training memory (`larq_prox.memory`) of each
+  scheme when training starts and logs the measured peak memory of each epoch.
 
 ```python
 model.fit(ds, epochs=10, callbacks=[
@@ -11,11 +13,16 @@ history.history["pcpp_beta"]    # the value used in each epoch
 ```
 """
 
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+
 import tensorflow as tf
 
+from larq_prox import memory
 from larq_prox import quantizers as pcpp_quantizers
 
-__all__ = ["QuantizerSchedule", "find_quantizers"]
+__all__ = ["MemoryModel", "QuantizerSchedule", "find_quantizers"]
 
 _SCHEDULES = ("linear", "geometric")
 _UNITS = ("epoch", "step")
@@ -158,3 +165,189 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
             "epochs": self.epochs,
             "verbose": self.verbose,
         }
+
+
+class MemoryModel(tf.keras.callbacks.Callback):
+    """Modeled training memory at train begin, measured peak memory per epoch.
+
+    ```python
+    history = model.fit(x, y, batch_size=100, epochs=2,
+                        callbacks=[lqp.callbacks.MemoryModel(plot_path="memory.png")])
+    history.history["memory_model_proposed_mib"], history.history["memory_peak_mib"]
+    ```
+
+    When training starts it prints `larq_prox.memory.estimate`'s table for each
+    scheme, with the model's compiled optimizer, and every epoch's logs (so the
+    History) get `memory_model_<scheme>_mib` (the modeled total) and, with
+    `measure=True`, `memory_peak_mib`: the measured peak of the epoch.
+
+    The measurement (`memory_source`) is the TensorFlow allocator's peak on the
+    training device, `tf.config.experimental.get_memory_info("GPU:0")` when a GPU
+    is visible, else `"CPU:0"`, reset at each epoch's start. On CPU (TF 2.19)
+    the allocator keeps statistics with `TF_CPU_ALLOCATOR_USE_BFC=true` (every
+    tensor) or with oneDNN on, TensorFlow's default on x86 (then small tensors
+    are not seen: a model of a few KiB reads 0); with neither
+    (`TF_ENABLE_ONEDNN_OPTS=0`) the callback falls back to `"rss"`: the
+    process's peak resident set size
+    (`resource.getrusage`), which includes TensorFlow itself and cannot be reset,
+    so it never decreases between epochs.
+
+    # Arguments
+        batch_size: samples per step and device; inferred from the first batch
+            when None (the tables are then printed after the first step).
+        schemes: a scheme or a sequence of them: names ("standard", "proposed") or
+            dicts (see `larq_prox.memory`), which are named `custom0`, ... in the
+            logs; or a dict of name to scheme.
+        measure: log `memory_peak_mib` each epoch.
+        plot_path: write a PNG of stacked bars per variable for each scheme (with
+            the largest measured peak as a line at the end of training).
+        verbose: 1 prints the tables, the memory source and each epoch's peak.
+    """
+
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        schemes: str | Mapping | Sequence = ("standard", "proposed"),
+        measure: bool = True,
+        plot_path: str | None = None,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if batch_size is not None:
+            memory._check_batch_size(batch_size)
+        named = memory.name_schemes(schemes)  # fails now, not after an epoch
+        self.batch_size = batch_size
+        self.schemes = named
+        self.measure = measure
+        self.plot_path = plot_path
+        self.verbose = verbose
+        self.reports: dict[str, memory.MemoryReport] = {}
+        self.memory_source: str | None = None
+        self.peaks: list[float] = []
+        self._probe: tf.Variable | None = None
+        self._train_step = None
+
+    # -- the model ---------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self.reports, self.peaks = {}, []
+        if self.measure:
+            self.memory_source = _memory_source()
+            if self.verbose:
+                print(f"MemoryModel: measured peak memory from {_describe(self.memory_source)}")
+        if self.batch_size is not None:
+            self._model_memory(self.batch_size, logs)
+        else:
+            self._install_probe()
+
+    def _install_probe(self) -> None:
+        # Callbacks never see the data, so a variable in the train step records the
+        # batch size; the train function is rebuilt (before its first trace) to include it.
+        self._probe = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="memory_model_batch_size",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )  # fmt: skip
+        model, probe = self.model, self._probe
+        train_step = model.train_step
+
+        def recording_train_step(data):
+            x, _, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
+            probe.assign(tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.int64))
+            return train_step(data)
+
+        self._train_step = train_step
+        model.train_step = recording_train_step
+        model.train_function = None
+        model.train_function = model.make_train_function()
+
+    def _remove_probe(self) -> None:
+        if self._train_step is not None:
+            del self.model.train_step  # the instance attribute; the class method returns
+            self.model.train_function = None  # the next fit traces without the probe
+            self._train_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.reports and self._probe is not None:
+            # Not into this batch's logs: the progress bar would average them in.
+            self._model_memory(int(self._probe.numpy()))
+
+    def _model_memory(self, batch_size: int, logs=None) -> None:
+        self.batch_size = batch_size
+        for name, scheme in self.schemes.items():
+            self.reports[name] = memory.estimate(
+                self.model, batch_size, self.model.optimizer or "adam", scheme
+            )
+        if self.verbose:
+            print()
+            for report in self.reports.values():
+                print(report.table(), end="\n\n")
+            names = list(self.reports)
+            for other in names[1:]:
+                ratio = self.reports[names[0]].compare(self.reports[other])["total"]
+                print(f"MemoryModel: {names[0]} / {other} = {ratio:.2f}x")
+            sys.stdout.flush()
+        if self.plot_path:
+            memory.plot_bars(self.reports, self.plot_path)
+        if logs is not None:
+            logs.update(self._model_logs())
+
+    def _model_logs(self) -> dict[str, float]:
+        return {f"memory_model_{n}_mib": r.total_mib for n, r in self.reports.items()}
+
+    # -- the measurement ---------------------------------------------------
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.measure and self.memory_source != "rss":
+            tf.config.experimental.reset_memory_stats(self.memory_source)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs.update(self._model_logs())
+        if self.measure:
+            peak = _peak_mib(self.memory_source)
+            self.peaks.append(peak)
+            logs["memory_peak_mib"] = peak
+            if self.verbose:
+                print(f"MemoryModel: epoch {epoch + 1} measured peak {peak:.1f} MiB")
+
+    def on_train_end(self, logs=None):
+        self._remove_probe()
+        if self.plot_path and self.reports and self.peaks:
+            memory.plot_bars(self.reports, self.plot_path, measured_mib=max(self.peaks))
+
+    def get_config(self):
+        return {
+            "batch_size": self.batch_size,
+            "schemes": self.schemes,
+            "measure": self.measure,
+            "plot_path": self.plot_path,
+            "verbose": self.verbose,
+        }
+
+
+def _memory_source() -> str:
+    """The device whose allocator reports peak memory ("GPU:0", "CPU:0"), else "rss"."""
+    devices = ["GPU:0"] if tf.config.list_logical_devices("GPU") else []
+    for device in [*devices, "CPU:0"]:
+        try:
+            tf.config.experimental.reset_memory_stats(device)
+            tf.config.experimental.get_memory_info(device)
+            return device
+        except (ValueError, tf.errors.OpError):
+            continue  # this allocator keeps no statistics
+    return "rss"
+
+
+def _describe(source: str) -> str:
+    if source == "rss":
+        return "the process peak RSS (resource.getrusage; not resettable)"
+    return f"tf.config.experimental.get_memory_info({source!r}), reset each epoch"
+
+
+def _peak_mib(source: str) -> float:
+    if source == "rss":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # Linux reports KiB, macOS bytes.
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return tf.config.experimental.get_memory_info(source)["peak"] / 2**20
