@@ -156,7 +156,9 @@ class BinaryGradient(Optimizer):
         return cls(optimizer, **config)
 
     # Everything else is the wrapped optimizer's: its step counter, learning
-    # rate, slots and weights (as tf.keras' LossScaleOptimizer delegates).
+    # rate and weights (as tf.keras' LossScaleOptimizer delegates). Slots are
+    # not delegated: checkpoints save them once, under the wrapped optimizer
+    # (`inner_optimizer.get_slot(var, "m")`).
 
     @property
     def iterations(self):
@@ -195,12 +197,6 @@ class BinaryGradient(Optimizer):
 
     def set_weights(self, weights):
         return self._optimizer.set_weights(weights)
-
-    def get_slot_names(self):
-        return self._optimizer.get_slot_names()
-
-    def get_slot(self, var, slot_name):
-        return self._optimizer.get_slot(var, slot_name)
 
     def _create_all_weights(self, var_list):
         self._optimizer._create_all_weights(var_list)
