@@ -57,7 +57,7 @@ def fan_in(variable) -> int:
 
 
 def binary_gradient(grad: tf.Tensor, scale: float | None = None) -> tf.Tensor:
-    r"""\(\operatorname{sign}(g)\) times `scale` (if given); sign(0) = 0: no update without gradient."""
+    r"""\(\operatorname{sign}(g)\) times `scale` (if given), sign(0) = 0 (no gradient, no update)."""
     signs = tf.sign(grad)
     return signs if scale is None else signs * tf.cast(scale, signs.dtype)
 
@@ -104,7 +104,9 @@ class BinaryGradient(Optimizer):
 
     _HAS_AGGREGATE_GRAD = True
 
-    def __init__(self, optimizer: Optimizer, scale: str | None = "fan_in", name: str = "BinaryGradient"):
+    def __init__(
+        self, optimizer: Optimizer, scale: str | None = "fan_in", name: str = "BinaryGradient"
+    ):
         _check_optimizer(optimizer)
         if scale not in SCALES:
             raise ValueError(f"`scale` must be one of {SCALES}, got {scale!r}.")

@@ -54,7 +54,8 @@ def layers_with_binary_and_float_weights():
 
 def test_fan_in_and_binary_marking():
     conv, bias, dense, plain_kernel, _ = layers_with_binary_and_float_weights()
-    assert [is_binary_variable(v) for v in (conv, bias, dense, plain_kernel)] == [True, False, True, False]
+    marks = [is_binary_variable(v) for v in (conv, bias, dense, plain_kernel)]
+    assert marks == [True, False, True, False]
     assert fan_in(conv) == 3 * 3 * 2 and fan_in(dense) == 6
     depthwise = lq.layers.QuantDepthwiseConv2D(3, depthwise_quantizer="ste_sign")
     depthwise.build((None, 5, 5, 7))
@@ -128,7 +129,8 @@ def test_bop_inside_case_optimizer():
     g = np.random.default_rng(2).normal(size=conv.shape).astype("float32")
     BinaryGradient(case).apply_gradients([(tf.constant(g), conv), (tf.ones(bias.shape), bias)])
     # Bop's moving average after one step: gamma * transformed gradient.
-    np.testing.assert_allclose(bop.get_slot(conv, "m").numpy(), 1e-2 * np.sign(g) / np.sqrt(18), rtol=1e-6)
+    expected = 1e-2 * np.sign(g) / np.sqrt(18)
+    np.testing.assert_allclose(bop.get_slot(conv, "m").numpy(), expected, rtol=1e-6)
 
 
 def binary_mlp(seed):
@@ -211,7 +213,9 @@ def test_hyperparameter_scheduler_and_mixed_precision():
         assert isinstance(model.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
         kernel = model.layers[0].kernel
         before = latent(kernel)
-        scheduler = lq.callbacks.HyperparameterScheduler(lambda epoch: 0.1 / (epoch + 1), "learning_rate")
+        scheduler = lq.callbacks.HyperparameterScheduler(
+            lambda epoch: 0.1 / (epoch + 1), "learning_rate"
+        )
         model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[scheduler])
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")

@@ -56,7 +56,7 @@ MODES = ("proposed", "l1", "exact")
 
 
 def l1_moments(y: tf.Tensor, axes: Sequence[int], epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
-    r"""Per-channel \(\mu = \operatorname{mean}(y)\) and \(\psi = \operatorname{mean}|y - \mu| + \epsilon\).
+    r"""Per-channel \(\mu = \operatorname{mean}(y)\), \(\psi = \operatorname{mean}|y - \mu| + \epsilon\).
 
     Both keep the reduced axes (size 1) so they broadcast against `y`.
     """
@@ -75,10 +75,13 @@ def proposed_gradient(
     dx: tf.Tensor, signs: tf.Tensor, psi: tf.Tensor, omega: tf.Tensor, axes: Sequence[int]
 ) -> tf.Tensor:
     r"""\(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,\operatorname{sign}(x)\,\omega)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\)."""
-    v = dx / psi
-    # omega is per channel, so mean(v * s * omega) = omega * mean(v * s).
-    correlation = omega * tf.reduce_mean(v * signs, axis=axes, keepdims=True)
-    return v - tf.reduce_mean(v, axis=axes, keepdims=True) - correlation * signs
+    # psi and omega are per channel, so this equals
+    # (dx - mean(dx) - omega * mean(dx * s) * s) / psi, which TF evaluates with
+    # two full-size temporaries at a time instead of four (the later ops reuse
+    # their input's buffer): the backward working set is the memory peak.
+    k = omega * tf.reduce_mean(dx * signs, axis=axes, keepdims=True)
+    centre = tf.reduce_mean(dx, axis=axes, keepdims=True) + k * signs
+    return (dx - centre) / psi
 
 
 def l1_gradient(dx: tf.Tensor, x: tf.Tensor, psi: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
@@ -154,7 +157,8 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
     Arguments:
         axis: the channel axis (-1 for NHWC and Dense outputs, 1 for NCHW).
         momentum: momentum m of the moving averages, in [0, 1).
-        epsilon: added to \(\psi\) (> 0), so constant channels stay finite.
+        epsilon: added to \(\psi\) (> 0), so constant channels stay finite;
+            `moving_psi` averages \(\psi\) with epsilon included.
         center: whether to learn \(\beta\) (otherwise \(\beta = 0\)).
         mode: backward pass, one of `MODES`: "proposed" (sign bits of x, psi,
             omega), "l1" (Eq. 1, keeps float x), "exact" (autodiff).
@@ -212,7 +216,9 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         input_shape = tf.TensorShape(input_shape)
         rank = input_shape.rank
         if rank is None or rank < 2:
-            raise ValueError(f"BinaryBatchNorm needs an input of known rank >= 2, got {input_shape}.")
+            raise ValueError(
+                f"BinaryBatchNorm needs an input of known rank >= 2, got {input_shape}."
+            )
         if not -rank <= self.axis < rank:
             raise ValueError(f"`axis`={self.axis} is out of range for an input of rank {rank}.")
         self._channel_axis = self.axis % rank
@@ -291,7 +297,8 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
 
     def _infer(self, y: tf.Tensor) -> tf.Tensor:
         scale, offset = self.inference_affine()
-        return y * tf.reshape(scale, self._broadcast_shape) + tf.reshape(offset, self._broadcast_shape)
+        shape = self._broadcast_shape
+        return y * tf.reshape(scale, shape) + tf.reshape(offset, shape)
 
     def call(self, inputs, training=None):
         training = self._training_value(training)
