@@ -43,10 +43,11 @@ _select_legacy_keras()
 
 # Modules that register Keras objects are imported eagerly so that string
 # aliases such as "pcpp_bnn" resolve right after `import larq_prox`.
-from larq_prox import prox, quantizers, pcpp, callbacks  # noqa: E402
+from larq_prox import prox, quantizers, pcpp, bitpack, layers, optimizers  # noqa: E402
+from larq_prox import memory, callbacks  # noqa: E402
 
-# Modules with heavy imports (TFDS, LCE, matplotlib) load on first use.
-_LAZY = ("bitpack", "layers", "optimizers", "memory", "models", "data", "export", "cli")
+# Modules with heavy imports (TFDS, LCE) load on first use.
+_LAZY = ("models", "data", "export", "cli")
 
 
 def __getattr__(name: str):

@@ -1,13 +1,15 @@
-"""Shared test set-up: legacy Keras is selected before TensorFlow is imported."""
+"""Shared test set-up: legacy Keras first, a clean Keras state per test, real data."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import larq_prox  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS=1 first)
+import larq_prox  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS=1 before TensorFlow loads)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+FASHION_MNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +19,27 @@ def _clean_keras_state():
     tf.keras.utils.set_random_seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """Real Fashion-MNIST as NumPy: `(x_train, y_train, x_test, y_test)`, images in [-1, 1].
+
+    TFDS builds its stock `fashion_mnist` from the original IDX files in
+    `FASHION_MNIST_DIR` (the `manual_dir` route: nothing is downloaded) into its
+    usual data directory (`TFDS_DATA_DIR`), once; later sessions only read it.
+    Tests take slices of the returned arrays.
+    """
+    import tensorflow_datasets as tfds
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR} (run `make data`).")
+    builder = tfds.builder("fashion_mnist")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=FASHION_MNIST_DIR)
+    )
+    arrays = []
+    for split in ("train[:10000]", "test[:2000]"):
+        data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        arrays += [data["image"].astype("float32") / 127.5 - 1.0, data["label"].astype("int32")]
+    return tuple(arrays)

@@ -6,3 +6,7 @@
   `QuantConv2D`, `QuantDense` and Keras' `MaxPool2D` that keep only packed bits
   between the forward and the backward pass.
 """
+
+from larq_prox.layers.batch_norm import BinaryBatchNorm
+
+__all__ = ["BinaryBatchNorm"]

@@ -1,0 +1,329 @@
+r"""l1 batch normalization whose backward pass needs only binary activations.
+
+`BinaryBatchNorm` normalizes each channel \(m\) by its mean absolute deviation
+and shifts it by a learned \(\beta\) (a scale would be meaningless in front of
+a sign). Statistics run over every axis but the channel axis (batch, and the
+spatial positions of a convolution's output). Following Wang et al.,
+"Enabling Binary Neural Network Training on the Edge" (2023), Algorithm 2:
+
+\[
+\mu = \operatorname{mean}(y), \quad
+\psi = \operatorname{mean}|y - \mu| + \epsilon, \quad
+x = \frac{y - \mu}{\psi} + \beta, \quad
+\omega = \operatorname{mean}|x|,
+\]
+
+and the backward pass of `mode="proposed"`, with \(v = \partial x / \psi\),
+
+\[
+\partial y = v - \operatorname{mean}(v)
+  - \operatorname{mean}\bigl(v \odot \operatorname{sign}(x)\,\omega\bigr) \odot \operatorname{sign}(x),
+\qquad \partial\beta = \textstyle\sum \partial x,
+\]
+
+keeps only the sign bits of \(x\) (packed 8 per byte) and the per-channel
+\(\psi\), \(\omega\) between forward and backward. `mode="l1"` is the paper's
+Eq. 1 (\(x\) in place of \(\operatorname{sign}(x)\,\omega\) in the mean; keeps
+float \(x\)); `mode="exact"` is TensorFlow's autodiff of the forward.
+
+At inference \(x = (y - \mu_{moving}) / \psi_{moving} + \beta\): a per-channel
+affine (`inference_affine()`) that LCE folds into the preceding binary conv.
+
+```python
+import larq as lq
+import larq_prox as lqp
+import tensorflow as tf
+
+model = tf.keras.Sequential([
+    tf.keras.Input((32, 32, 3)),
+    lq.layers.QuantConv2D(64, 3, kernel_quantizer="ste_sign", use_bias=False),
+    lqp.layers.BinaryBatchNorm(),              # mode="proposed", NHWC
+])
+```
+"""
+
+from collections.abc import Callable, Sequence
+
+import larq as lq
+import tensorflow as tf
+
+from larq_prox import bitpack
+
+__all__ = ["BinaryBatchNorm", "MODES", "l1_moments", "proposed_gradient", "l1_gradient"]
+
+MODES = ("proposed", "l1", "exact")
+"""Valid values of `BinaryBatchNorm(mode=...)`."""
+
+
+def l1_moments(y: tf.Tensor, axes: Sequence[int], epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
+    r"""Per-channel \(\mu = \operatorname{mean}(y)\), \(\psi = \operatorname{mean}|y - \mu| + \epsilon\).
+
+    Both keep the reduced axes (size 1) so they broadcast against `y`.
+    """
+    mean = tf.reduce_mean(y, axis=axes, keepdims=True)
+    psi = tf.reduce_mean(tf.abs(y - mean), axis=axes, keepdims=True) + epsilon
+    return mean, psi
+
+
+def _sign(x: tf.Tensor) -> tf.Tensor:
+    # larq.math.sign convention (sign(0) = +1), the same bit `pack_signs` keeps;
+    # a cast instead of tf.where(ones_like) so that nothing folds into a constant.
+    return tf.cast(x >= 0, x.dtype) * 2 - 1
+
+
+def proposed_gradient(
+    dx: tf.Tensor, signs: tf.Tensor, psi: tf.Tensor, omega: tf.Tensor, axes: Sequence[int]
+) -> tf.Tensor:
+    r"""\(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,\operatorname{sign}(x)\,\omega)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\)."""
+    # psi and omega are per channel, so this equals
+    # (dx - mean(dx) - omega * mean(dx * s) * s) / psi, which TF evaluates with
+    # two full-size temporaries at a time instead of four (the later ops reuse
+    # their input's buffer): the backward working set is the memory peak.
+    k = omega * tf.reduce_mean(dx * signs, axis=axes, keepdims=True)
+    centre = tf.reduce_mean(dx, axis=axes, keepdims=True) + k * signs
+    return (dx - centre) / psi
+
+
+def l1_gradient(dx: tf.Tensor, x: tf.Tensor, psi: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+    r"""Eq. 1: \(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,x)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\)."""
+    v = dx / psi
+    correlation = tf.reduce_mean(v * x, axis=axes, keepdims=True)
+    return v - tf.reduce_mean(v, axis=axes, keepdims=True) - correlation * _sign(x)
+
+
+def _normalize_proposed(y, beta, mean, psi, axes):
+    @tf.custom_gradient
+    def normalize(y, beta, mean, psi):
+        x = (y - mean) / psi + beta
+        omega = tf.reduce_mean(tf.abs(x), axis=axes, keepdims=True)
+        bits = bitpack.pack_signs(x)
+        shape = tf.shape(x)
+
+        # Closes over bits (uint8), the int shape and per-channel psi, omega only.
+        def grad(dx):
+            # Gate the unpacking on dx, or graph mode schedules it during the forward.
+            with tf.control_dependencies([dx]):
+                signs = bitpack.unpack_signs(bits, shape, dx.dtype)
+            dy = proposed_gradient(dx, signs, psi, omega, axes)
+            dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
+            return dy, dbeta, None, None
+
+        return x, grad
+
+    return normalize(y, beta, mean, psi)
+
+
+def _normalize_l1(y, beta, mean, psi, axes):
+    @tf.custom_gradient
+    def normalize(y, beta, mean, psi):
+        x = (y - mean) / psi + beta
+
+        def grad(dx):
+            dy = l1_gradient(dx, x, psi, axes)
+            dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
+            return dy, dbeta, None, None
+
+        return x, grad
+
+    return normalize(y, beta, mean, psi)
+
+
+def _normalize_exact(y, beta, mean, psi, axes):
+    return (y - mean) / psi + beta
+
+
+_NORMALIZE: dict[str, Callable] = {
+    "proposed": _normalize_proposed,
+    "l1": _normalize_l1,
+    "exact": _normalize_exact,
+}
+
+
+@lq.utils.register_keras_custom_object
+class BinaryBatchNorm(tf.keras.layers.Layer):
+    r"""l1 batch normalization with a binary-activation backward pass.
+
+    Training: \(x = (y - \mu)/\psi + \beta\) with batch statistics (see the module
+    docstring); the moving averages
+    \(\mu_{moving} \leftarrow m\,\mu_{moving} + (1 - m)\,\mu\) (same for \(\psi\))
+    are what inference uses: \(x = (y - \mu_{moving})/\psi_{moving} + \beta\).
+
+    ```python
+    bn = lqp.layers.BinaryBatchNorm(axis=1, mode="proposed")   # NCHW input
+    y = bn(tf.random.normal((8, 16, 5, 5)), training=True)
+    scale, offset = bn.inference_affine()                       # per channel
+    ```
+
+    Arguments:
+        axis: the channel axis (-1 for NHWC and Dense outputs, 1 for NCHW).
+        momentum: momentum m of the moving averages, in [0, 1).
+        epsilon: added to \(\psi\) (> 0), so constant channels stay finite;
+            `moving_psi` averages \(\psi\) with epsilon included.
+        center: whether to learn \(\beta\) (otherwise \(\beta = 0\)).
+        mode: backward pass, one of `MODES`: "proposed" (sign bits of x, psi,
+            omega), "l1" (Eq. 1, keeps float x), "exact" (autodiff).
+        beta_initializer, beta_regularizer, beta_constraint: for \(\beta\).
+        moving_mean_initializer, moving_psi_initializer: for the moving statistics.
+    """
+
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        mode: str = "proposed",
+        beta_initializer="zeros",
+        beta_regularizer=None,
+        beta_constraint=None,
+        moving_mean_initializer="zeros",
+        moving_psi_initializer="ones",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(axis, (list, tuple)):
+            if len(axis) != 1:
+                raise ValueError(f"`axis` must be a single channel axis, got {axis!r}.")
+            axis = axis[0]
+        if not isinstance(axis, int):
+            raise TypeError(f"`axis` must be an int (the channel axis), got {axis!r}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+        if not epsilon > 0.0:
+            raise ValueError(f"`epsilon` must be > 0 (it keeps psi away from 0), got {epsilon!r}.")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+        self.axis = axis
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.mode = mode
+        self.beta_initializer = tf.keras.initializers.get(beta_initializer)
+        self.beta_regularizer = tf.keras.regularizers.get(beta_regularizer)
+        self.beta_constraint = tf.keras.constraints.get(beta_constraint)
+        self.moving_mean_initializer = tf.keras.initializers.get(moving_mean_initializer)
+        self.moving_psi_initializer = tf.keras.initializers.get(moving_psi_initializer)
+        self.supports_masking = True
+
+    @property
+    def _param_dtype(self):
+        # float16 parameters and statistics lose too much: keep them in float32.
+        if self.dtype in (tf.float16, tf.bfloat16):
+            return tf.float32
+        return self.dtype or tf.float32
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        rank = input_shape.rank
+        if rank is None or rank < 2:
+            raise ValueError(
+                f"BinaryBatchNorm needs an input of known rank >= 2, got {input_shape}."
+            )
+        if not -rank <= self.axis < rank:
+            raise ValueError(f"`axis`={self.axis} is out of range for an input of rank {rank}.")
+        self._channel_axis = self.axis % rank
+        channels = input_shape[self._channel_axis]
+        if channels is None:
+            raise ValueError(f"The channel axis {self.axis} of input {input_shape} must be known.")
+        self._reduction_axes = [i for i in range(rank) if i != self._channel_axis]
+        self._broadcast_shape = [1] * rank
+        self._broadcast_shape[self._channel_axis] = channels
+        self.input_spec = tf.keras.layers.InputSpec(ndim=rank, axes={self._channel_axis: channels})
+
+        kwargs = dict(shape=(channels,), dtype=self._param_dtype, experimental_autocast=False)
+        self.beta = None
+        if self.center:
+            self.beta = self.add_weight(
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                **kwargs,
+            )
+        aggregation = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.moving_mean = self.add_weight(
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=aggregation,
+            **kwargs,
+        )
+        self.moving_psi = self.add_weight(
+            name="moving_psi",
+            initializer=self.moving_psi_initializer,
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=aggregation,
+            **kwargs,
+        )
+        super().build(input_shape)
+
+    def _beta(self) -> tf.Tensor:
+        if self.beta is None:
+            return tf.zeros(self.moving_mean.shape, self._param_dtype)
+        return tf.convert_to_tensor(self.beta)
+
+    def inference_affine(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-channel `(scale, offset)` with inference output `x = y * scale + offset`."""
+        scale = 1.0 / tf.convert_to_tensor(self.moving_psi)
+        offset = self._beta() - tf.convert_to_tensor(self.moving_mean) * scale
+        return scale, offset
+
+    def _training_value(self, training):
+        if training is None:
+            training = tf.keras.backend.learning_phase()
+        if isinstance(training, int):
+            training = bool(training)
+        if not self.trainable:
+            # As Keras' BatchNormalization: a frozen layer uses its moving statistics.
+            training = False
+        return training
+
+    def _train(self, y: tf.Tensor) -> tf.Tensor:
+        mean, psi = l1_moments(y, self._reduction_axes, self.epsilon)
+        beta = tf.reshape(self._beta(), self._broadcast_shape)
+        if self.mode != "exact":
+            # The custom backward is the whole gradient of y; the moments are
+            # inputs without their own gradient path.
+            mean, psi = tf.stop_gradient(mean), tf.stop_gradient(psi)
+        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes)
+        decay = 1.0 - self.momentum
+        for variable, value in ((self.moving_mean, mean), (self.moving_psi, psi)):
+            value = tf.stop_gradient(tf.reshape(value, variable.shape))
+            variable.assign_sub((variable - value) * decay)
+        return x
+
+    def _infer(self, y: tf.Tensor) -> tf.Tensor:
+        scale, offset = self.inference_affine()
+        shape = self._broadcast_shape
+        return y * tf.reshape(scale, shape) + tf.reshape(offset, shape)
+
+    def call(self, inputs, training=None):
+        training = self._training_value(training)
+        # Statistics in float32 (or float64) even when the layer computes in float16.
+        y = tf.cast(inputs, self._param_dtype)
+        x = tf.__internal__.smart_cond.smart_cond(
+            training, lambda: self._train(y), lambda: self._infer(y)
+        )
+        return tf.cast(x, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        ser = tf.keras.initializers.serialize
+        return {
+            **super().get_config(),
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "mode": self.mode,
+            "beta_initializer": ser(self.beta_initializer),
+            "beta_regularizer": tf.keras.regularizers.serialize(self.beta_regularizer),
+            "beta_constraint": tf.keras.constraints.serialize(self.beta_constraint),
+            "moving_mean_initializer": ser(self.moving_mean_initializer),
+            "moving_psi_initializer": ser(self.moving_psi_initializer),
+        }
