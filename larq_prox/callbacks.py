@@ -29,6 +29,7 @@ __all__ = [
     "find_quantizers",
     "GradientStats",
     "gradient_variances",
+    "gradient_variance_function",
     "weight_layers",
 ]
 
@@ -376,6 +377,45 @@ def _gradient_variance_tensors(model, layers, loss_fn, x, y, training, restore_s
     return var_s, var_w
 
 
+def gradient_variance_function(
+    model: tf.keras.Model,
+    loss=None,
+    layers=None,
+    training: bool = True,
+    restore_state: bool = True,
+):
+    """`gradient_variances` as a reusable traced function of a batch `(x, y)`.
+
+    The forward and backward passes are traced once per input signature (with
+    the activations wrapped only during tracing), so repeated measurements of
+    one model, also after its weights were trained or re-assigned, cost one
+    graph execution each. `GradientStats` measures with this.
+
+    ```python
+    measure = lqp.callbacks.gradient_variance_function(model, "sparse_categorical_crossentropy")
+    measure(x, y)["s"]["quant_dense"]
+    ```
+
+    The arguments are those of `gradient_variances`.
+    """
+    selected = _select_layers(model, layers)
+    loss_fn = _model_loss(model, loss)
+
+    @tf.function
+    def variances(x, y):
+        return _gradient_variance_tensors(model, selected, loss_fn, x, y, training, restore_state)
+
+    def measure(x, y) -> dict[str, dict[str, float]]:
+        var_s, var_w = variances(x, y)
+        return {
+            "s": {name: float(v) for name, v in zip(selected, var_s)},
+            "w": {name: float(v) for name, v in zip(selected, var_w)},
+        }
+
+    measure.layers = list(selected)
+    return measure
+
+
 def gradient_variances(
     model: tf.keras.Model,
     x,
@@ -385,7 +425,7 @@ def gradient_variances(
     training: bool = True,
     restore_state: bool = True,
 ) -> dict[str, dict[str, float]]:
-    r"""Variance of \(\partial L / \partial s^l\) and \(\partial L / \partial W^l\) per weight layer.
+    r"""Variance of \(\partial L/\partial s^l\) and \(\partial L/\partial W^l\) per weight layer.
 
     \(s^l\) is the pre-activation of weight layer \(l\) (its output before its
     activation and before any following batch normalization) and \(W^l\) its
@@ -422,7 +462,7 @@ def gradient_variances(
 
 
 class GradientStats(tf.keras.callbacks.Callback):
-    r"""Record the variance of \(\partial L/\partial s^l\) and \(\partial L/\partial W^l\) per layer.
+    r"""Record the variances of \(\partial L/\partial s^l\) and \(\partial L/\partial W^l\).
 
     Every `every` training steps the callback runs its own `tf.function` on a
     reference batch (`data`): a forward pass in training mode under a gradient
@@ -506,17 +546,10 @@ class GradientStats(tf.keras.callbacks.Callback):
         if not self.enabled:
             return
         self._layers = _select_layers(self.model, self.layers)
-        loss_fn = _model_loss(self.model, self.loss)
+        loss_fn = _model_loss(self.model, self.loss)  # fails early, before step 0
         if self._function is None or self._function_model is not self.model:
-            layers, model = self._layers, self.model
-            self._function_model = model
-
-            # Traced once per input signature; the activations are wrapped
-            # only while this function is traced.
-            def measure(x, y):
-                return _gradient_variance_tensors(model, layers, loss_fn, x, y, True, True)
-
-            self._function = tf.function(measure)
+            self._function_model = self.model
+            self._function = gradient_variance_function(self.model, loss_fn, self._layers)
         if isinstance(self.data, tf.data.Dataset) and self._batches is None:
             self._batches = iter(self.data.repeat())
         if self.csv_path and not self.append and self._csv_fields is None:
@@ -554,14 +587,14 @@ class GradientStats(tf.keras.callbacks.Callback):
         if self._function is None:
             raise RuntimeError("GradientStats.measure() runs during fit (after on_train_begin).")
         x, y = self._next_batch()
-        var_s, var_w = self._function(x, y)
+        stats = self._function(x, y)
         iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
         row = {
             "step": int(iterations.numpy()) if iterations is not None else self._calls,
             "epoch": self._epoch,
         }
-        row.update({f"grad_var_s/{n}": float(v) for n, v in zip(self._layers, var_s)})
-        row.update({f"grad_var_w/{n}": float(v) for n, v in zip(self._layers, var_w)})
+        row.update({f"grad_var_s/{n}": v for n, v in stats["s"].items()})
+        row.update({f"grad_var_w/{n}": v for n, v in stats["w"].items()})
         self.records.append(row)
         if self.csv_path:
             self._write_csv(row)
@@ -584,10 +617,13 @@ class GradientStats(tf.keras.callbacks.Callback):
             writer.writerow(row)
 
     def get_config(self):
+        loss = self.loss
+        if loss is not None and not isinstance(loss, str):
+            loss = tf.keras.losses.serialize(loss)
         return {
             "every": self.every,
-            "layers": self.layers,
-            "loss": self.loss,
+            "layers": [getattr(layer, "name", layer) for layer in self.layers or []] or None,
+            "loss": loss,
             "csv_path": self.csv_path,
             "initial": self.initial,
             "append": self.append,

@@ -72,7 +72,9 @@ def reference(model, x, y):
                        tape.gradient(loss, model.trainable_variables)))
     for variable, value in zip(model.non_trainable_variables, state):
         variable.assign(value)
-    var_s = {name: np.var(tape.gradient(loss, t).numpy().astype(np.float64)) for name, t in s.items()}
+    var_s = {
+        name: np.var(tape.gradient(loss, t).numpy().astype(np.float64)) for name, t in s.items()
+    }
     var_w = {
         name: np.var(grads_w[model.get_layer(name).kernel.name].numpy().astype(np.float64))
         for name in s
@@ -97,13 +99,22 @@ def test_gradient_variances_match_tape_reference_and_keep_bn_state():
     assert_close(stats["w"], var_w)
     # The ReLU layer's s is before its activation: its output has a different gradient.
     assert list(lqp.callbacks.weight_layers(model)) == list(var_s)
+    # The traced variant agrees, and sees later changes of the weights.
+    measure = lqp.callbacks.gradient_variance_function(model)
+    assert_close(measure(x, y)["s"], var_s)
+    kernel = model.get_layer("dense_relu").kernel
+    kernel.assign(kernel * 3.0)
+    assert_close(measure(x, y)["w"], reference(model, x, y)[1])
     only = lqp.callbacks.gradient_variances(model, x, y, loss=LOSS, layers=["dense_relu"])
     assert list(only["s"]) == ["dense_relu"]
-    np.testing.assert_allclose(only["s"]["dense_relu"], var_s["dense_relu"], rtol=1e-4)
+    expected = reference(model, x, y)[0]["dense_relu"]
+    np.testing.assert_allclose(only["s"]["dense_relu"], expected, rtol=1e-4)
 
 
 def test_nested_models_are_walked_with_prefixed_names():
-    inner = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3, name="d")], name="block")
+    inner = tf.keras.Sequential(
+        [tf.keras.Input((4,)), tf.keras.layers.Dense(3, name="d")], name="block"
+    )
     inputs = tf.keras.Input((4,))
     outputs = tf.keras.layers.Dense(2, name="head")(inner(inputs))
     model = tf.keras.Model(inputs, outputs)
