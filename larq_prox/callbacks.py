@@ -313,7 +313,14 @@ def _model_loss(model: tf.keras.Model, loss):
             )
     # The compiled LossesContainer is deliberately not called: it would update
     # the epoch's running "loss" metric that `fit` reports.
-    return tf.keras.losses.get(loss) if isinstance(loss, str) else loss
+    if isinstance(loss, str):
+        return tf.keras.losses.get(loss)
+    if not callable(loss):
+        raise TypeError(
+            f"`loss` must be a Keras loss name, a tf.keras.losses.Loss or a callable "
+            f"(y_true, y_pred) -> loss, got {type(loss).__name__}."
+        )
+    return loss
 
 
 def _state_variables(model: tf.keras.Model) -> list[tf.Variable]:
@@ -483,7 +490,8 @@ class GradientStats(tf.keras.callbacks.Callback):
     # Arguments
         data: the reference batch `(x, y)`, or a `tf.data.Dataset` of `(x, y)`
             batches (each measurement takes the next batch, cycling).
-        every: measure after every `every`-th training batch; 0 disables.
+        every: measure after every `every`-th training batch (every `every`-th
+            `on_train_batch_end` call with `steps_per_execution` > 1); 0 disables.
         layers: names or layers to measure; default: every weight layer.
         loss: the loss to differentiate; default: the model's compiled loss.
         csv_path: if given, every measurement is also a row of this CSV file.

@@ -205,6 +205,30 @@ def test_unknown_layer_and_missing_loss_are_reported():
     model, (x, y) = make_model(), data()
     with pytest.raises(ValueError, match="bn1.*not a weight layer"):
         lqp.callbacks.gradient_variances(model, x, y, layers=["bn1"])
+    with pytest.raises(TypeError, match="loss"):
+        lqp.callbacks.gradient_variances(model, x, y, loss=3)
     bare = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="loss="):
         lqp.callbacks.gradient_variances(bare, np.ones((2, 2), "float32"), np.array([0, 1]))
+
+
+class KernelWithoutActivation(tf.keras.layers.Layer):
+    """Has a kernel and an `activation` attribute but never calls it."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight("kernel", (int(input_shape[-1]), 2))
+        self.activation = tf.keras.activations.linear
+
+    def call(self, inputs):
+        return tf.matmul(inputs, self.kernel)
+
+
+def test_layer_that_skips_its_activation_is_reported_not_skipped():
+    layer = KernelWithoutActivation(name="custom")
+    model = tf.keras.Sequential([tf.keras.Input((3,)), layer, tf.keras.layers.Dense(2, name="out")])
+    x, y = np.ones((4, 3), "float32"), np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="custom.*activation"):
+        lqp.callbacks.gradient_variances(model, x, y, loss=LOSS)
+    assert layer.activation is tf.keras.activations.linear  # put back
+    stats = lqp.callbacks.gradient_variances(model, x, y, loss=LOSS, layers=["out"])
+    assert list(stats["s"]) == ["out"]
