@@ -62,7 +62,7 @@ def test_fit_logs_modeled_and_measured_memory_and_writes_the_plot(tmp_path, caps
 
 
 def test_given_batch_size_dataset_input_and_rss_fallback(monkeypatch):
-    monkeypatch.setattr(callbacks, "_memory_source", lambda: "rss")
+    monkeypatch.setattr(callbacks.memory_model, "_memory_source", lambda: "rss")
     model, (x, y) = small_bnn(), data(16)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     callback = callbacks.MemoryModel(batch_size=4, schemes=[{"default": "float16"}], verbose=0)
@@ -78,7 +78,7 @@ def test_allocator_peak_grows_with_the_batch_where_tensorflow_keeps_statistics()
     # The allocator sees the step's tensors: a 64x larger batch (16 MiB per conv
     # activation instead of 0.25) has a clearly larger peak, whatever else the
     # process holds.
-    if callbacks._memory_source() == "rss":
+    if callbacks.memory_model._memory_source() == "rss":
         pytest.skip("this TensorFlow allocator keeps no statistics")
     peaks = []
     for batch in (8, 512):
