@@ -357,6 +357,8 @@ class _Conversion:
         if self.low_memory:
             for name in _LOW_MEMORY_CLASSES:
                 _low_memory_class(name)  # fail once, up front, if the layers are missing
+        if batch_norm in ("l1", "proposed"):
+            _binary_batch_norm_class()
         self.not_converted: list[str] = []
         self.converted: list[str] = []
         self.copies: list[tuple[tf.keras.layers.Layer, tf.keras.layers.Layer]] = []
