@@ -19,7 +19,9 @@ into binary ops:
   reshape (LCE has no binary dense op);
 - larq-prox's low-memory layers become their larq/Keras originals (same config).
 
-The converter runs in a separate process, because it can crash (segfault) on
+The inference copy is saved as a SavedModel with one signature (fast: Keras'
+own SavedModel export traces every layer in several modes). The converter runs
+in a separate process, because it can crash (segfault) on
 shapes it does not support: that becomes an `ExportError`, never a crash of the
 caller. The same process runs LCE's Interpreter on sample inputs for the check.
 """
@@ -31,7 +33,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import warnings
 from typing import Any
 
 import larq as lq
@@ -295,14 +296,12 @@ def _binary_layers(model: tf.keras.Model) -> int:
 # The converter process.
 
 
-def _worker(model_path: str, out_path: str, inputs_path: str, result_path: str, reference: str):
+def _worker(model_dir: str, out_path: str, inputs_path: str, result_path: str, reference: str):
     """Runs in a child process: convert, count ops, run the LCE Interpreter."""
-    import larq_prox  # noqa: F401  (legacy Keras, custom objects)
     import larq_compute_engine as lce
     from larq_compute_engine.tflite.python.interpreter import Interpreter
 
-    model = tf.keras.models.load_model(model_path, compile=False)
-    flatbuffer = lce.convert_keras_model(model)
+    flatbuffer = lce.convert_saved_model(model_dir)
     with open(out_path, "wb") as f:
         f.write(flatbuffer)
     result: dict[str, Any] = {"op_counts": op_counts(flatbuffer)}
@@ -313,6 +312,29 @@ def _worker(model_path: str, out_path: str, inputs_path: str, result_path: str, 
         np.save(inputs_path + ".out.npy", np.asarray(outputs))
     with open(result_path, "w") as f:
         json.dump(result, f)
+
+
+def _save_for_conversion(model: tf.keras.Model, shape: tuple[int, ...], directory: str) -> None:
+    """A SavedModel with only the inference signature (batch 1, as LCE wants).
+
+    Keras' own SavedModel export traces every layer in several modes, which
+    takes tens of seconds; one traced signature converts the same.
+    """
+    spec = tf.TensorSpec((1, *shape), tf.float32, name="input")
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    holder = tf.Module()
+    # Every variable the graph captures must be reachable from the saved object,
+    # including the quantizers' schedule variables (not Keras weights).
+    variables: dict[int, tf.Variable] = {}
+    for module in [model, *model.submodules]:
+        found = list(getattr(module, "variables", []))
+        found += [v for v in vars(module).values() if isinstance(v, tf.Variable)]
+        variables.update((id(v), v) for v in found)
+    holder.variables_to_save = list(variables.values())
+    try:
+        tf.saved_model.save(holder, directory, signatures=function)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ExportError(f"The model could not be traced for conversion: {error}") from error
 
 
 def _error_tail(stderr: str, lines: int = 25) -> str:
@@ -422,10 +444,8 @@ def to_lce(
                 f"got {sample_inputs.shape}."
             )
     with tempfile.TemporaryDirectory(prefix="larq_prox_export_") as tmp:
-        model_path = os.path.join(tmp, "model.h5")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "HDF5 is legacy": it is only a hand-over file
-            copy.save(model_path, include_optimizer=False)
+        model_path = os.path.join(tmp, "saved_model")
+        _save_for_conversion(copy, shape, model_path)
         out_path = os.path.join(tmp, "model.tflite")
         result_path = os.path.join(tmp, "result.json")
         inputs_path = os.path.join(tmp, "inputs.npy") if verify else None

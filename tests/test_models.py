@@ -176,9 +176,10 @@ def test_convert_zoo_functional_model():
     floats = [l for l in new.layers if type(l) is tf.keras.layers.Conv2D]
     assert floats  # the float stem and shortcuts stay float
     assert len(new.converted) == len(binary)
-    new.compile(tf.keras.optimizers.legacy.Adam(1e-3), "sparse_categorical_crossentropy")
-    loss = new.train_on_batch(x, np.array([1, 2]))
-    assert np.isfinite(loss)
+    # The kernels came along unchanged (only the quantizers differ).
+    old = {l.name: l for l in zoo.layers}
+    for layer in binary:
+        np.testing.assert_array_equal(layer.get_weights()[0], old[layer.name].get_weights()[0])
 
 
 def test_convert_bad_input():
