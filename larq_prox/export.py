@@ -207,7 +207,7 @@ class _InferenceCopy:
         if name == "BinaryBatchNorm":
             self.notes.append(f"{layer.name}: BinaryBatchNorm -> per-channel affine")
             return tf.keras.layers.BatchNormalization(
-                axis=-1, epsilon=1e-3, name=layer.name, center=True, scale=True
+                axis=config.get("axis", -1), epsilon=1e-3, name=layer.name, center=True, scale=True
             )
         if name in _LOW_MEMORY_ORIGINALS and cls.__module__.startswith("larq_prox"):
             cls = _LOW_MEMORY_ORIGINALS[name]()
@@ -235,7 +235,7 @@ class _InferenceCopy:
             key: config[key]
             for key in (
                 "activation", "use_bias", "kernel_initializer", "bias_initializer",
-                "input_quantizer", "kernel_quantizer",
+                "input_quantizer", "kernel_quantizer", "kernel_constraint", "bias_constraint",
             )
             if key in config
         }
