@@ -69,7 +69,10 @@ def trained_standard():
     return _trained(_all_pairs_model("standard"))
 
 
-@pytest.mark.parametrize("batch_norm", ["standard", "proposed"])
+@pytest.mark.parametrize(
+    # test_binary_batch_norm_becomes_affine covers the BinaryBatchNorm rewrite fast.
+    "batch_norm", ["standard", pytest.param("proposed", marks=pytest.mark.slow)]
+)
 def test_every_pair_exports_to_bconv_with_parity(tmp_path, batch_norm, request):
     if batch_norm != "standard" and not hasattr(lqp.layers, "BinaryBatchNorm"):
         pytest.skip("larq_prox.layers.BinaryBatchNorm not available yet")
