@@ -29,10 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="examples per split to use (0: the full 60,000 / 10,000)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--kernel-quantizer", default="pcpp_bnn", help="PC++ alias of the weights")
-    parser.add_argument("--input-quantizer", default="pcpp_bnn", help="PC++ alias of the activations")
+    parser.add_argument("--input-quantizer", default="pcpp_bnn", help="PC++ alias, activations")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--manual-dir", default=None, help="folder with the original files")
-    parser.add_argument("--data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
+    parser.add_argument("--data-dir", default=None, help="TFDS data_dir")
     parser.add_argument("--out", default="larq_prox_demo", help="folder for the plots")
     return parser.parse_args(argv)
 

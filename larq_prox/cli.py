@@ -53,7 +53,9 @@ def _add_export(subparsers) -> None:
     parser = subparsers.add_parser(
         "export", help="convert a saved Keras model (H5 or SavedModel) to an LCE flatbuffer"
     )
-    parser.add_argument("model_path", metavar="MODEL_PATH", help="saved Keras model (.h5 or folder)")
+    parser.add_argument(
+        "model_path", metavar="MODEL_PATH", help="saved Keras model (.h5 or folder)"
+    )
     parser.add_argument("out", metavar="OUT.tflite", help="flatbuffer to write")
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the Keras vs LCE Interpreter check"

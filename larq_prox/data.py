@@ -172,7 +172,8 @@ def prepare(
     if _is_prepared(builder):
         return builder
     if max_examples is not None:
-        subset_dir = os.path.join(data_dir, "larq_prox_subsets", f"max_examples_{int(max_examples)}")
+        subset = f"max_examples_{int(max_examples)}"
+        subset_dir = os.path.join(data_dir, "larq_prox_subsets", subset)
         builder = _builder(name, subset_dir)
         if _is_prepared(builder):
             return builder

@@ -261,7 +261,8 @@ class _InferenceCopy:
                 }
                 values.setdefault("beta", np.zeros_like(values["moving_mean"]))
                 affine = lqp_models.l1_to_l2_batch_norm(values, new.epsilon)
-                new.set_weights([affine[k] for k in ("gamma", "beta", "moving_mean", "moving_variance")])
+                order = ("gamma", "beta", "moving_mean", "moving_variance")
+                new.set_weights([affine[k] for k in order])
             elif isinstance(new, tf.keras.Sequential) and old_name == "QuantDense":
                 kernel, *bias = old.get_weights()
                 new.layers[1].set_weights([kernel.reshape(1, 1, *kernel.shape), *bias])

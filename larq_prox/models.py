@@ -111,7 +111,8 @@ class _Builder:
         input_shape = tuple(int(d) for d in input_shape)
         if any(d < 1 for d in input_shape):
             raise ValueError(f"`input_shape` must be positive, got {input_shape}.")
-        for name, value in (("kernel_quantizer", kernel_quantizer), ("input_quantizer", input_quantizer)):
+        pairs = (("kernel_quantizer", kernel_quantizer), ("input_quantizer", input_quantizer))
+        for name, value in pairs:
             if value is None:
                 raise ValueError(f"`{name}` must be a binary quantizer, got None.")
             pcpp_quantizers.get(value)  # validates the name early with a clear error

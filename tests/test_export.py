@@ -116,7 +116,8 @@ def test_inference_copy_matches_hard_keras(trained_standard):
 def test_binary_batch_norm_becomes_affine():
     if not hasattr(lqp.layers, "BinaryBatchNorm"):
         pytest.skip("larq_prox.layers.BinaryBatchNorm not available yet")
-    model, x = _trained(lqp.models.mlp(batch_norm="proposed", input_shape=(4, 4, 1), hidden_units=8))
+    mlp = lqp.models.mlp(batch_norm="proposed", input_shape=(4, 4, 1), hidden_units=8)
+    model, x = _trained(mlp)
     copy, _ = export.inference_model(model)
     assert not any(type(l).__name__ == "BinaryBatchNorm" for l in copy.layers)
     with lqp.quantizers.hard_mode():

@@ -118,7 +118,9 @@ def test_mlp_trains():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (256, 8, 8, 1)).astype("float32")
     y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int64")
-    model.compile(tf.keras.optimizers.legacy.Adam(1e-2), "sparse_categorical_crossentropy", ["accuracy"])
+    model.compile(
+        tf.keras.optimizers.legacy.Adam(1e-2), "sparse_categorical_crossentropy", ["accuracy"]
+    )
     history = model.fit(x, y, batch_size=32, epochs=6, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert history.history["accuracy"][-1] > 0.7
