@@ -11,6 +11,8 @@ Keras model (hard sign, inference mode) with LCE's Interpreter on test images.
 import larq_prox as lqp  # noqa: I001  (selects legacy Keras before TensorFlow loads)
 
 import argparse
+import json
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quantizer", default="pcpp_bnn", help="PC++ pair of weights and inputs")
     parser.add_argument("--manual-dir", default=None)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--json", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
 
     load = dict(batch_size=100, max_examples=args.subset or None,
@@ -40,6 +43,11 @@ def main(argv=None) -> int:
     images = np.concatenate([x.numpy() for x, _ in test.take(2)])
     report = lqp.export.to_lce(model, args.out, sample_inputs=images)
     print(report)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"model": "mlp", "dataset": "fashion_mnist", "quantizer": args.quantizer,
+                       "keras_test_accuracy": float(accuracy), **report.as_dict()}, f, indent=2)
     return 0
 
 

@@ -124,6 +124,18 @@ def test_binary_batch_norm_becomes_affine():
         np.testing.assert_allclose(copy(x, training=False), model(x, training=False), atol=1e-5)
 
 
+def test_low_memory_layers_become_larq_layers():
+    if not all(hasattr(lqp.layers, n) for n in ("QuantConv2D", "QuantDense", "MaxPool2D")):
+        pytest.skip("larq_prox.layers low-memory layers not available yet")
+    cnv = lqp.models.cnv(low_memory=True, input_shape=(32, 32, 1))
+    model, x = _trained(cnv)
+    copy, _ = export.inference_model(model)
+    modules = {type(l).__module__ for l in copy.submodules if isinstance(l, tf.keras.layers.Layer)}
+    assert not any(m.startswith("larq_prox.layers") for m in modules)
+    with lqp.quantizers.hard_mode():
+        np.testing.assert_allclose(copy(x, training=False), model(x, training=False), atol=1e-5)
+
+
 def test_unsupported_layer_is_a_clear_error():
     inputs = tf.keras.Input((4, 4))
     y = tf.keras.layers.Flatten()(tf.linalg.inv(inputs))  # no TFLite/LCE kernel
