@@ -3,6 +3,7 @@
 ```bash
 larq-prox quantizers            # the PC++ aliases and where each pair is admissible
 larq-prox memory --model zoo:QuickNet --batch-size 32 --scheme standard --scheme proposed
+larq-prox export model.h5 model.tflite   # LCE flatbuffer, op counts, Keras-vs-LCE check
 ```
 
 Each subcommand is a `_add_<name>(subparsers)` function that registers its parser
@@ -177,6 +178,36 @@ def _add_memory(subparsers) -> None:
         help="what to do with a layer the model cannot account for",
     )  # fmt: skip
     parser.set_defaults(func=_memory)
+def _export(args: argparse.Namespace) -> int:
+    import tensorflow as tf
+
+    from larq_prox import export, layers  # noqa: F401  (layers registers custom layers)
+
+    if not os.path.exists(args.model_path):
+        print(f"larq-prox export: MODEL_PATH {args.model_path} does not exist.", file=sys.stderr)
+        return 2
+    model = tf.keras.models.load_model(args.model_path, compile=False)
+    try:
+        report = export.to_lce(model, args.out, verify=not args.no_verify)
+    except (ValueError, export.ExportError) as error:
+        print(f"larq-prox export: {error}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="convert a saved Keras model (H5 or SavedModel) to an LCE flatbuffer"
+    )
+    parser.add_argument(
+        "model_path", metavar="MODEL_PATH", help="saved Keras model (.h5 or folder)"
+    )
+    parser.add_argument("out", metavar="OUT.tflite", help="flatbuffer to write")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the Keras vs LCE Interpreter check"
+    )
+    parser.set_defaults(func=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="larq-prox", description="PC++ quantizers and low-memory BNN training for Larq."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_quantizers, _add_memory):
+    for add in (_add_quantizers, _add_memory, _add_export):
         add(subparsers)
     return parser
 

@@ -1,0 +1,615 @@
+"""The paper's binary models (`mlp`, `cnv`, `binarynet`) and `convert()` for any Keras model.
+
+```python
+import larq_prox as lqp
+
+model = lqp.models.cnv(kernel_quantizer="pcpp_bnn", input_quantizer="pcpp_bnn",
+                       batch_norm="proposed")            # FINN CNV for CIFAR-10
+zoo = lqz.literature.BiRealNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
+converted = lqp.models.convert(zoo, quantizer="pcpp_bnn", batch_norm="proposed")
+converted.not_converted          # layers convert() left as they were, with the reason
+```
+
+Every weight layer's kernel is binary (`weight_clip` constraint, no bias) and is
+followed by the batch normalization under study: `"standard"` (Keras' l2
+`BatchNormalization`), or larq-prox's `BinaryBatchNorm` in `"l1"` or `"proposed"`
+mode. The first weight layer sees the float image (no input quantizer); the last
+batch normalization feeds the softmax.
+"""
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+
+from larq_prox import quantizers as pcpp_quantizers
+
+__all__ = [
+    "BATCH_NORMS",
+    "mlp",
+    "cnv",
+    "binarynet",
+    "convert",
+    "map_layers",
+    "batch_norm_layer",
+    "l2_to_l1_batch_norm",
+    "l1_to_l2_batch_norm",
+]
+
+BATCH_NORMS = ("standard", "l1", "proposed")
+"""Batch normalization kinds: Keras' l2 BN, BinaryBatchNorm(mode="l1"|"proposed")."""
+
+_LOW_MEMORY_CLASSES = ("QuantConv2D", "QuantDense", "MaxPool2D")
+
+
+def _check_batch_norm(batch_norm: str, allow_none: bool = False) -> None:
+    valid = BATCH_NORMS + ((None,) if allow_none else ())
+    if batch_norm not in valid:
+        raise ValueError(f"`batch_norm` must be one of {valid}, got {batch_norm!r}.")
+
+
+def _binary_batch_norm_class():
+    try:
+        from larq_prox import layers as lqp_layers
+    except ImportError as error:  # pragma: no cover - layers is part of the package
+        raise ImportError(f"larq_prox.layers cannot be imported: {error}") from error
+    cls = getattr(lqp_layers, "BinaryBatchNorm", None)
+    if cls is None:
+        raise ImportError(
+            "batch_norm='l1' or 'proposed' needs larq_prox.layers.BinaryBatchNorm, which "
+            "this installation does not have; use batch_norm='standard'."
+        )
+    return cls
+
+
+def _low_memory_class(name: str):
+    from larq_prox import layers as lqp_layers
+
+    cls = getattr(lqp_layers, name, None)
+    if cls is None:
+        raise ImportError(
+            f"low_memory=True needs larq_prox.layers.{name}, which this installation does "
+            "not have; use low_memory=False."
+        )
+    return cls
+
+
+def batch_norm_layer(
+    batch_norm: str, momentum: float = 0.9, epsilon: float = 1e-4, name: str | None = None
+) -> tf.keras.layers.Layer:
+    """A new batch normalization layer of kind `batch_norm` ("standard", "l1", "proposed").
+
+    ```python
+    bn = lqp.models.batch_norm_layer("proposed")    # BinaryBatchNorm(mode="proposed")
+    ```
+    """
+    _check_batch_norm(batch_norm)
+    if batch_norm == "standard":
+        return tf.keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
+    cls = _binary_batch_norm_class()
+    return cls(mode=batch_norm, momentum=momentum, epsilon=epsilon, name=name)
+
+
+class _Builder:
+    """Appends layers to a Sequential model, checking spatial shapes as it goes."""
+
+    def __init__(
+        self,
+        model_name: str,
+        input_shape: Sequence[int],
+        kernel_quantizer,
+        input_quantizer,
+        batch_norm: str,
+        low_memory: bool,
+        momentum: float,
+        expected: str,
+    ):
+        _check_batch_norm(batch_norm)
+        input_shape = tuple(int(d) for d in input_shape)
+        if any(d < 1 for d in input_shape):
+            raise ValueError(f"`input_shape` must be positive, got {input_shape}.")
+        pairs = (("kernel_quantizer", kernel_quantizer), ("input_quantizer", input_quantizer))
+        for name, value in pairs:
+            if value is None:
+                raise ValueError(f"`{name}` must be a binary quantizer, got None.")
+            pcpp_quantizers.get(value)  # validates the name early with a clear error
+        self.model_name, self.input_shape, self.expected = model_name, input_shape, expected
+        self.kernel_quantizer, self.input_quantizer = kernel_quantizer, input_quantizer
+        self.batch_norm, self.momentum = batch_norm, momentum
+        if low_memory:
+            self.conv_cls = _low_memory_class("QuantConv2D")
+            self.dense_cls = _low_memory_class("QuantDense")
+            self.pool_cls = _low_memory_class("MaxPool2D")
+        else:
+            self.conv_cls, self.dense_cls = lq.layers.QuantConv2D, lq.layers.QuantDense
+            self.pool_cls = tf.keras.layers.MaxPool2D
+        if batch_norm != "standard":
+            _binary_batch_norm_class()
+        self.layers: list[tf.keras.layers.Layer] = [tf.keras.Input(input_shape)]
+        self.shape = input_shape
+        self.weight_layers = 0
+
+    def _too_small(self, what: str) -> ValueError:
+        return ValueError(
+            f"{self.model_name}(): input_shape {self.input_shape} is too small: {what} gets "
+            f"a feature map of shape {self.shape}. {self.model_name} expects input_shape "
+            f"{self.expected}."
+        )
+
+    def _quantizers(self) -> dict[str, Any]:
+        # First weight layer: the float image goes in unquantized, weights are binary.
+        first = self.weight_layers == 0
+        self.weight_layers += 1
+        return dict(
+            input_quantizer=None if first else self.input_quantizer,
+            kernel_quantizer=self.kernel_quantizer,
+            kernel_constraint="weight_clip",
+            use_bias=False,
+        )
+
+    def conv(self, filters: int, padding: str) -> None:
+        index = self.weight_layers + 1
+        if len(self.shape) != 3:
+            raise ValueError(
+                f"{self.model_name}(): needs an image input_shape (height, width, channels), "
+                f"got {self.input_shape}; it expects {self.expected}."
+            )
+        if padding == "valid":
+            if min(self.shape[:2]) < 3:
+                raise self._too_small(f"conv{index} (3x3, 'valid' padding)")
+            self.shape = (self.shape[0] - 2, self.shape[1] - 2, filters)
+        else:
+            self.shape = (self.shape[0], self.shape[1], filters)
+        self.layers.append(
+            self.conv_cls(filters, 3, padding=padding, name=f"conv{index}", **self._quantizers())
+        )
+
+    def max_pool(self) -> None:
+        if min(self.shape[:2]) < 2:
+            raise self._too_small(f"pool after conv{self.weight_layers} (2x2)")
+        self.shape = (self.shape[0] // 2, self.shape[1] // 2, self.shape[2])
+        self.layers.append(self.pool_cls(2, name=f"pool{self.weight_layers}"))
+
+    def dense(self, units: int) -> None:
+        index = self.weight_layers + 1
+        if len(self.shape) != 1:
+            self.layers.append(tf.keras.layers.Flatten(name="flatten"))
+            self.shape = (int(np.prod(self.shape)),)
+        self.shape = (units,)
+        self.layers.append(self.dense_cls(units, name=f"dense{index}", **self._quantizers()))
+
+    def norm(self) -> None:
+        self.layers.append(
+            batch_norm_layer(self.batch_norm, self.momentum, name=f"bn{self.weight_layers}")
+        )
+
+    def model(self) -> tf.keras.Model:
+        self.layers.append(tf.keras.layers.Activation("softmax", name="softmax"))
+        return tf.keras.Sequential(self.layers, name=self.model_name)
+
+
+def _check_classes(num_classes: int) -> int:
+    if int(num_classes) < 2:
+        raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
+    return int(num_classes)
+
+
+def mlp(
+    kernel_quantizer="pcpp_bnn",
+    input_quantizer="pcpp_bnn",
+    batch_norm: str = "standard",
+    low_memory: bool = False,
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+    hidden_units: int = 256,
+    momentum: float = 0.9,
+) -> tf.keras.Sequential:
+    """The paper's binary MLP (MNIST-like): flatten -> dense 256 x 4 -> dense classes.
+
+    Each dense layer is followed by the batch normalization `batch_norm`; the
+    last one feeds the softmax.
+
+    ```python
+    model = lqp.models.mlp(kernel_quantizer="pcpp_bnn_plus_plus", batch_norm="proposed")
+    ```
+
+    # Arguments
+        kernel_quantizer, input_quantizer: the PC++ pair (alias or quantizer) of
+            the weights and of the activations (the first layer's input stays float).
+        batch_norm: "standard" (l2 BatchNormalization), "l1" or "proposed" (BinaryBatchNorm).
+        low_memory: use larq_prox.layers' bit-packing QuantDense.
+        input_shape, num_classes: data shape and number of classes.
+        hidden_units: width of the four hidden layers (256 in the paper).
+        momentum: of the batch normalization's moving statistics.
+    """
+    num_classes = _check_classes(num_classes)
+    build = _Builder(
+        "mlp", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
+        momentum, "(28, 28, 1) or any shape (it is flattened)",
+    )
+    build.layers.append(tf.keras.layers.Flatten(name="flatten"))
+    build.shape = (int(np.prod(build.shape)),)
+    for units in [hidden_units] * 4 + [num_classes]:
+        build.dense(units)
+        build.norm()
+    return build.model()
+
+
+def cnv(
+    kernel_quantizer="pcpp_bnn",
+    input_quantizer="pcpp_bnn",
+    batch_norm: str = "standard",
+    low_memory: bool = False,
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_classes: int = 10,
+    momentum: float = 0.9,
+) -> tf.keras.Sequential:
+    """FINN's CNV (CIFAR-10/SVHN): 'valid' 3x3 convs, BN before pooling.
+
+    conv 64, conv 64, maxpool; conv 128, conv 128, maxpool; conv 256, conv 256;
+    flatten (256) -> dense 512 -> dense 512 -> dense classes.
+
+    ```python
+    model = lqp.models.cnv(batch_norm="l1")
+    ```
+
+    Arguments as `mlp` (input_shape at least 32x32: 'valid' padding shrinks 32 to 1).
+    """
+    num_classes = _check_classes(num_classes)
+    build = _Builder(
+        "cnv", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
+        momentum, "(32, 32, 3) or larger (CIFAR-10, SVHN)",
+    )
+    for filters, pool in ((64, True), (128, True), (256, False)):
+        for _ in range(2):
+            build.conv(filters, "valid")
+            build.norm()
+        if pool:
+            build.max_pool()
+    for units in (512, 512, num_classes):
+        build.dense(units)
+        build.norm()
+    return build.model()
+
+
+def binarynet(
+    kernel_quantizer="pcpp_bnn",
+    input_quantizer="pcpp_bnn",
+    batch_norm: str = "standard",
+    low_memory: bool = False,
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_classes: int = 10,
+    momentum: float = 0.9,
+) -> tf.keras.Sequential:
+    """BinaryNet (Courbariaux & Bengio) for CIFAR-10/SVHN: 'same' 3x3 convs, pooling before BN.
+
+    conv 128, conv 128 + maxpool; conv 256, conv 256 + maxpool; conv 512,
+    conv 512 + maxpool; flatten (8192) -> dense 1024 -> dense 1024 -> dense classes.
+
+    ```python
+    model = lqp.models.binarynet(batch_norm="proposed", low_memory=True)
+    ```
+
+    Arguments as `mlp`.
+    """
+    num_classes = _check_classes(num_classes)
+    build = _Builder(
+        "binarynet", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
+        momentum, "(32, 32, 3) (CIFAR-10, SVHN), at least 8x8",
+    )
+    for filters in (128, 256, 512):
+        build.conv(filters, "same")
+        build.norm()
+        build.conv(filters, "same")
+        build.max_pool()
+        build.norm()
+    for units in (1024, 1024, num_classes):
+        build.dense(units)
+        build.norm()
+    return build.model()
+
+
+# ----------------------------------------------------------------------------
+# convert(): apply PC++ pairs, BinaryBatchNorm and low-memory layers to any model.
+
+
+def _is_binary(quantizer_config) -> bool:
+    if quantizer_config is None:
+        return False
+    try:
+        quantizer = lq.quantizers.get(quantizer_config)
+    except (ValueError, TypeError):
+        return False
+    return getattr(quantizer, "precision", None) == 1
+
+
+def _quantizer_specs(quantizer) -> dict[str, Any] | None:
+    """`quantizer` -> {"input": spec, "kernel": spec}; each spec makes a fresh quantizer."""
+    if quantizer is None:
+        return None
+    if isinstance(quantizer, dict) and set(quantizer) <= {"input", "kernel"}:
+        specs = dict(quantizer)
+    else:
+        specs = {"input": quantizer, "kernel": quantizer}
+    for role, spec in specs.items():
+        if spec is None:
+            continue
+        resolved = pcpp_quantizers.get(spec)  # raises with the list of aliases
+        if getattr(resolved, "precision", None) != 1:
+            raise ValueError(
+                f"`quantizer` ({role}): {spec!r} is not a binary quantizer (precision 1)."
+            )
+        # Serialized form: every layer gets its own instance (own schedule variables).
+        specs[role] = spec if isinstance(spec, str) else lq.quantizers.serialize(resolved)
+    return specs
+
+
+class _Conversion:
+    """Clone function for `tf.keras.models.clone_model` plus the weight copying."""
+
+    def __init__(self, quantizer, batch_norm: str | None, low_memory: bool):
+        _check_batch_norm(batch_norm, allow_none=True)
+        self.specs = _quantizer_specs(quantizer)
+        self.batch_norm = batch_norm
+        self.low_memory = bool(low_memory)
+        if self.low_memory:
+            for name in _LOW_MEMORY_CLASSES:
+                _low_memory_class(name)  # fail once, up front, if the layers are missing
+        if batch_norm in ("l1", "proposed"):
+            _binary_batch_norm_class()
+        self.not_converted: list[str] = []
+        self.converted: list[str] = []
+        self.copies: list[tuple[tf.keras.layers.Layer, tf.keras.layers.Layer]] = []
+
+    def _skip(self, layer, reason: str) -> None:
+        self.not_converted.append(f"{layer.name} ({type(layer).__name__}): {reason}")
+
+    def __call__(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        if isinstance(layer, tf.keras.Model):
+            new = _convert_model(layer, self)
+            return new
+        new = self._clone(layer)
+        self.copies.append((layer, new))
+        return new
+
+    def _clone(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        config = layer.get_config()
+        cls = type(layer)
+        name = type(layer).__name__
+        changed = []
+        if self.specs is not None and ("kernel_quantizer" in config or "input_quantizer" in config):
+            for role in ("input", "kernel"):
+                key = f"{role}_quantizer"
+                if self.specs.get(role) is not None and _is_binary(config.get(key)):
+                    config[key] = self.specs[role]
+                    changed.append(key)
+        bn_cls = self._batch_norm_class(layer)
+        if bn_cls is not None:
+            try:
+                return self._note(layer, self._batch_norm(layer, bn_cls), ["batch_norm"])
+            except (ValueError, TypeError, ImportError) as error:
+                self._skip(layer, f"batch norm not converted: {error}")
+        if self.low_memory and name in _LOW_MEMORY_CLASSES + ("MaxPooling2D",):
+            target = "MaxPool2D" if name == "MaxPooling2D" else name
+            try:
+                low_cls = _low_memory_class(target)
+                if low_cls is not cls:
+                    new = low_cls.from_config(config)
+                    return self._note(layer, new, changed + ["low_memory"])
+            except (ValueError, TypeError, ImportError, NotImplementedError) as error:
+                self._skip(layer, f"not made low-memory: {error}")
+        return self._note(layer, cls.from_config(config), changed)
+
+    def _note(self, layer, new, changed):
+        if changed:
+            self.converted.append(f"{layer.name}: {', '.join(changed)}")
+        return new
+
+    def _batch_norm_class(self, layer):
+        name = type(layer).__name__
+        is_keras_bn = isinstance(layer, tf.keras.layers.BatchNormalization)
+        if self.batch_norm is None or not (is_keras_bn or name == "BinaryBatchNorm"):
+            return None
+        if self.batch_norm == "standard":
+            return None if is_keras_bn else tf.keras.layers.BatchNormalization
+        if name == "BinaryBatchNorm" and getattr(layer, "mode", None) == self.batch_norm:
+            return None
+        return _binary_batch_norm_class()
+
+    def _batch_norm(self, layer, bn_cls):
+        config = layer.get_config()
+        axis = config.get("axis", -1)
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        rank = len(layer.input_shape) if hasattr(layer, "input_shape") else None
+        if axis not in (-1, None) and not (rank is not None and axis == rank - 1):
+            raise ValueError(f"only channels-last batch norm converts, this one has axis={axis}")
+        kwargs = dict(
+            name=layer.name,
+            momentum=config.get("momentum", 0.9),
+            epsilon=config.get("epsilon", 1e-3),
+            center=config.get("center", True),
+        )
+        if bn_cls is tf.keras.layers.BatchNormalization:
+            return bn_cls(**kwargs)
+        return bn_cls(mode=self.batch_norm, **kwargs)
+
+    def copy_weights(self) -> None:
+        for old, new in self.copies:
+            if not old.weights:
+                continue
+            if not new.built:
+                self._skip(old, "its clone was not built; weights not copied")
+                continue
+            try:
+                _copy_layer_weights(old, new)
+            except ValueError as error:
+                self._skip(old, f"weights not copied: {error}")
+
+
+def _weights_by_name(layer) -> dict[str, np.ndarray]:
+    values = {}
+    for weight in layer.weights:
+        # 'model/bn1/moving_mean:0' -> 'moving_mean'
+        key = weight.name.split("/")[-1].split(":")[0]
+        values[key] = tf.keras.backend.get_value(weight)
+    return values
+
+
+def _set_by_name(layer, values: dict[str, np.ndarray]) -> None:
+    for weight in layer.weights:
+        key = weight.name.split("/")[-1].split(":")[0]
+        if key in values:
+            weight.assign(np.asarray(values[key], dtype=weight.dtype.as_numpy_dtype))
+
+
+def _copy_layer_weights(old, new) -> None:
+    old_name, new_name = type(old).__name__, type(new).__name__
+    batch_norm_swap = old_name != new_name and "BatchNorm" in old_name and "BatchNorm" in new_name
+    if not batch_norm_swap:
+        old_values, new_weights = old.get_weights(), new.weights
+        if [v.shape for v in old_values] == [tuple(w.shape) for w in new_weights]:
+            new.set_weights(old_values)
+            return
+        # Low-memory layers may order their weights differently: match by name.
+        old_named = _weights_by_name(old)
+        if {w.name.split("/")[-1].split(":")[0] for w in new_weights} <= set(old_named):
+            _set_by_name(new, old_named)
+            return
+        raise ValueError(
+            f"weight shapes differ: {[v.shape for v in old_values]} vs "
+            f"{[tuple(w.shape) for w in new_weights]}"
+        )
+    old_values = _weights_by_name(old)
+    if new_name == "BinaryBatchNorm":
+        values = l2_to_l1_batch_norm(old_values, old.epsilon)
+    else:
+        values = l1_to_l2_batch_norm(old_values, new.epsilon)
+    _set_by_name(new, values)
+
+
+def l2_to_l1_batch_norm(values: dict[str, np.ndarray], epsilon: float) -> dict[str, np.ndarray]:
+    """BatchNormalization weights -> BinaryBatchNorm weights with the same output signs.
+
+    l2 BN: gamma (y - m) / sqrt(v + eps) + b. With psi = sqrt(v + eps) and beta = b / gamma,
+    (y - m) / psi + beta has the sign of the l2 output wherever gamma > 0, so the binary
+    layer after it sees the same inputs at inference.
+
+    ```python
+    lqp.models.l2_to_l1_batch_norm({"moving_mean": m, "moving_variance": v}, 1e-3)
+    ```
+    """
+    mean = values["moving_mean"]
+    gamma = values.get("gamma", np.ones_like(mean))
+    b = values.get("beta", np.zeros_like(mean))
+    safe_gamma = np.where(np.abs(gamma) > 1e-12, gamma, 1.0)
+    return {
+        "moving_mean": mean,
+        "moving_psi": np.sqrt(values["moving_variance"] + epsilon),
+        "beta": b / safe_gamma,
+    }
+
+
+def l1_to_l2_batch_norm(values: dict[str, np.ndarray], epsilon: float) -> dict[str, np.ndarray]:
+    """BinaryBatchNorm weights -> BatchNormalization weights with the identical inference output.
+
+    (y - m) / psi + beta == gamma (y - m) / sqrt(v + eps) + beta for v = psi^2 and
+    gamma = sqrt(psi^2 + eps) / psi: LCE folds this affine into LceBconv2d.
+
+    ```python
+    lqp.models.l1_to_l2_batch_norm({"moving_mean": m, "moving_psi": psi, "beta": b}, 1e-3)
+    ```
+    """
+    mean, psi = values["moving_mean"], values["moving_psi"]
+    return {
+        "moving_mean": mean,
+        "moving_variance": np.square(psi),
+        "gamma": np.sqrt(np.square(psi) + epsilon) / psi,
+        "beta": values.get("beta", np.zeros_like(mean)),
+    }
+
+
+def _convert_model(model: tf.keras.Model, conversion: _Conversion) -> tf.keras.Model:
+    # clone_model rebuilds Sequential and functional graphs layer by layer;
+    # nested models come back to _Conversion.__call__ and recurse here.
+    if isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False):
+        return tf.keras.models.clone_model(model, clone_function=conversion)
+    raise TypeError(
+        f"convert() handles Sequential and functional models; {model.name!r} is a subclassed "
+        f"{type(model).__name__}. Build it functionally or convert its layers by hand."
+    )
+
+
+def convert(
+    model: tf.keras.Model,
+    quantizer=None,
+    batch_norm: str | None = None,
+    low_memory: bool = False,
+) -> tf.keras.Model:
+    """A copy of `model` with PC++ pairs, BinaryBatchNorm and/or low-memory layers, weights kept.
+
+    ```python
+    zoo = lqz.literature.BinaryAlexNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
+    new = lqp.models.convert(zoo, quantizer="pcpp_bnn", batch_norm="proposed")
+    new.not_converted      # e.g. ["bn_first (BatchNormalization): ..."]
+    ```
+
+    # Arguments
+        model: a built Sequential or functional Keras model (larq-zoo models included).
+        quantizer: replaces every binary (precision 1) input/kernel quantizer: a PC++
+            alias or quantizer for both roles, or {"input": ..., "kernel": ...}.
+            None keeps the quantizers. Float (non-binary) quantizers are never touched.
+        batch_norm: None keeps them; "standard", "l1" or "proposed" replaces every
+            channels-last batch normalization by that kind. BatchNormalization ->
+            BinaryBatchNorm keeps the sign of each output where gamma > 0
+            (`l2_to_l1_batch_norm`); the reverse is exact (`l1_to_l2_batch_norm`).
+        low_memory: replace larq's QuantConv2D/QuantDense and Keras' MaxPool2D by
+            larq_prox.layers' bit-packing versions (same configuration).
+
+    # Returns
+        The new model. `model.converted` lists what changed per layer and
+        `model.not_converted` what was left as it was and why (also warned).
+    """
+    if not isinstance(model, tf.keras.Model):
+        raise TypeError(f"`model` must be a tf.keras.Model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            "`model` is not built: give it an Input shape or call it on data before convert()."
+        )
+    conversion = _Conversion(quantizer, batch_norm, low_memory)
+    new = _convert_model(model, conversion)
+    conversion.copy_weights()
+    new.converted = conversion.converted
+    new.not_converted = conversion.not_converted
+    if conversion.not_converted:
+        shown = "; ".join(conversion.not_converted[:5])
+        more = len(conversion.not_converted) - 5
+        warnings.warn(
+            f"convert() left {len(conversion.not_converted)} layer(s) unconverted: {shown}"
+            + (f"; and {more} more (see `model.not_converted`)" if more > 0 else ""),
+            stacklevel=2,
+        )
+    return new
+
+
+def map_layers(model: tf.keras.Model, function: Callable) -> tf.keras.Model:
+    """Clone `model` with `function(layer) -> new layer` applied to every layer (nested too).
+
+    ```python
+    copy = lqp.models.map_layers(model, lambda layer: type(layer).from_config(layer.get_config()))
+    ```
+    """
+
+    def clone(layer):
+        if isinstance(layer, tf.keras.Model):
+            return map_layers(layer, function)
+        return function(layer)
+
+    if not (isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
+        raise TypeError(
+            f"map_layers() handles Sequential and functional models, got a subclassed "
+            f"{type(model).__name__}."
+        )
+    return tf.keras.models.clone_model(model, clone_function=clone)
