@@ -6,3 +6,5 @@
   `QuantConv2D`, `QuantDense` and Keras' `MaxPool2D` that keep only packed bits
   between the forward and the backward pass.
 """
+
+from larq_prox.layers.binary import MaxPool2D, QuantConv2D, QuantDense  # noqa: F401
