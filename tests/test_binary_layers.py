@@ -309,3 +309,65 @@ def test_config_and_h5_round_trip(tmp_path):
     assert clone.get_config() == conv.get_config()
     # The registered name does not shadow larq's own class.
     assert tf.keras.utils.get_registered_object("QuantConv2D") is lq.layers.QuantConv2D
+
+
+def _floats_kept_for_backward(model, input_shape):
+    """Batch-sized float tensors of the forward pass that live backward ops read.
+
+    Ops are created in order, so those made by `tape.gradient` come last; a
+    backward op counts only if the returned gradients depend on it (the
+    function's dead ops are pruned before it runs).
+    """
+    marker = {}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *input_shape])])
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True))
+        marker["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
+        return tape.gradient(loss, model.trainable_weights)
+
+    graph = step.get_concrete_function().graph
+    operations = graph.get_operations()
+    forward = set(operations[: marker["forward_ops"]])
+    live, stack = set(), [t.op for t in graph.outputs]
+    while stack:
+        op = stack.pop()
+        if op not in live:
+            live.add(op)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    kept = {}
+    for op in live - forward:
+        for tensor in op.inputs:
+            batch = tensor.shape.rank and tensor.shape.rank >= 2 and tensor.shape[0] is None
+            if tensor.op in forward and tensor.dtype.is_floating and batch:
+                kept[tensor.name] = tuple(tensor.shape.as_list()[1:])
+    return kept
+
+
+def test_backward_reads_no_float_activation_but_the_image():
+    def stack(low_memory):
+        conv = lqp_layers.QuantConv2D if low_memory else lq.layers.QuantConv2D
+        pool = lqp_layers.MaxPool2D if low_memory else tf.keras.layers.MaxPool2D
+        dense = lqp_layers.QuantDense if low_memory else lq.layers.QuantDense
+        binary = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False)
+        return tf.keras.Sequential(
+            [
+                tf.keras.Input((8, 8, 3)),
+                lq.layers.QuantConv2D(8, 3, padding="same", kernel_quantizer="ste_sign",
+                                      kernel_constraint="weight_clip", use_bias=False),
+                conv(8, 3, padding="same", kernel_constraint="weight_clip", **binary),
+                pool(2),
+                conv(16, 3, strides=2, padding="same", kernel_constraint="weight_clip", **binary),
+                dense(10, kernel_constraint="weight_clip", **binary),
+            ]
+        )
+
+    # The reference (larq) keeps the activations: the check can fail.
+    standard = _floats_kept_for_backward(stack(False), (8, 8, 3))
+    assert len([s for s in standard.values() if s[-1] in (8, 16)]) >= 3
+    low = _floats_kept_for_backward(stack(True), (8, 8, 3))
+    # What remains: the float image (the first layer's input, by design) and the
+    # model output, whose shape the loss gradient reads (10 channels).
+    assert set(low.values()) <= {(8, 8, 3), (2, 2, 10)}, low

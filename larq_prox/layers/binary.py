@@ -89,7 +89,7 @@ def _register(cls):
 
 
 def input_binarization(quantizer, layer_name: str = "layer", standard: str = "QuantConv2D"):
-    """How a low-memory layer binarizes its input, or None when it cannot.
+    r"""How a low-memory layer binarizes its input, or None when it cannot.
 
     Returns `(clip_value,)`: the forward is `larq.math.sign` and the backward
     derivative is \(1\{|x| \le c\}\) (`clip_value=c`) or 1 (`clip_value=None`).
@@ -103,10 +103,18 @@ def input_binarization(quantizer, layer_name: str = "layer", standard: str = "Qu
     ```
     """
     quantizer = lq.quantizers.get(quantizer) if isinstance(quantizer, str) else quantizer
-    if quantizer is None:
-        return None
-    if getattr(quantizer, "_custom_metrics", None):
-        return None  # metrics such as flip_ratio need the quantizer to run
+    pair = _sign_pair(quantizer)
+    if pair == "float":
+        raise ValueError(
+            _FLOAT_BACKWARD.format(layer=layer_name, quantizer=quantizer, standard=standard)
+        )
+    return pair
+
+
+def _sign_pair(quantizer):
+    """(clip_value,) for a sign forward with a 1-bit backward, "float", or None."""
+    if quantizer is None or getattr(quantizer, "_custom_metrics", None):
+        return None  # metrics such as flip_ratio need the quantizer itself to run
     if quantizer is lq.quantizers.ste_sign:
         return (1.0,)
     if isinstance(quantizer, pcpp_quantizers.BC):
@@ -128,15 +136,43 @@ def input_binarization(quantizer, layer_name: str = "layer", standard: str = "Qu
         lq.quantizers.approx_sign,
         lq.quantizers.swish_sign,
     ):
-        raise ValueError(
-            _FLOAT_BACKWARD.format(layer=layer_name, quantizer=quantizer, standard=standard)
-        )
+        return "float"
     return None
 
 
+class _KernelSign:
+    r"""sign(w) with gradient \(1\{|w| \le c\}\,dy\) (or dy when `clip_value` is None).
+
+    The same values as larq's `ste_sign` / PC++ BNN and BC on a kernel, without
+    their `zeros_like` / `ones_like`, which TF's graph optimizer folds into
+    kernel-sized constants that stay resident (about one float copy of every
+    binary kernel).
+    """
+
+    precision = 1
+
+    def __init__(self, clip_value):
+        self.clip_value = clip_value
+
+    def __call__(self, kernel):
+        clip_value = self.clip_value
+
+        @tf.custom_gradient
+        def _op(kernel):
+            def grad(dy):
+                if clip_value is None:
+                    return dy
+                return dy * tf.cast(tf.abs(kernel) <= clip_value, dy.dtype)
+
+            return _sign(kernel), grad
+
+        return _op(kernel)
+
+
 def _sign(x: tf.Tensor) -> tf.Tensor:
-    # Same values as larq.math.sign (sign(0) = +1) without its two float temporaries.
-    return tf.cast(x >= 0, x.dtype) * 2 - 1
+    # larq.math.sign's values (sign(0) = +1) with one bool temporary instead of
+    # two float ones; scalar branches, as ones_like would fold into a constant.
+    return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
 
 
 def _straight_through(dx: tf.Tensor, packed_mask) -> tf.Tensor:
@@ -148,10 +184,19 @@ def _straight_through(dx: tf.Tensor, packed_mask) -> tf.Tensor:
     return tf.where(mask, dx, tf.constant(0, dx.dtype))
 
 
-def _pack_input(x: tf.Tensor, clip_value):
+def _binarize_and_pack(x: tf.Tensor, clip_value):
+    """sign(x), its packed bits and the packed mask 1{|x| <= c} (None without a clip)."""
     packed_signs = bitpack.pack_signs(x)
-    packed_mask = None if clip_value is None else bitpack.pack_bits(tf.abs(x) <= clip_value)
-    return packed_signs, packed_mask
+    packed_mask = None
+    if clip_value is not None:
+        # Two comparisons, not abs(x): no float temporary of x's size.
+        inside = tf.logical_and(x <= clip_value, x >= -clip_value)
+        packed_mask = bitpack.pack_bits(inside)
+    # Packing first lets x be freed as soon as sign(x) exists, before the
+    # conv's output is allocated.
+    with tf.control_dependencies([p for p in (packed_signs, packed_mask) if p is not None]):
+        signs = _sign(x)
+    return signs, packed_signs, packed_mask
 
 
 def binary_conv2d(
@@ -190,8 +235,8 @@ def binary_conv2d(
     @tf.custom_gradient
     def _op(x, kernel):
         shape = tf.shape(x)
-        packed_signs, packed_mask = _pack_input(x, clip_value)
-        outputs = tf.nn.conv2d(_padded(_sign(x)), kernel, strides, padding, dilations=dilations)
+        signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
+        outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
 
         def grad(dy):
             # Gating on dy keeps the unpacked floats out of the forward pass;
@@ -241,8 +286,8 @@ def binary_dense(x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = Non
     @tf.custom_gradient
     def _op(x, kernel):
         shape = tf.shape(x)
-        packed_signs, packed_mask = _pack_input(x, clip_value)
-        outputs = tf.matmul(_sign(x), kernel)
+        signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
+        outputs = tf.matmul(signs, kernel)
 
         def grad(dy):
             with tf.control_dependencies([dy]):
@@ -267,9 +312,10 @@ def _first_max(windows: tf.Tensor, maxima: tf.Tensor, p: int, q: int) -> tf.Tens
     # maximum, 0 elsewhere: the first maximum has the highest score.
     dtype = tf.uint8 if p * q < 256 else tf.int32
     rank = tf.constant(np.arange(p * q, 0, -1).reshape([1, 1, p, 1, q, 1]), dtype)
-    score = tf.cast(tf.equal(windows, maxima), dtype) * rank
-    best = tf.reduce_max(score, axis=[2, 4], keepdims=True)
-    return tf.logical_and(tf.equal(score, best), score > 0)
+    score = tf.where(tf.equal(windows, maxima), rank, tf.constant(0, dtype))
+    # At least 1, so that a window without any maximum (NaN) marks nothing.
+    best = tf.maximum(tf.reduce_max(score, axis=[2, 4], keepdims=True), 1)
+    return tf.equal(score, best)
 
 
 def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
@@ -339,6 +385,13 @@ class _LowMemoryKernel(_WarnOnce):
         self._reason = None
         if self._binarization is None:
             self._reason = f"its input quantizer {self.input_quantizer!r} is not a binary sign pair"
+
+    def _get_quantizer(self, name):
+        quantizer = super()._get_quantizer(name)
+        pair = _sign_pair(quantizer) if name == "kernel" else None
+        if pair is None or pair == "float":
+            return quantizer
+        return _KernelSign(*pair)
 
     def _quantized_kernel(self) -> tf.Tensor:
         with context.quantized_scope(True):
