@@ -39,3 +39,18 @@ def test_dynamic_batch_in_tf_function():
 def test_packed_bytes_are_one_thirty_second_of_float32():
     x = tf.random.normal((4, 8, 8, 32))
     assert bitpack.pack_signs(x).numpy().nbytes * 32 == x.numpy().nbytes
+
+
+@pytest.mark.parametrize("channels", [8, 5])
+def test_signs_round_trip_with_dynamic_batch_and_odd_channels(channels):
+    x = np.random.default_rng(1).normal(size=(6, 3, channels)).astype(np.float32)
+    x[0, 0, :] = 0.0  # sign(0) = +1
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, channels])])
+    def round_trip(x):
+        return bitpack.unpack_signs(bitpack.pack_signs(x), tf.shape(x))
+
+    np.testing.assert_array_equal(round_trip(x).numpy(), np.where(x >= 0, 1.0, -1.0))
+    half = bitpack.unpack_signs(bitpack.pack_signs(x), x.shape, tf.float16)
+    assert half.dtype == tf.float16
+    np.testing.assert_array_equal(half.numpy(), np.where(x >= 0, 1.0, -1.0))

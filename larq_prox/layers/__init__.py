@@ -8,5 +8,6 @@
 """
 
 from larq_prox.layers.batch_norm import BinaryBatchNorm
+from larq_prox.layers.binary import MaxPool2D, QuantConv2D, QuantDense
 
-__all__ = ["BinaryBatchNorm"]
+__all__ = ["BinaryBatchNorm", "MaxPool2D", "QuantConv2D", "QuantDense"]

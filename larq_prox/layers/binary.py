@@ -1,0 +1,536 @@
+r"""Low-memory binary layers: conv, dense and max pool that keep only packed bits.
+
+TensorFlow keeps whatever a gradient function captures: larq's `ste_sign`
+keeps its float input, `Conv2D` its float input, `MaxPool2D` its input and
+output. These layers are drop-in replacements of `larq.layers.QuantConv2D`,
+`larq.layers.QuantDense` and `tf.keras.layers.MaxPool2D` whose training
+forward is one `tf.custom_gradient` op that keeps, between the forward and the
+backward pass, only
+
+- conv / dense with a binary input quantizer: the sign bits of the input
+  (1 bit per element) and, for a clipped straight-through estimator (BNN,
+  `ste_sign`), the mask bits \(1\{|x| \le c\}\); then
+  \(dW = \mathrm{conv\_backprop\_filter}(\mathrm{sign}(x), dy)\) and
+  \(dx = B'(x) \cdot \mathrm{conv\_backprop\_input}(W_b, dy)\);
+- max pool: one bit per input element marking the window's first maximum
+  (row-major, the element TF's `MaxPoolGrad` routes the gradient to).
+
+Gradients equal those of the standard layers exactly. Supported input
+quantizers (their forward is the hard sign while training):
+
+| input quantizer | bits kept per element |
+|---|---|
+| `pcpp_bc` (`BC`), larq `SteSign(clip_value=None)` | 1 (sign) |
+| `pcpp_bnn` (`BNN`), larq `ste_sign` / `SteSign(clip_value=c)` | 2 (sign + mask) |
+
+Pairs whose backward needs the float magnitude of the input (`pcpp_bnn_plus`,
+`pcpp_bnn_plus_plus`, `pcpp_rpc`, `ForwardBackward`, larq `approx_sign`,
+`swish_sign`) are refused with a ValueError naming the alternatives: a low bit
+width store of \(B'(x)\) would make the gradient inexact. Any other input
+quantizer (none, `pcpp_pc`, DoReFa, ...) and unsupported arguments (groups,
+`channels_first`, overlapping pools) make the layer compute exactly what the
+standard layer computes, with a one-time warning naming the layer. The
+low-memory op runs only with `training=True` (as in `model.fit`); inference
+is the standard computation.
+
+The saving is real only inside a `tf.function` (the train step of
+`model.fit`): eager execution keeps every op's output alive on the tape.
+
+```python
+import larq_prox as lqp
+import tensorflow as tf
+
+model = tf.keras.Sequential([
+    tf.keras.Input((32, 32, 128)),
+    lqp.layers.QuantConv2D(128, 3, padding="same", input_quantizer="ste_sign",
+                           kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+                           use_bias=False),
+    lqp.layers.MaxPool2D(2),
+    tf.keras.layers.BatchNormalization(),
+])
+```
+"""
+
+import logging
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+from larq import context
+
+from larq_prox import bitpack
+from larq_prox import quantizers as pcpp_quantizers
+
+__all__ = [
+    "QuantConv2D",
+    "QuantDense",
+    "MaxPool2D",
+    "binary_conv2d",
+    "binary_dense",
+    "bitmask_max_pool2d",
+    "input_binarization",
+]
+
+log = logging.getLogger(__name__)
+
+_FLOAT_BACKWARD = (
+    "{layer}: the input quantizer {quantizer!r} needs the float magnitude of the "
+    "input in its backward pass, which a low-memory layer does not keep. Use a "
+    "pair whose backward needs at most one bit per element as input quantizer "
+    "('pcpp_bc', 'pcpp_bnn' or 'ste_sign'), or the standard layer "
+    "(larq.layers.{standard}) for this layer."
+)
+
+
+def _register(cls):
+    # Registered under "larq_prox>Name": larq's register_keras_custom_object
+    # would register the bare class name and replace larq's own QuantConv2D.
+    return tf.keras.utils.register_keras_serializable(package="larq_prox")(cls)
+
+
+def input_binarization(quantizer, layer_name: str = "layer", standard: str = "QuantConv2D"):
+    r"""How a low-memory layer binarizes its input, or None when it cannot.
+
+    Returns `(clip_value,)`: the forward is `larq.math.sign` and the backward
+    derivative is \(1\{|x| \le c\}\) (`clip_value=c`) or 1 (`clip_value=None`).
+    Returns None for quantizers with a non-binary forward (fall back to the
+    standard layer). Raises ValueError for binary-forward pairs whose backward
+    needs float magnitudes.
+
+    ```python
+    input_binarization("ste_sign")          # (1.0,)
+    input_binarization(lqp.quantizers.BC()) # (None,)
+    ```
+    """
+    quantizer = lq.quantizers.get(quantizer) if isinstance(quantizer, str) else quantizer
+    pair = _sign_pair(quantizer)
+    if pair == "float":
+        raise ValueError(
+            _FLOAT_BACKWARD.format(layer=layer_name, quantizer=quantizer, standard=standard)
+        )
+    return pair
+
+
+def _sign_pair(quantizer):
+    """(clip_value,) for a sign forward with a 1-bit backward, "float", or None."""
+    if quantizer is None or getattr(quantizer, "_custom_metrics", None):
+        return None  # metrics such as flip_ratio need the quantizer itself to run
+    if quantizer is lq.quantizers.ste_sign:
+        return (1.0,)
+    if isinstance(quantizer, pcpp_quantizers.BC):
+        return (None,)
+    if isinstance(quantizer, pcpp_quantizers.BNN):
+        return (float(quantizer.clip_value),)
+    if type(quantizer) is lq.quantizers.SteSign:
+        clip = quantizer.clip_value
+        return (None if clip is None else float(clip),)
+    float_backward = (
+        pcpp_quantizers.BNNPlus,
+        pcpp_quantizers.BNNPlusPlus,
+        pcpp_quantizers.RPC,
+        pcpp_quantizers.ForwardBackward,
+        lq.quantizers.ApproxSign,
+        lq.quantizers.SwishSign,
+    )
+    if isinstance(quantizer, float_backward) or quantizer in (
+        lq.quantizers.approx_sign,
+        lq.quantizers.swish_sign,
+    ):
+        return "float"
+    return None
+
+
+class _KernelSign:
+    r"""sign(w) with gradient \(1\{|w| \le c\}\,dy\) (or dy when `clip_value` is None).
+
+    The same values as larq's `ste_sign` / PC++ BNN and BC on a kernel, without
+    their `zeros_like` / `ones_like`, which TF's graph optimizer folds into
+    kernel-sized constants that stay resident (about one float copy of every
+    binary kernel).
+    """
+
+    precision = 1
+
+    def __init__(self, clip_value):
+        self.clip_value = clip_value
+
+    def __call__(self, kernel):
+        clip_value = self.clip_value
+
+        @tf.custom_gradient
+        def _op(kernel):
+            def grad(dy):
+                if clip_value is None:
+                    return dy
+                return dy * tf.cast(tf.abs(kernel) <= clip_value, dy.dtype)
+
+            return _sign(kernel), grad
+
+        return _op(kernel)
+
+
+def _sign(x: tf.Tensor) -> tf.Tensor:
+    # larq.math.sign's values (sign(0) = +1) with one bool temporary instead of
+    # two float ones; scalar branches, as ones_like would fold into a constant.
+    return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
+
+
+def _straight_through(dx: tf.Tensor, packed_mask) -> tf.Tensor:
+    """dx * 1{|x| <= c}, the mask unpacked only once dx exists."""
+    if packed_mask is None:
+        return dx
+    with tf.control_dependencies([dx]):
+        mask = bitpack.unpack_bits(packed_mask, tf.shape(dx))
+    return tf.where(mask, dx, tf.constant(0, dx.dtype))
+
+
+def _binarize_and_pack(x: tf.Tensor, clip_value):
+    """sign(x), its packed bits and the packed mask 1{|x| <= c} (None without a clip)."""
+    packed_signs = bitpack.pack_signs(x)
+    packed_mask = None
+    if clip_value is not None:
+        # Two comparisons, not abs(x): no float temporary of x's size.
+        inside = tf.logical_and(x <= clip_value, x >= -clip_value)
+        packed_mask = bitpack.pack_bits(inside)
+    # Packing first lets x be freed as soon as sign(x) exists, before the
+    # conv's output is allocated.
+    with tf.control_dependencies([p for p in (packed_signs, packed_mask) if p is not None]):
+        signs = _sign(x)
+    return signs, packed_signs, packed_mask
+
+
+def binary_conv2d(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    strides=(1, 1),
+    padding: str = "VALID",
+    dilations=(1, 1),
+    clip_value: float | None = None,
+    pad_values: float = 0.0,
+) -> tf.Tensor:
+    r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
+
+    dkernel = `conv2d_backprop_filter(sign(x), dy)`; dx = \(1\{|x| \le c\}\) *
+    `conv2d_backprop_input(kernel, dy)` (no mask when `clip_value` is None).
+    `pad_values` is the value of the padded border of sign(x) for
+    `padding="SAME"` (larq's `pad_values`).
+
+    ```python
+    y = binary_conv2d(x, w, padding="SAME", clip_value=1.0)   # = conv(ste_sign(x), w)
+    ```
+    """
+    padding = padding.upper()
+    strides = [1, *strides, 1]
+    dilations = [1, *dilations, 1]
+    explicit = None
+    if padding == "SAME" and not (not tf.is_tensor(pad_values) and pad_values == 0.0):
+        explicit = _same_padding(x, kernel, strides, dilations)
+        padding = "VALID"
+
+    def _padded(signs):
+        if explicit is None:
+            return signs
+        return tf.pad(signs, explicit, constant_values=tf.cast(pad_values, signs.dtype))
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        shape = tf.shape(x)
+        signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
+        outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
+
+        def grad(dy):
+            # Gating on dy keeps the unpacked floats out of the forward pass;
+            # dkernel first, so the signs are freed before dx is allocated.
+            with tf.control_dependencies([dy]):
+                signs = _padded(bitpack.unpack_signs(packed_signs, shape, dy.dtype))
+            dkernel = tf.compat.v1.nn.conv2d_backprop_filter(
+                signs, tf.shape(kernel), dy, strides, padding, dilations=dilations
+            )
+            with tf.control_dependencies([dkernel]):
+                padded_shape = shape if explicit is None else tf.shape(signs)
+                dx = tf.compat.v1.nn.conv2d_backprop_input(
+                    padded_shape, kernel, dy, strides, padding, dilations=dilations
+                )
+            if explicit is not None:
+                dx = tf.slice(dx, [p[0] for p in explicit], shape)
+            return _straight_through(dx, packed_mask), dkernel
+
+        return outputs, grad
+
+    return _op(x, kernel)
+
+
+def _same_padding(x, kernel, strides, dilations):
+    """[[0, 0], [top, bottom], [left, right], [0, 0]] of TF's 'SAME' padding."""
+    pads = [[0, 0]]
+    for axis in (1, 2):
+        size = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+        k = (kernel.shape[axis - 1] - 1) * dilations[axis] + 1
+        stride = strides[axis]
+        out = (size + stride - 1) // stride
+        total = (out - 1) * stride + k - size
+        total = tf.maximum(total, 0) if tf.is_tensor(total) else max(total, 0)
+        pads.append([total // 2, total - total // 2])
+    pads.append([0, 0])
+    return pads
+
+
+def binary_dense(x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = None) -> tf.Tensor:
+    r"""`matmul(sign(x), kernel)` for 2-D x whose gradient keeps only the bits of x.
+
+    ```python
+    y = binary_dense(x, w, clip_value=1.0)   # = ste_sign(x) @ w
+    ```
+    """
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        shape = tf.shape(x)
+        signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
+        outputs = tf.matmul(signs, kernel)
+
+        def grad(dy):
+            with tf.control_dependencies([dy]):
+                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+            dkernel = tf.matmul(signs, dy, transpose_a=True)
+            with tf.control_dependencies([dkernel]):
+                dx = tf.matmul(dy, kernel, transpose_b=True)
+            return _straight_through(dx, packed_mask), dkernel
+
+        return outputs, grad
+
+    return _op(x, kernel)
+
+
+def _first_max(windows: tf.Tensor, maxima: tf.Tensor, p: int, q: int) -> tf.Tensor:
+    """Bool mask of the first (row-major) element equal to its window's maximum.
+
+    `windows` is [B, Ho, p, Wo, q, C], `maxima` [B, Ho, 1, Wo, 1, C]. The
+    row-major first maximum is where TF's MaxPoolGrad (CPU and XLA) sends dy.
+    """
+    # Score p*q - k for the k-th window position (row-major) where it holds a
+    # maximum, 0 elsewhere: the first maximum has the highest score.
+    dtype = tf.uint8 if p * q < 256 else tf.int32
+    rank = tf.constant(np.arange(p * q, 0, -1).reshape([1, 1, p, 1, q, 1]), dtype)
+    score = tf.where(tf.equal(windows, maxima), rank, tf.constant(0, dtype))
+    # At least 1, so that a window without any maximum (NaN) marks nothing.
+    best = tf.maximum(tf.reduce_max(score, axis=[2, 4], keepdims=True), 1)
+    return tf.equal(score, best)
+
+
+def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
+    """Non-overlapping 'VALID' max pool (NHWC, strides = pool_size), 1 bit kept per input.
+
+    The gradient scatters dy to the window's first maximum, as TF's MaxPoolGrad.
+
+    ```python
+    y = bitmask_max_pool2d(x, (2, 2))    # = tf.nn.max_pool2d(x, 2, 2, "VALID")
+    ```
+    """
+    p, q = pool_size
+
+    @tf.custom_gradient
+    def _op(x):
+        shape = tf.shape(x)
+        outputs = tf.nn.max_pool2d(x, pool_size, pool_size, "VALID")
+        out_shape = tf.shape(outputs)
+        batch, rows, cols, channels = tf.unstack(out_shape)
+        # Rows/columns beyond the last full window get no gradient (VALID crop).
+        cropped = x[:, : rows * p, : cols * q, :]
+        window_shape = tf.stack([batch, rows, p, cols, q, channels])
+        windows = tf.reshape(cropped, window_shape)
+        first = _first_max(windows, outputs[:, :, None, :, None, :], p, q)
+        packed = bitpack.pack_bits(first)
+
+        def grad(dy):
+            with tf.control_dependencies([dy]):
+                mask = bitpack.unpack_bits(packed, window_shape)
+            spread = tf.where(mask, dy[:, :, None, :, None, :], tf.constant(0, dy.dtype))
+            dx = tf.reshape(spread, [batch, rows * p, cols * q, channels])
+            missing = shape - tf.shape(dx)
+            if x.shape[1:3].is_fully_defined() and (
+                x.shape[1] % p == 0 and x.shape[2] % q == 0
+            ):
+                return dx
+            return tf.pad(dx, [[0, 0], [0, missing[1]], [0, missing[2]], [0, 0]])
+
+        return outputs, grad
+
+    return _op(x)
+
+
+class _WarnOnce:
+    """One fallback warning per layer, naming it and the reason."""
+
+    def _fallback(self, reason: str) -> None:
+        if not getattr(self, "_warned_fallback", False):
+            log.warning(
+                "%s (%s) runs the standard computation, not the low-memory op: %s.",
+                self.name,
+                type(self).__name__,
+                reason,
+            )
+            self._warned_fallback = True
+
+
+class _LowMemoryKernel(_WarnOnce):
+    """Shared by conv and dense: resolve the input binarization once."""
+
+    _standard_name = ""
+
+    def _init_low_memory(self) -> None:
+        self._binarization = input_binarization(
+            self.input_quantizer, layer_name=self.name, standard=self._standard_name
+        )
+        self._reason = None
+        if self._binarization is None:
+            self._reason = f"its input quantizer {self.input_quantizer!r} is not a binary sign pair"
+
+    def _get_quantizer(self, name):
+        quantizer = super()._get_quantizer(name)
+        pair = _sign_pair(quantizer) if name == "kernel" else None
+        if pair is None or pair == "float":
+            return quantizer
+        return _KernelSign(*pair)
+
+    def _quantized_kernel(self) -> tf.Tensor:
+        with context.quantized_scope(True):
+            return tf.convert_to_tensor(self.kernel)
+
+    def _finish(self, outputs: tf.Tensor) -> tf.Tensor:
+        if self.use_bias:
+            outputs = tf.nn.bias_add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+@_register
+class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
+    """larq's `QuantConv2D` whose training step keeps only the input's sign (and mask) bits.
+
+    Same arguments and config as `larq.layers.QuantConv2D`, so
+    `QuantConv2D.from_config(larq_layer.get_config())` works. Supported: padding
+    'same'/'valid', strides, dilation, `pad_values`, bias, activation,
+    channels_last, groups=1.
+
+    ```python
+    layer = lqp.layers.QuantConv2D(128, 3, padding="same", input_quantizer="ste_sign",
+                                   kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
+    ```
+    """
+
+    _standard_name = "QuantConv2D"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_low_memory()
+        if self._reason is None:
+            if self.data_format != "channels_last":
+                self._reason = "data_format='channels_first' is not supported"
+            elif self.groups != 1:
+                self._reason = "groups != 1 is not supported"
+            elif self.padding not in ("same", "valid"):
+                self._reason = f"padding={self.padding!r} is not supported"
+
+    def call(self, inputs, training=None):
+        if self._reason is not None:
+            self._fallback(self._reason)
+            return super().call(inputs)
+
+        def low_memory():
+            outputs = binary_conv2d(
+                inputs,
+                self._quantized_kernel(),
+                strides=self.strides,
+                padding=self.padding,
+                dilations=self.dilation_rate,
+                clip_value=self._binarization[0],
+                pad_values=self.pad_values,
+            )
+            return self._finish(outputs)
+
+        return _low_memory_if_training(training, low_memory, lambda: super(QuantConv2D, self).call(inputs))
+
+
+@_register
+class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
+    """larq's `QuantDense` whose training step keeps only the input's sign (and mask) bits.
+
+    Same arguments and config as `larq.layers.QuantDense`; inputs of rank > 2
+    are flattened to 2-D around the op.
+
+    ```python
+    layer = lqp.layers.QuantDense(1024, input_quantizer="ste_sign",
+                                  kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
+    ```
+    """
+
+    _standard_name = "QuantDense"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_low_memory()
+
+    def call(self, inputs, training=None):
+        if self._reason is not None:
+            self._fallback(self._reason)
+            return super().call(inputs)
+
+        def low_memory():
+            kernel = self._quantized_kernel()
+            clip_value = self._binarization[0]
+            if inputs.shape.rank == 2:
+                return self._finish(binary_dense(inputs, kernel, clip_value=clip_value))
+            flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
+            outputs = binary_dense(flat, kernel, clip_value=clip_value)
+            shape = tf.concat([tf.shape(inputs)[:-1], [self.units]], 0)
+            return self._finish(tf.reshape(outputs, shape))
+
+        return _low_memory_if_training(training, low_memory, lambda: super(QuantDense, self).call(inputs))
+
+
+@_register
+class MaxPool2D(_WarnOnce, tf.keras.layers.MaxPool2D):
+    """Keras `MaxPool2D` whose training step keeps one bit per input element.
+
+    The low-memory op needs non-overlapping windows (`strides` equal to
+    `pool_size`, the default), channels_last, and 'valid' padding or 'same'
+    padding with spatial sizes divisible by the pool size (where both agree);
+    anything else runs Keras' op with a warning.
+
+    ```python
+    pool = lqp.layers.MaxPool2D(pool_size=2)
+    ```
+    """
+
+    def call(self, inputs, training=None):
+        reason = self._unsupported(inputs)
+        if reason is not None:
+            self._fallback(reason)
+            return super().call(inputs)
+        return _low_memory_if_training(
+            training,
+            lambda: bitmask_max_pool2d(inputs, tuple(self.pool_size)),
+            lambda: super(MaxPool2D, self).call(inputs),
+        )
+
+    def _unsupported(self, inputs) -> str | None:
+        if self.data_format != "channels_last":
+            return "data_format='channels_first' is not supported"
+        if tuple(self.strides) != tuple(self.pool_size):
+            return "overlapping windows (strides != pool_size) are not supported"
+        if self.padding == "same":
+            spatial = inputs.shape[1:3]
+            if not spatial.is_fully_defined() or any(
+                size % pool for size, pool in zip(spatial, self.pool_size)
+            ):
+                return "padding='same' needs spatial sizes divisible by pool_size"
+        return None
+
+
+def _low_memory_if_training(training, low_memory, standard) -> tf.Tensor:
+    """`low_memory()` when training, else `standard()` (both built if `training` is symbolic)."""
+    if training is None:
+        training = tf.keras.backend.learning_phase()
+    return tf.__internal__.smart_cond.smart_cond(training, low_memory, standard)

@@ -1,0 +1,373 @@
+"""Low-memory layers against larq's / Keras' standard layers: forward, gradients, config."""
+
+import logging
+
+import larq_prox  # noqa: F401  (legacy Keras first)
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from larq_prox import layers as lqp_layers
+from larq_prox import quantizers as lqp_quantizers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    tf.keras.backend.clear_session()
+    tf.keras.utils.set_random_seed(0)
+    yield
+
+
+def _inputs(shape, seed=0):
+    """Normal values with exact 0 and +-1 entries: sign(0) = +1 and |x| = c edges."""
+    x = np.random.default_rng(seed).normal(scale=1.2, size=shape).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[::7] = 0.0
+    flat[1::11] = 1.0
+    flat[2::13] = -1.0
+    return tf.constant(x)
+
+
+def _gradients(layer, x, jit=False, training=True):
+    """Output and gradients of sum(y * r) w.r.t. the input and every trainable weight."""
+    r = tf.constant(
+        np.random.default_rng(1).normal(size=layer.compute_output_shape(x.shape)), tf.float32
+    )
+
+    @tf.function(jit_compile=jit)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(y * r)
+        return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+    y, grads = step(x)
+    return [y.numpy()] + [g.numpy() for g in grads]
+
+
+def _pair(standard_cls, low_cls, input_shape, **kwargs):
+    standard = standard_cls(**kwargs)
+    standard.build(input_shape)
+    low = low_cls.from_config(standard.get_config())
+    low.build(input_shape)
+    low.set_weights(standard.get_weights())
+    return standard, low
+
+
+QUANTIZERS = [
+    ("ste_sign", "ste_sign"),
+    ("pcpp_bnn", "pcpp_bnn"),
+    ("pcpp_bc", "pcpp_bc"),
+    (lq.quantizers.SteSign(clip_value=None), "ste_sign"),
+    (lq.quantizers.SteSign(clip_value=0.5), lqp_quantizers.BNN(clip_value=0.7)),
+]
+
+
+CONVS = [
+    dict(padding="same", strides=1),
+    dict(padding="valid", strides=1),
+    dict(padding="same", strides=2),
+    dict(padding="valid", strides=2),
+    dict(padding="same", strides=1, pad_values=1.0),
+    dict(padding="same", strides=2, pad_values=-1.0),
+]
+
+
+# Every padding/stride case with larq's ste_sign, every quantizer pair on one case.
+@pytest.mark.parametrize(
+    "input_quantizer, kernel_quantizer, conv",
+    [(*QUANTIZERS[0], conv) for conv in CONVS]
+    + [(*pair, CONVS[i % 4]) for i, pair in enumerate(QUANTIZERS[1:])],
+)
+def test_conv_matches_larq(input_quantizer, kernel_quantizer, conv):
+    shape = (3, 9, 8, 8)
+    standard, low = _pair(
+        lq.layers.QuantConv2D,
+        lqp_layers.QuantConv2D,
+        shape,
+        filters=5,
+        kernel_size=3,
+        input_quantizer=input_quantizer,
+        kernel_quantizer=kernel_quantizer,
+        kernel_constraint="weight_clip",
+        bias_initializer="random_normal",
+        **conv,
+    )
+    x = _inputs(shape)
+    expected = _gradients(standard, x)
+    for got, want in zip(_gradients(low, x), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dilated_conv_matches_larq():
+    shape = (2, 9, 8, 8)
+    standard, low = _pair(
+        lq.layers.QuantConv2D,
+        lqp_layers.QuantConv2D,
+        shape,
+        filters=5,
+        kernel_size=3,
+        padding="same",
+        dilation_rate=2,
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
+        kernel_constraint="weight_clip",
+    )
+    x = _inputs(shape)
+    # Keras runs dilated convs through space_to_batch: equal up to float rounding.
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "input_quantizer, kernel_quantizer, shape",
+    [(*QUANTIZERS[0], (6, 20)), (*QUANTIZERS[1], (2, 3, 16)), (*QUANTIZERS[2], (6, 20))],
+)
+def test_dense_matches_larq(input_quantizer, kernel_quantizer, shape):
+    standard, low = _pair(
+        lq.layers.QuantDense,
+        lqp_layers.QuantDense,
+        shape,
+        units=7,
+        input_quantizer=input_quantizer,
+        kernel_quantizer=kernel_quantizer,
+        kernel_constraint="weight_clip",
+        activation="relu",
+        bias_initializer="random_normal",
+    )
+    x = _inputs(shape)
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "shape, pool, padding",
+    [
+        ((2, 8, 8, 3), (2, 2), "valid"),
+        ((2, 7, 9, 3), (2, 2), "valid"),  # rows/cols beyond the last window
+        ((2, 9, 9, 2), (3, 3), "valid"),
+        ((2, 8, 9, 2), (2, 3), "same"),
+        ((2, 6, 6, 16), (2, 2), "same"),
+    ],
+)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_matches_keras(shape, pool, padding, ties):
+    rng = np.random.default_rng(0)
+    # Ties: few distinct values, so windows hold several equal maxima.
+    values = rng.integers(0, 3, size=shape) if ties else rng.normal(size=shape)
+    x = tf.constant(values, tf.float32)
+    standard = tf.keras.layers.MaxPool2D(pool, padding=padding)
+    low = lqp_layers.MaxPool2D.from_config(standard.get_config())
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_max_pool_matches_keras_under_xla():
+    x = tf.constant(np.random.default_rng(0).integers(0, 3, size=(2, 8, 8, 4)), tf.float32)
+    standard = tf.keras.layers.MaxPool2D(2)
+    low = lqp_layers.MaxPool2D(2)
+    for got, want in zip(_gradients(low, x, jit=True), _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_conv_and_dense_under_xla():
+    shape = (2, 8, 8, 8)
+    standard, low = _pair(
+        lq.layers.QuantConv2D,
+        lqp_layers.QuantConv2D,
+        shape,
+        filters=4,
+        kernel_size=3,
+        padding="same",
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
+        kernel_constraint="weight_clip",
+    )
+    x = _inputs(shape)
+    for got, want in zip(_gradients(low, x, jit=True), _gradients(standard, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_is_the_standard_computation():
+    shape = (2, 6, 6, 8)
+    standard, low = _pair(
+        lq.layers.QuantConv2D,
+        lqp_layers.QuantConv2D,
+        shape,
+        filters=4,
+        kernel_size=3,
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
+        kernel_constraint="weight_clip",
+    )
+    x = _inputs(shape)
+    np.testing.assert_array_equal(low(x, training=False), standard(x))
+
+
+@pytest.mark.parametrize("quantizer", [None, "pcpp_pc", "ste_heaviside"])
+def test_non_binary_input_falls_back_with_one_warning(quantizer, caplog):
+    shape = (2, 6, 6, 8)
+    standard, low = _pair(
+        lq.layers.QuantConv2D,
+        lqp_layers.QuantConv2D,
+        shape,
+        filters=4,
+        kernel_size=3,
+        input_quantizer=quantizer,
+        kernel_quantizer="ste_sign",
+        kernel_constraint="weight_clip",
+        name="first_conv",
+    )
+    x = _inputs(shape)
+    with caplog.at_level(logging.WARNING, logger="larq_prox.layers.binary"):
+        got = _gradients(low, x)
+        low(x, training=True)
+    warnings = [r for r in caplog.records if "first_conv" in r.getMessage()]
+    assert len(warnings) == 1
+    for g, want in zip(got, _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.parametrize(
+    "quantizer", ["pcpp_bnn_plus", "pcpp_bnn_plus_plus", "pcpp_rpc", "approx_sign", "swish_sign"]
+)
+def test_float_magnitude_backward_is_refused(quantizer):
+    with pytest.raises(ValueError, match="pcpp_bnn.*standard layer"):
+        lqp_layers.QuantDense(4, input_quantizer=quantizer, name="dense_7")
+    with pytest.raises(ValueError, match="QuantConv2D"):
+        lqp_layers.QuantConv2D(4, 3, input_quantizer=quantizer)
+
+
+def test_overlapping_pool_falls_back(caplog):
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 7, 7, 3)), tf.float32)
+    standard = tf.keras.layers.MaxPool2D(3, strides=2)
+    low = lqp_layers.MaxPool2D(3, strides=2, name="overlap_pool")
+    with caplog.at_level(logging.WARNING, logger="larq_prox.layers.binary"):
+        got = _gradients(low, x)
+    assert any("overlap_pool" in r.getMessage() for r in caplog.records)
+    for g, want in zip(got, _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(g, want)
+
+
+def _binarynet_like(low_memory: bool):
+    conv = lqp_layers.QuantConv2D if low_memory else lq.layers.QuantConv2D
+    dense = lqp_layers.QuantDense if low_memory else lq.layers.QuantDense
+    pool = lqp_layers.MaxPool2D if low_memory else tf.keras.layers.MaxPool2D
+    binary = dict(
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
+        kernel_constraint="weight_clip",
+        use_bias=False,
+    )
+    tf.keras.utils.set_random_seed(3)
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input((8, 8, 3)),
+            lq.layers.QuantConv2D(8, 3, padding="same", kernel_quantizer="ste_sign",
+                                  kernel_constraint="weight_clip", use_bias=False),
+            tf.keras.layers.BatchNormalization(),
+            conv(8, 3, padding="same", **binary),
+            pool(2),
+            tf.keras.layers.BatchNormalization(),
+            tf.keras.layers.Flatten(),
+            dense(10, **binary),
+            tf.keras.layers.BatchNormalization(),
+            tf.keras.layers.Activation("softmax"),
+        ]
+    )
+
+
+def test_fit_trains_like_larq():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(32, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 10, size=32)
+    models = [_binarynet_like(False), _binarynet_like(True)]
+    models[1].set_weights(models[0].get_weights())
+    histories = []
+    for model in models:
+        model.compile(tf.keras.optimizers.legacy.SGD(0.1), "sparse_categorical_crossentropy")
+        histories.append(model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0))
+    np.testing.assert_allclose(
+        histories[1].history["loss"], histories[0].history["loss"], rtol=1e-5
+    )
+    for got, want in zip(models[1].get_weights(), models[0].get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_config_and_h5_round_trip(tmp_path):
+    model = _binarynet_like(True)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(4, 8, 8, 3)).astype(np.float32)
+    path = str(tmp_path / "model.h5")
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in model.layers]
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    conv = model.layers[2]
+    clone = lqp_layers.QuantConv2D.from_config(conv.get_config())
+    assert clone.get_config() == conv.get_config()
+    # The registered name does not shadow larq's own class.
+    assert tf.keras.utils.get_registered_object("QuantConv2D") is lq.layers.QuantConv2D
+
+
+def _floats_kept_for_backward(model, input_shape):
+    """Batch-sized float tensors of the forward pass that live backward ops read.
+
+    Ops are created in order, so those made by `tape.gradient` come last; a
+    backward op counts only if the returned gradients depend on it (the
+    function's dead ops are pruned before it runs).
+    """
+    marker = {}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *input_shape])])
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True))
+        marker["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
+        return tape.gradient(loss, model.trainable_weights)
+
+    graph = step.get_concrete_function().graph
+    operations = graph.get_operations()
+    forward = set(operations[: marker["forward_ops"]])
+    live, stack = set(), [t.op for t in graph.outputs]
+    while stack:
+        op = stack.pop()
+        if op not in live:
+            live.add(op)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    kept = {}
+    for op in live - forward:
+        for tensor in op.inputs:
+            batch = tensor.shape.rank and tensor.shape.rank >= 2 and tensor.shape[0] is None
+            if tensor.op in forward and tensor.dtype.is_floating and batch:
+                kept[tensor.name] = tuple(tensor.shape.as_list()[1:])
+    return kept
+
+
+def test_backward_reads_no_float_activation_but_the_image():
+    def stack(low_memory):
+        conv = lqp_layers.QuantConv2D if low_memory else lq.layers.QuantConv2D
+        pool = lqp_layers.MaxPool2D if low_memory else tf.keras.layers.MaxPool2D
+        dense = lqp_layers.QuantDense if low_memory else lq.layers.QuantDense
+        binary = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False)
+        return tf.keras.Sequential(
+            [
+                tf.keras.Input((8, 8, 3)),
+                lq.layers.QuantConv2D(8, 3, padding="same", kernel_quantizer="ste_sign",
+                                      kernel_constraint="weight_clip", use_bias=False),
+                conv(8, 3, padding="same", kernel_constraint="weight_clip", **binary),
+                pool(2),
+                conv(16, 3, strides=2, padding="same", kernel_constraint="weight_clip", **binary),
+                dense(10, kernel_constraint="weight_clip", **binary),
+            ]
+        )
+
+    # The reference (larq) keeps the activations: the check can fail.
+    standard = _floats_kept_for_backward(stack(False), (8, 8, 3))
+    assert len([s for s in standard.values() if s[-1] in (8, 16)]) >= 3
+    low = _floats_kept_for_backward(stack(True), (8, 8, 3))
+    # What remains: the float image (the first layer's input, by design) and the
+    # model output, whose shape the loss gradient reads (10 channels).
+    assert set(low.values()) <= {(8, 8, 3), (2, 2, 10)}, low
