@@ -37,26 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def available(module: str, name: str) -> bool:
-    try:
-        return hasattr(getattr(lqp, module), name)
-    except (AttributeError, ImportError):
-        return False
-
-
-def proposed_pieces():
-    """The larq-prox pieces of the proposed scheme, or a fallback with a notice."""
-    missing = [
-        name for module, name in (("layers", "BinaryBatchNorm"), ("optimizers", "BinaryGradient"))
-        if not available(module, name)
-    ]
-    if missing:
-        print(f"NOTICE: {', '.join(missing)} not available in this larq-prox: falling back "
-              "to standard BatchNormalization and plain Adam.")
-        return "standard", False
-    return "proposed", True
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -67,25 +47,19 @@ def main(argv=None) -> int:
                          max_examples=subset, manual_dir=args.manual_dir, data_dir=args.data_dir)
     spec = lqp.data.info("fashion_mnist")
 
-    batch_norm, binary_gradient = proposed_pieces()
     model = lqp.models.mlp(kernel_quantizer=args.kernel_quantizer,
-                           input_quantizer=args.input_quantizer, batch_norm=batch_norm,
-                           input_shape=spec.shape, num_classes=spec.num_classes)
-    optimizer = tf.keras.optimizers.legacy.Adam(args.learning_rate)
-    if binary_gradient:
-        optimizer = lqp.optimizers.BinaryGradient(optimizer)
+                           input_quantizer=args.input_quantizer, batch_norm="proposed",
+                           low_memory=True, input_shape=spec.shape,
+                           num_classes=spec.num_classes)
+    optimizer = lqp.optimizers.BinaryGradient(tf.keras.optimizers.legacy.Adam(args.learning_rate))
     model.compile(optimizer, "sparse_categorical_crossentropy", ["accuracy"])
 
-    callbacks, memory = [], None
     plot_path = os.path.join(args.out, "memory.png")
-    if available("callbacks", "MemoryModel"):
-        memory = lqp.callbacks.MemoryModel(batch_size=args.batch_size, plot_path=plot_path,
-                                           verbose=0)
-        callbacks.append(memory)
-    else:
-        print("NOTICE: MemoryModel callback not available in this larq-prox: no memory table.")
+    memory = lqp.callbacks.MemoryModel(batch_size=args.batch_size, plot_path=plot_path, verbose=0)
+    callbacks = [memory]
 
-    print(f"Training the binary MLP ({batch_norm} BN, {args.kernel_quantizer}/"
+    print(f"Training the binary MLP (BinaryBatchNorm proposed, low-memory layers, "
+          f"BinaryGradient(Adam), {args.kernel_quantizer}/"
           f"{args.input_quantizer}) on {subset or 60000} Fashion-MNIST images, "
           f"{args.epochs} epochs")
     start = time.perf_counter()
@@ -94,12 +68,14 @@ def main(argv=None) -> int:
     _, accuracy = model.evaluate(test, verbose=0)
     print(f"\nTest accuracy: {100 * accuracy:.2f}% ({seconds:.0f} s of training)")
 
-    if memory is not None and getattr(memory, "reports", None):
-        for name, report in memory.reports.items():
-            print(f"\nModeled training memory, scheme {name!r} (batch {args.batch_size}):")
-            print(report.table())
-        if os.path.exists(plot_path):
-            print(f"\nMemory plot: {os.path.abspath(plot_path)}")
+    for name, report in memory.reports.items():
+        print(f"\nModeled training memory, scheme {name!r} (batch {args.batch_size}):")
+        print(report.table())
+    peaks = memory.peaks
+    if peaks:
+        print(f"\nMeasured peak memory per epoch ({memory.memory_source}): "
+              + ", ".join(f"{p:.0f} MiB" for p in peaks))
+    print(f"\nMemory plot: {os.path.abspath(plot_path)}")
     return 0
 
 

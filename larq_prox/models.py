@@ -163,9 +163,10 @@ class _Builder:
             self.shape = (self.shape[0] - 2, self.shape[1] - 2, filters)
         else:
             self.shape = (self.shape[0], self.shape[1], filters)
-        self.layers.append(
-            self.conv_cls(filters, 3, padding=padding, name=f"conv{index}", **self._quantizers())
-        )
+        kwargs = self._quantizers()
+        # The first layer sees the float image: nothing to bit-pack, so larq's layer.
+        cls = lq.layers.QuantConv2D if kwargs["input_quantizer"] is None else self.conv_cls
+        self.layers.append(cls(filters, 3, padding=padding, name=f"conv{index}", **kwargs))
 
     def max_pool(self) -> None:
         if min(self.shape[:2]) < 2:
@@ -179,7 +180,9 @@ class _Builder:
             self.layers.append(tf.keras.layers.Flatten(name="flatten"))
             self.shape = (int(np.prod(self.shape)),)
         self.shape = (units,)
-        self.layers.append(self.dense_cls(units, name=f"dense{index}", **self._quantizers()))
+        kwargs = self._quantizers()
+        cls = lq.layers.QuantDense if kwargs["input_quantizer"] is None else self.dense_cls
+        self.layers.append(cls(units, name=f"dense{index}", **kwargs))
 
     def norm(self) -> None:
         self.layers.append(

@@ -74,8 +74,6 @@ def trained_standard():
     "batch_norm", ["standard", pytest.param("proposed", marks=pytest.mark.slow)]
 )
 def test_every_pair_exports_to_bconv_with_parity(tmp_path, batch_norm, request):
-    if batch_norm != "standard" and not hasattr(lqp.layers, "BinaryBatchNorm"):
-        pytest.skip("larq_prox.layers.BinaryBatchNorm not available yet")
     if batch_norm == "standard":
         model, x = request.getfixturevalue("trained_standard")
     else:
@@ -114,8 +112,6 @@ def test_inference_copy_matches_hard_keras(trained_standard):
 
 
 def test_binary_batch_norm_becomes_affine():
-    if not hasattr(lqp.layers, "BinaryBatchNorm"):
-        pytest.skip("larq_prox.layers.BinaryBatchNorm not available yet")
     mlp = lqp.models.mlp(batch_norm="proposed", input_shape=(4, 4, 1), hidden_units=8)
     model, x = _trained(mlp)
     copy, _ = export.inference_model(model)
@@ -125,8 +121,6 @@ def test_binary_batch_norm_becomes_affine():
 
 
 def test_low_memory_layers_become_larq_layers():
-    if not all(hasattr(lqp.layers, n) for n in ("QuantConv2D", "QuantDense", "MaxPool2D")):
-        pytest.skip("larq_prox.layers low-memory layers not available yet")
     cnv = lqp.models.cnv(low_memory=True, input_shape=(32, 32, 1))
     model, x = _trained(cnv)
     copy, _ = export.inference_model(model)

@@ -10,15 +10,6 @@ import tensorflow as tf
 from larq_prox import models
 
 
-def _has(name: str) -> bool:
-    return hasattr(lqp.layers, name)
-
-
-def _needs_bn(batch_norm: str) -> None:
-    if batch_norm != "standard" and not _has("BinaryBatchNorm"):
-        pytest.skip("larq_prox.layers.BinaryBatchNorm not available yet")
-
-
 def _weight_layers(model):
     return [l for l in model.layers if isinstance(l, (lq.layers.QuantConv2D, lq.layers.QuantDense))]
 
@@ -93,23 +84,20 @@ def test_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize("batch_norm", ["l1", "proposed"])
 def test_binary_batch_norm_kinds(batch_norm):
-    if not _has("BinaryBatchNorm"):
-        with pytest.raises(ImportError, match="BinaryBatchNorm"):
-            models.mlp(batch_norm=batch_norm)
-        pytest.skip("larq_prox.layers.BinaryBatchNorm not available yet")
     model = models.mlp(batch_norm=batch_norm)
     bns = [l for l in model.layers if type(l).__name__ == "BinaryBatchNorm"]
     assert len(bns) == 5 and all(l.mode == batch_norm for l in bns)
 
 
 def test_low_memory_layers():
-    if not all(_has(n) for n in ("QuantConv2D", "QuantDense", "MaxPool2D")):
-        with pytest.raises(ImportError, match="low_memory"):
-            models.cnv(low_memory=True)
-        pytest.skip("larq_prox.layers low-memory layers not available yet")
     model = models.cnv(low_memory=True)
-    names = {type(l).__module__ for l in _weight_layers(model)}
-    assert names and all(n.startswith("larq_prox") for n in names)
+    first, *rest = _weight_layers(model)
+    # The first layer sees the float image and stays larq's; every other weight
+    # layer and every pool is the bit-packing one.
+    assert type(first) is lq.layers.QuantConv2D
+    assert rest and all(isinstance(l, (lqp.layers.QuantConv2D, lqp.layers.QuantDense)) for l in rest)
+    pools = [l for l in model.layers if isinstance(l, tf.keras.layers.MaxPool2D)]
+    assert pools and all(isinstance(l, lqp.layers.MaxPool2D) for l in pools)
 
 
 def test_mlp_trains():
@@ -197,7 +185,6 @@ def test_convert_bad_input():
 
 @pytest.mark.parametrize("batch_norm", ["l1", "proposed"])
 def test_convert_batch_norm(batch_norm):
-    _needs_bn(batch_norm)
     model, x = _trained_cnv()
     new = models.convert(model, batch_norm=batch_norm)
     bns = [l for l in new.layers if type(l).__name__ == "BinaryBatchNorm"]
@@ -210,7 +197,6 @@ def test_convert_batch_norm(batch_norm):
 
 
 def test_convert_lists_what_it_cannot_convert():
-    _needs_bn("proposed")
     model = tf.keras.Sequential([
         tf.keras.Input((4, 4, 2)),
         tf.keras.layers.BatchNormalization(axis=1),
