@@ -11,7 +11,7 @@ Annealing (QuantizerSchedule, per epoch): BNN+ and BNN++ beta 1 -> 10
 (geometric); PC varrho 1 -> 0 (linear, so F is sign in the last epoch); rPC rho
 0.2 -> 0 (linear).
 
-    python benchmarks/accuracy.py                       # the committed grid
+    python benchmarks/accuracy.py --models mlp          # the committed MLP grid
     python benchmarks/accuracy.py --models mlp --seeds 1 --epochs 2 --train-examples 5000
 
 Writes benchmarks/results/accuracy.json, accuracy.md and accuracy.png.
@@ -56,23 +56,38 @@ def _data(model_name: str, args):
 
 
 def _build(model_name: str, pair: str, setup: str):
+    """The model and whether it uses the low-memory layers.
+
+    A pair whose training forward is not sign (PC, BNN++) or whose backward needs
+    the activation's magnitude (BNN+) cannot run in the bit-packing layers: for
+    those the proposed setup keeps larq's layers (BinaryBatchNorm and
+    BinaryGradient still apply) and the run records `low_memory: false`.
+    """
     proposed = setup == "proposed"
     builder = {"mlp": lqp.models.mlp, "cnv": lqp.models.cnv}[model_name]
     shape = (28, 28, 1) if model_name == "mlp" else (32, 32, 1)
-    model = builder(kernel_quantizer=pair, input_quantizer=pair,
-                    batch_norm="proposed" if proposed else "standard",
-                    low_memory=proposed, input_shape=shape, num_classes=10)
+    kwargs = dict(kernel_quantizer=pair, input_quantizer=pair, input_shape=shape, num_classes=10,
+                  batch_norm="proposed" if proposed else "standard")
+    low_memory = proposed
+    try:
+        model = builder(low_memory=low_memory, **kwargs)
+    except ValueError as error:
+        if not proposed:
+            raise
+        print(f"  ({pair}: no low-memory layers: {str(error).split('.')[0]})")
+        low_memory = False
+        model = builder(low_memory=False, **kwargs)
     adam = tf.keras.optimizers.legacy.Adam(1e-3)
     optimizer = lqp.optimizers.BinaryGradient(adam) if proposed else adam
     model.compile(optimizer, "sparse_categorical_crossentropy", ["accuracy"])
-    return model
+    return model, low_memory
 
 
 def run_one(model_name: str, pair: str, setup: str, seed: int, args) -> dict:
     tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(seed)
     train, test = _data(model_name, args)
-    model = _build(model_name, pair, setup)
+    model, low_memory = _build(model_name, pair, setup)
     callbacks = [lqp.callbacks.QuantizerSchedule(p, a, b, schedule=s)
                  for p, a, b, s in SCHEDULES.get(pair, [])]
     start = time.perf_counter()
@@ -83,6 +98,7 @@ def run_one(model_name: str, pair: str, setup: str, seed: int, args) -> dict:
     print(f"{model_name:4s} {pair:20s} {setup:9s} seed {seed}: test accuracy "
           f"{' '.join(f'{a:.4f}' for a in accuracy)}  ({seconds:.0f} s)", flush=True)
     return {"model": model_name, "pair": pair, "setup": setup, "seed": seed,
+            "low_memory": low_memory,
             "val_accuracy": accuracy, "train_accuracy": [float(a) for a in history.history["accuracy"]],
             "seconds": seconds}
 
@@ -97,15 +113,22 @@ def summarize(runs: list[dict]) -> dict:
 
 def write_markdown(runs: list[dict], args, path: pathlib.Path) -> None:
     summary = summarize(runs)
+    low_memory = {(r["model"], r["pair"]): r.get("low_memory", False)
+                  for r in runs if r["setup"] == "proposed"}
     lines = [
         "# Accuracy: standard vs proposed training (real Fashion-MNIST)",
         "",
-        f"Budget: {args.epochs} epochs, {args.train_examples} training and {args.test_examples} "
-        f"test examples, batch {args.batch_size}, Adam 1e-3, {args.seeds} seeds; test accuracy "
-        "after the last epoch, mean +- std over seeds. Produced by `python benchmarks/accuracy.py`.",
+        f"Test accuracy on {args.test_examples} test images after the last epoch, mean +- std "
+        f"over {args.seeds} seeds; batch {args.batch_size}, Adam 1e-3. Budgets per model: "
+        + "; ".join(sorted({f"{r['model']}: {r['epochs']} epochs on {r['train_examples']} "
+                            "training images" for r in runs}))
+        + ". Command: `python benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`. "
+        "'low-memory layers' says whether the proposed runs used the bit-packing layers "
+        "(pairs whose forward is not sign or whose backward needs float magnitudes use "
+        "larq's layers, with BinaryBatchNorm and BinaryGradient).",
         "",
-        "| model | pair | standard | proposed | proposed - standard (pp) |",
-        "|---|---|---|---|---|",
+        "| model | pair | standard | proposed | proposed - standard (pp) | low-memory layers |",
+        "|---|---|---|---|---|---|",
     ]
     for model_name in args.models:
         for pair in args.pairs:
@@ -115,7 +138,8 @@ def write_markdown(runs: list[dict], args, path: pathlib.Path) -> None:
                 continue
             lines.append(
                 f"| {model_name} | {pair} | {100 * std[0]:.2f} +- {100 * std[1]:.2f} | "
-                f"{100 * prop[0]:.2f} +- {100 * prop[1]:.2f} | {100 * (prop[0] - std[0]):+.2f} |"
+                f"{100 * prop[0]:.2f} +- {100 * prop[1]:.2f} | {100 * (prop[0] - std[0]):+.2f} | "
+                f"{'yes' if low_memory[(model_name, pair)] else 'no'} |"
             )
     path.write_text("\n".join(lines) + "\n")
 
@@ -156,10 +180,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", default=",".join(PAIRS), type=lambda s: s.split(","))
     parser.add_argument("--setups", default="standard,proposed", type=lambda s: s.split(","))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--cnv-epochs", type=int, default=None,
                         help="epochs for CNV (default: --epochs)")
-    parser.add_argument("--train-examples", type=int, default=60000)
+    parser.add_argument("--train-examples", type=int, default=10000)
     parser.add_argument("--cnv-train-examples", type=int, default=None,
                         help="training examples for CNV (default: --train-examples)")
     parser.add_argument("--test-examples", type=int, default=10000)
@@ -170,6 +194,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown pairs {unknown}; choose from {PAIRS}")
 
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"tensorflow": tf.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "args": vars(args)}
     runs = []
     for model_name in args.models:
         run_args = argparse.Namespace(**vars(args))
@@ -182,12 +210,9 @@ def main(argv=None) -> int:
                     runs.append(dict(run_one(model_name, pair, setup, seed, run_args),
                                      epochs=run_args.epochs,
                                      train_examples=run_args.train_examples))
+                    # Written after every run, so an interrupted grid keeps what it measured.
+                    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
 
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"tensorflow": tf.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "args": vars(args)}
-    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     write_markdown(runs, args, out.with_suffix(".md"))
     plot(runs, args, out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
