@@ -62,6 +62,8 @@ QUANTIZERS = [
     ("pcpp_bc", "pcpp_bc"),
     (lq.quantizers.SteSign(clip_value=None), "ste_sign"),
     (lq.quantizers.SteSign(clip_value=0.5), lqp_quantizers.BNN(clip_value=0.7)),
+    ("ste_sign", None),  # float kernel: kept as it is
+    ("pcpp_bnn", "magnitude_aware_sign"),  # a non-sign kernel quantizer stays larq's
 ]
 
 
@@ -123,7 +125,12 @@ def test_dilated_conv_matches_larq():
 
 @pytest.mark.parametrize(
     "input_quantizer, kernel_quantizer, shape",
-    [(*QUANTIZERS[0], (6, 20)), (*QUANTIZERS[1], (2, 3, 16)), (*QUANTIZERS[2], (6, 20))],
+    [
+        (*QUANTIZERS[0], (6, 20)),
+        (*QUANTIZERS[1], (2, 3, 16)),
+        (*QUANTIZERS[2], (6, 20)),
+        (*QUANTIZERS[5], (6, 20)),
+    ],
 )
 def test_dense_matches_larq(input_quantizer, kernel_quantizer, shape):
     standard, low = _pair(

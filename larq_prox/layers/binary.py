@@ -199,6 +199,30 @@ def _binarize_and_pack(x: tf.Tensor, clip_value):
     return signs, packed_signs, packed_mask
 
 
+def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
+    """A function of the gate (dy) giving back the kernel in the backward pass.
+
+    A +-1 kernel is kept as sign bits: all binary kernels of a BinaryNet
+    together are as large as its largest activation, and closing over them
+    would keep every one alive from its forward use to its backward use.
+    """
+    if not binary_kernel:
+
+        def gated(gate):
+            with tf.control_dependencies([gate]):
+                return tf.identity(kernel)
+
+        return gated
+    packed = bitpack.pack_signs(kernel)
+    shape, dtype = kernel.shape.as_list(), kernel.dtype
+
+    def restore(gate):
+        with tf.control_dependencies([gate]):
+            return bitpack.unpack_signs(packed, shape, dtype)
+
+    return restore
+
+
 def binary_conv2d(
     x: tf.Tensor,
     kernel: tf.Tensor,
@@ -207,13 +231,15 @@ def binary_conv2d(
     dilations=(1, 1),
     clip_value: float | None = None,
     pad_values: float = 0.0,
+    binary_kernel: bool = False,
 ) -> tf.Tensor:
     r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
 
     dkernel = `conv2d_backprop_filter(sign(x), dy)`; dx = \(1\{|x| \le c\}\) *
     `conv2d_backprop_input(kernel, dy)` (no mask when `clip_value` is None).
     `pad_values` is the value of the padded border of sign(x) for
-    `padding="SAME"` (larq's `pad_values`).
+    `padding="SAME"` (larq's `pad_values`). `binary_kernel=True` promises a
+    +-1 kernel, which the backward then keeps as bits too.
 
     ```python
     y = binary_conv2d(x, w, padding="SAME", clip_value=1.0)   # = conv(ste_sign(x), w)
@@ -237,6 +263,8 @@ def binary_conv2d(
         shape = tf.shape(x)
         signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
         outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
+        kernel_shape = tf.shape(kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel)
 
         def grad(dy):
             # Gating on dy keeps the unpacked floats out of the forward pass;
@@ -244,13 +272,12 @@ def binary_conv2d(
             with tf.control_dependencies([dy]):
                 signs = _padded(bitpack.unpack_signs(packed_signs, shape, dy.dtype))
             dkernel = tf.compat.v1.nn.conv2d_backprop_filter(
-                signs, tf.shape(kernel), dy, strides, padding, dilations=dilations
+                signs, kernel_shape, dy, strides, padding, dilations=dilations
             )
-            with tf.control_dependencies([dkernel]):
-                padded_shape = shape if explicit is None else tf.shape(signs)
-                dx = tf.compat.v1.nn.conv2d_backprop_input(
-                    padded_shape, kernel, dy, strides, padding, dilations=dilations
-                )
+            padded_shape = shape if explicit is None else tf.shape(signs)
+            dx = tf.compat.v1.nn.conv2d_backprop_input(
+                padded_shape, kept_kernel(dkernel), dy, strides, padding, dilations=dilations
+            )
             if explicit is not None:
                 dx = tf.slice(dx, [p[0] for p in explicit], shape)
             return _straight_through(dx, packed_mask), dkernel
@@ -275,7 +302,9 @@ def _same_padding(x, kernel, strides, dilations):
     return pads
 
 
-def binary_dense(x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = None) -> tf.Tensor:
+def binary_dense(
+    x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = None, binary_kernel: bool = False
+) -> tf.Tensor:
     r"""`matmul(sign(x), kernel)` for 2-D x whose gradient keeps only the bits of x.
 
     ```python
@@ -288,13 +317,13 @@ def binary_dense(x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = Non
         shape = tf.shape(x)
         signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
         outputs = tf.matmul(signs, kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel)
 
         def grad(dy):
             with tf.control_dependencies([dy]):
                 signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
-            with tf.control_dependencies([dkernel]):
-                dx = tf.matmul(dy, kernel, transpose_b=True)
+            dx = tf.matmul(dy, kept_kernel(dkernel), transpose_b=True)
             return _straight_through(dx, packed_mask), dkernel
 
         return outputs, grad
@@ -393,6 +422,10 @@ class _LowMemoryKernel(_WarnOnce):
             return quantizer
         return _KernelSign(*pair)
 
+    @property
+    def _binary_kernel(self) -> bool:
+        return isinstance(getattr(self.kernel, "quantizer", None), _KernelSign)
+
     def _quantized_kernel(self) -> tf.Tensor:
         with context.quantized_scope(True):
             return tf.convert_to_tensor(self.kernel)
@@ -447,6 +480,7 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
                 dilations=self.dilation_rate,
                 clip_value=self._binarization[0],
                 pad_values=self.pad_values,
+                binary_kernel=self._binary_kernel,
             )
             return self._finish(outputs)
 
@@ -479,11 +513,11 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
 
         def low_memory():
             kernel = self._quantized_kernel()
-            clip_value = self._binarization[0]
+            options = dict(clip_value=self._binarization[0], binary_kernel=self._binary_kernel)
             if inputs.shape.rank == 2:
-                return self._finish(binary_dense(inputs, kernel, clip_value=clip_value))
+                return self._finish(binary_dense(inputs, kernel, **options))
             flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
-            outputs = binary_dense(flat, kernel, clip_value=clip_value)
+            outputs = binary_dense(flat, kernel, **options)
             shape = tf.concat([tf.shape(inputs)[:-1], [self.units]], 0)
             return self._finish(tf.reshape(outputs, shape))
 
