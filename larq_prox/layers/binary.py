@@ -15,8 +15,11 @@ backward pass, only
 - max pool: one bit per input element marking the window's first maximum
   (row-major, the element TF's `MaxPoolGrad` routes the gradient to).
 
-Gradients equal those of the standard layers exactly. Supported input
-quantizers (their forward is the hard sign while training):
+Gradients equal those of the standard layers: bit for bit for dense, max
+pool and conv with `backward_chunks=1`, up to float rounding with the default
+`backward_chunks=4` (the conv backward in 4 batch chunks, which bounds its
+unpacked signs and TF's conv scratch buffers). Supported input quantizers
+(their forward is the hard sign while training):
 
 | input quantizer | bits kept per element |
 |---|---|
@@ -232,6 +235,7 @@ def binary_conv2d(
     clip_value: float | None = None,
     pad_values: float = 0.0,
     binary_kernel: bool = False,
+    chunks: int = 1,
 ) -> tf.Tensor:
     r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
 
@@ -239,7 +243,9 @@ def binary_conv2d(
     `conv2d_backprop_input(kernel, dy)` (no mask when `clip_value` is None).
     `pad_values` is the value of the padded border of sign(x) for
     `padding="SAME"` (larq's `pad_values`). `binary_kernel=True` promises a
-    +-1 kernel, which the backward then keeps as bits too.
+    +-1 kernel, which the backward then keeps as bits too. `chunks > 1` runs
+    the backward in that many batch chunks (less memory; the gradients then
+    equal the one-chunk ones up to float rounding).
 
     ```python
     y = binary_conv2d(x, w, padding="SAME", clip_value=1.0)   # = conv(ste_sign(x), w)
@@ -266,21 +272,51 @@ def binary_conv2d(
         kernel_shape = tf.shape(kernel)
         kept_kernel = _kept_kernel(kernel, binary_kernel)
 
+        per_sample = x.shape[1:].num_elements()
+        k = chunks if per_sample is not None and per_sample % 8 == 0 else 1
+        bytes_per_sample = (per_sample or 0) // 8
+        bounds = [shape[0] * i // k for i in range(k + 1)]
+        border = tf.constant([0, 0, 0, 0])
+        if explicit is not None:
+            border = tf.stack([0, explicit[1][0] + explicit[1][1], explicit[2][0] + explicit[2][1], 0])
+
+        def part(tensor, i, per_row=1):
+            if k == 1:
+                return tensor
+            return tensor[bounds[i] * per_row : bounds[i + 1] * per_row]
+
         def grad(dy):
-            # Gating on dy keeps the unpacked floats out of the forward pass;
-            # dkernel first, so the signs are freed before dx is allocated.
-            with tf.control_dependencies([dy]):
-                signs = _padded(bitpack.unpack_signs(packed_signs, shape, dy.dtype))
-            dkernel = tf.compat.v1.nn.conv2d_backprop_filter(
-                signs, kernel_shape, dy, strides, padding, dilations=dilations
-            )
-            padded_shape = shape if explicit is None else tf.shape(signs)
-            dx = tf.compat.v1.nn.conv2d_backprop_input(
-                padded_shape, kept_kernel(dkernel), dy, strides, padding, dilations=dilations
-            )
-            if explicit is not None:
-                dx = tf.slice(dx, [p[0] for p in explicit], shape)
-            return _straight_through(dx, packed_mask), dkernel
+            # Every backward op waits for the previous one (starting from dy):
+            # graph mode would otherwise unpack during the forward pass, or run
+            # the chunks side by side. Chunks over the batch bound the
+            # unpacked signs and the conv kernels' scratch to 1/k of an
+            # activation; dkernel then sums k partial products.
+            gate, dkernel = dy, None
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    bits = part(packed_signs, i, bytes_per_sample)
+                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype))
+                partial = tf.compat.v1.nn.conv2d_backprop_filter(
+                    signs, kernel_shape, part(dy, i), strides, padding, dilations=dilations
+                )
+                dkernel = partial if dkernel is None else dkernel + partial
+                gate = dkernel
+            restored = kept_kernel(dkernel)
+            dxs = []
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    dx = tf.compat.v1.nn.conv2d_backprop_input(
+                        rows + border, restored, part(dy, i), strides, padding,
+                        dilations=dilations,
+                    )
+                if explicit is not None:
+                    dx = tf.slice(dx, [p[0] for p in explicit], rows)
+                mask = None if packed_mask is None else part(packed_mask, i, bytes_per_sample)
+                dxs.append(_straight_through(dx, mask))
+                gate = dxs[-1]
+            return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
 
         return outputs, grad
 
@@ -447,6 +483,13 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
     'same'/'valid', strides, dilation, `pad_values`, bias, activation,
     channels_last, groups=1.
 
+    `backward_chunks` (only argument beyond larq's): the backward pass runs in
+    that many batch chunks, one after the other, which bounds the unpacked
+    signs and the conv kernels' scratch buffers to a fraction of an activation.
+    The gradients equal larq's up to float rounding (dkernel sums the chunks'
+    partial products; TF picks conv kernels by batch size);
+    `backward_chunks=1` gives larq's gradients bit for bit.
+
     ```python
     layer = lqp.layers.QuantConv2D(128, 3, padding="same", input_quantizer="ste_sign",
                                    kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
@@ -455,7 +498,10 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
 
     _standard_name = "QuantConv2D"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, backward_chunks: int = 4, **kwargs):
+        if not isinstance(backward_chunks, int) or backward_chunks < 1:
+            raise ValueError(f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}.")
+        self.backward_chunks = backward_chunks
         super().__init__(*args, **kwargs)
         self._init_low_memory()
         if self._reason is None:
@@ -481,10 +527,14 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
                 clip_value=self._binarization[0],
                 pad_values=self.pad_values,
                 binary_kernel=self._binary_kernel,
+                chunks=self.backward_chunks,
             )
             return self._finish(outputs)
 
         return _low_memory_if_training(training, low_memory, lambda: super(QuantConv2D, self).call(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "backward_chunks": self.backward_chunks}
 
 
 @_register
