@@ -165,7 +165,11 @@ class _KernelSign:
             def grad(dy):
                 if clip_value is None:
                     return dy
-                return dy * tf.cast(tf.abs(kernel) <= clip_value, dy.dtype)
+                # Gated on dy: else graph mode computes every kernel's mask
+                # at the start of the step and keeps them all until the end.
+                with tf.control_dependencies([dy]):
+                    inside = tf.logical_and(kernel <= clip_value, kernel >= -clip_value)
+                return tf.where(inside, dy, tf.constant(0, dy.dtype))
 
             return _sign(kernel), grad
 
@@ -278,7 +282,8 @@ def binary_conv2d(
         bounds = [shape[0] * i // k for i in range(k + 1)]
         border = tf.constant([0, 0, 0, 0])
         if explicit is not None:
-            border = tf.stack([0, explicit[1][0] + explicit[1][1], explicit[2][0] + explicit[2][1], 0])
+            rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
+            border = tf.stack([0, rows_added, cols_added, 0])
 
         def part(tensor, i, per_row=1):
             if k == 1:
@@ -356,10 +361,12 @@ def binary_dense(
         kept_kernel = _kept_kernel(kernel, binary_kernel)
 
         def grad(dy):
-            with tf.control_dependencies([dy]):
+            # dx first: the restored kernel (the large tensor of a dense layer)
+            # is freed before dkernel, of the same size, is allocated.
+            dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
+            with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
-            dx = tf.matmul(dy, kept_kernel(dkernel), transpose_b=True)
             return _straight_through(dx, packed_mask), dkernel
 
         return outputs, grad
@@ -449,7 +456,10 @@ class _LowMemoryKernel(_WarnOnce):
         )
         self._reason = None
         if self._binarization is None:
-            self._reason = f"its input quantizer {self.input_quantizer!r} is not a binary sign pair"
+            self._reason = (
+                f"its input quantizer {self.input_quantizer!r} is not a sign pair with a "
+                "1-bit backward (or it carries metrics)"
+            )
 
     def _get_quantizer(self, name):
         quantizer = super()._get_quantizer(name)
@@ -462,8 +472,10 @@ class _LowMemoryKernel(_WarnOnce):
     def _binary_kernel(self) -> bool:
         return isinstance(getattr(self.kernel, "quantizer", None), _KernelSign)
 
-    def _quantized_kernel(self) -> tf.Tensor:
-        with context.quantized_scope(True):
+    def _quantized_kernel(self, inputs: tf.Tensor) -> tf.Tensor:
+        # Quantize when the input arrives: graph mode would otherwise compute
+        # every layer's sign(kernel) at the start of the step, all alive at once.
+        with tf.control_dependencies([inputs]), context.quantized_scope(True):
             return tf.convert_to_tensor(self.kernel)
 
     def _finish(self, outputs: tf.Tensor) -> tf.Tensor:
@@ -500,7 +512,9 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
 
     def __init__(self, *args, backward_chunks: int = 4, **kwargs):
         if not isinstance(backward_chunks, int) or backward_chunks < 1:
-            raise ValueError(f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}.")
+            raise ValueError(
+                f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}."
+            )
         self.backward_chunks = backward_chunks
         super().__init__(*args, **kwargs)
         self._init_low_memory()
@@ -520,7 +534,7 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
         def low_memory():
             outputs = binary_conv2d(
                 inputs,
-                self._quantized_kernel(),
+                self._quantized_kernel(inputs),
                 strides=self.strides,
                 padding=self.padding,
                 dilations=self.dilation_rate,
@@ -531,7 +545,10 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
             )
             return self._finish(outputs)
 
-        return _low_memory_if_training(training, low_memory, lambda: super(QuantConv2D, self).call(inputs))
+        def standard():
+            return super(QuantConv2D, self).call(inputs)
+
+        return _low_memory_if_training(training, low_memory, standard)
 
     def get_config(self):
         return {**super().get_config(), "backward_chunks": self.backward_chunks}
@@ -562,7 +579,7 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
             return super().call(inputs)
 
         def low_memory():
-            kernel = self._quantized_kernel()
+            kernel = self._quantized_kernel(inputs)
             options = dict(clip_value=self._binarization[0], binary_kernel=self._binary_kernel)
             if inputs.shape.rank == 2:
                 return self._finish(binary_dense(inputs, kernel, **options))
@@ -571,7 +588,10 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
             shape = tf.concat([tf.shape(inputs)[:-1], [self.units]], 0)
             return self._finish(tf.reshape(outputs, shape))
 
-        return _low_memory_if_training(training, low_memory, lambda: super(QuantDense, self).call(inputs))
+        def standard():
+            return super(QuantDense, self).call(inputs)
+
+        return _low_memory_if_training(training, low_memory, standard)
 
 
 @_register
