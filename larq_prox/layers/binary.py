@@ -36,8 +36,16 @@ standard layer computes, with a one-time warning naming the layer. The
 low-memory op runs only with `training=True` (as in `model.fit`); inference
 is the standard computation.
 
+Kernel side: larq's QuantizedVariable mechanism stays. A sign kernel
+quantizer (`ste_sign`, `pcpp_bc`, `pcpp_bnn`, without metrics) is applied
+through an equivalent pair without `zeros_like`/`ones_like` (TF folds those
+into resident kernel-sized constants), quantized only when the layer's input
+arrives, and its +-1 values are kept as bits for the backward pass as well.
+
 The saving is real only inside a `tf.function` (the train step of
 `model.fit`): eager execution keeps every op's output alive on the tape.
+Classes are registered as "larq_prox>QuantConv2D" etc., so larq's own
+"QuantConv2D" keeps its name in Keras' registry.
 
 ```python
 import larq_prox as lqp
