@@ -8,8 +8,8 @@ get_memory_info("CPU:0")` reports current and peak bytes; the process's peak
 RSS is the cross-check. Configurations alternate within each repetition, so
 the step-time ratios compare runs made under the same machine load.
 
-    python benchmarks/memory_measured.py           # about 6 minutes on 2 idle cores
-    python benchmarks/memory_measured.py --quick   # about 3 minutes
+    python benchmarks/memory_measured.py           # ~9 minutes on 2 busy cores
+    python benchmarks/memory_measured.py --quick   # ~5 minutes
 
 Configurations:
 - standard: larq QuantConv2D / QuantDense (ste_sign input and kernel),
@@ -17,7 +17,13 @@ Configurations:
 - lowmem_layers: larq_prox.layers QuantConv2D / QuantDense / MaxPool2D, the
   same BatchNormalization.
 - lowmem_full: as lowmem_layers with larq_prox BinaryBatchNorm(mode="proposed")
-  and the BinaryGradient optimizer wrapper, when those modules are importable.
+  and the BinaryGradient optimizer wrapper, when those modules are importable
+  (the JSON's `binary_batch_norm_source` is the sha1 of their sources).
+
+The batch sweep runs standard and the low-memory configuration with the lower
+peak; a line through its points predicts the largest batch within standard's
+batch-100 peak, and one more run at that batch (rounded down to 50) checks it.
+Peaks vary by a few percent between runs: TF's executor order varies.
 
 Writes benchmarks/results/memory_measured.json and memory_measured.png.
 """
@@ -328,8 +334,8 @@ def batch_sweep(main_runs: dict, configs, quick: bool, budget: float) -> dict:
     the measured points predicts the largest batch within the budget; one
     more run at that batch (rounded down to a multiple of 50) checks it.
     """
-    sizes = {"standard": () if quick else (50, 200)}
-    low_sizes = (200, 400) if quick else (50, 200, 400)
+    sizes = {"standard": () if quick else (200,)}
+    low_sizes = (200, 400)
     sweep = {}
     for config in configs:
         points = [{"batch_size": 100, "peak_mib": summarize(main_runs[config])["peak_bytes"],

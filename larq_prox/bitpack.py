@@ -54,7 +54,8 @@ def pack_bits(mask: tf.Tensor) -> tf.Tensor:
     # One uint64 multiply per 8 elements: 4-5x faster than a weighted reduce_sum.
     # The bitcast reads the 8 bytes little-endian (x86, ARM: every TF host).
     words = tf.bitcast(tf.reshape(bits, [-1, 8]), tf.uint64)
-    top = tf.bitwise.right_shift(words * tf.constant(_GATHER, tf.uint64), tf.constant(56, tf.uint64))
+    gathered = words * tf.constant(_GATHER, tf.uint64)
+    top = tf.bitwise.right_shift(gathered, tf.constant(56, tf.uint64))
     return tf.cast(top, tf.uint8)
 
 

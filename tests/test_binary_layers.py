@@ -47,10 +47,14 @@ def _gradients(layer, x, jit=False, training=True):
     return [y.numpy()] + [g.numpy() for g in grads]
 
 
-def _pair(standard_cls, low_cls, input_shape, **kwargs):
+def _pair(standard_cls, low_cls, input_shape, chunks=1, **kwargs):
     standard = standard_cls(**kwargs)
     standard.build(input_shape)
-    low = low_cls.from_config(standard.get_config())
+    config = standard.get_config()
+    if low_cls is lqp_layers.QuantConv2D:
+        # One chunk: dkernel bit for bit; test_chunked_backward covers chunks.
+        config["backward_chunks"] = chunks
+    low = low_cls.from_config(config)
     low.build(input_shape)
     low.set_weights(standard.get_weights())
     return standard, low
@@ -62,6 +66,8 @@ QUANTIZERS = [
     ("pcpp_bc", "pcpp_bc"),
     (lq.quantizers.SteSign(clip_value=None), "ste_sign"),
     (lq.quantizers.SteSign(clip_value=0.5), lqp_quantizers.BNN(clip_value=0.7)),
+    ("ste_sign", None),  # float kernel: kept as it is
+    ("pcpp_bnn", "magnitude_aware_sign"),  # a non-sign kernel quantizer stays larq's
 ]
 
 
@@ -101,6 +107,34 @@ def test_conv_matches_larq(input_quantizer, kernel_quantizer, conv):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "batch, conv",
+    [(5, dict(padding="same")), (2, dict(padding="valid", strides=2)),
+     (7, dict(padding="same", pad_values=1.0))],
+)
+def test_chunked_backward(batch, conv):
+    shape = (batch, 6, 6, 8)
+    standard, low = _pair(
+        lq.layers.QuantConv2D,
+        lqp_layers.QuantConv2D,
+        shape,
+        chunks=4,  # batch 2: two empty chunks
+        filters=5,
+        kernel_size=3,
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
+        kernel_constraint="weight_clip",
+        **conv,
+    )
+    x = _inputs(shape)
+    got, expected = _gradients(low, x), _gradients(standard, x)
+    np.testing.assert_array_equal(got[0], expected[0])  # the forward is not chunked
+    # Per-chunk kernels (oneDNN picks them by batch size) and the sum over
+    # chunks round differently: equal up to float rounding.
+    for g, want in zip(got[1:], expected[1:], strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+
+
 def test_dilated_conv_matches_larq():
     shape = (2, 9, 8, 8)
     standard, low = _pair(
@@ -123,7 +157,12 @@ def test_dilated_conv_matches_larq():
 
 @pytest.mark.parametrize(
     "input_quantizer, kernel_quantizer, shape",
-    [(*QUANTIZERS[0], (6, 20)), (*QUANTIZERS[1], (2, 3, 16)), (*QUANTIZERS[2], (6, 20))],
+    [
+        (*QUANTIZERS[0], (6, 20)),
+        (*QUANTIZERS[1], (2, 3, 16)),
+        (*QUANTIZERS[2], (6, 20)),
+        (*QUANTIZERS[5], (6, 20)),
+    ],
 )
 def test_dense_matches_larq(input_quantizer, kernel_quantizer, shape):
     standard, low = _pair(

@@ -15,8 +15,11 @@ backward pass, only
 - max pool: one bit per input element marking the window's first maximum
   (row-major, the element TF's `MaxPoolGrad` routes the gradient to).
 
-Gradients equal those of the standard layers exactly. Supported input
-quantizers (their forward is the hard sign while training):
+Gradients equal those of the standard layers: bit for bit for dense, max
+pool and conv with `backward_chunks=1`, up to float rounding with the default
+`backward_chunks=4` (the conv backward in 4 batch chunks, which bounds its
+unpacked signs and TF's conv scratch buffers). Supported input quantizers
+(their forward is the hard sign while training):
 
 | input quantizer | bits kept per element |
 |---|---|
@@ -33,8 +36,16 @@ standard layer computes, with a one-time warning naming the layer. The
 low-memory op runs only with `training=True` (as in `model.fit`); inference
 is the standard computation.
 
+Kernel side: larq's QuantizedVariable mechanism stays. A sign kernel
+quantizer (`ste_sign`, `pcpp_bc`, `pcpp_bnn`, without metrics) is applied
+through an equivalent pair without `zeros_like`/`ones_like` (TF folds those
+into resident kernel-sized constants), quantized only when the layer's input
+arrives, and its +-1 values are kept as bits for the backward pass as well.
+
 The saving is real only inside a `tf.function` (the train step of
 `model.fit`): eager execution keeps every op's output alive on the tape.
+Classes are registered as "larq_prox>QuantConv2D" etc., so larq's own
+"QuantConv2D" keeps its name in Keras' registry.
 
 ```python
 import larq_prox as lqp
@@ -162,7 +173,11 @@ class _KernelSign:
             def grad(dy):
                 if clip_value is None:
                     return dy
-                return dy * tf.cast(tf.abs(kernel) <= clip_value, dy.dtype)
+                # Gated on dy: else graph mode computes every kernel's mask
+                # at the start of the step and keeps them all until the end.
+                with tf.control_dependencies([dy]):
+                    inside = tf.logical_and(kernel <= clip_value, kernel >= -clip_value)
+                return tf.where(inside, dy, tf.constant(0, dy.dtype))
 
             return _sign(kernel), grad
 
@@ -199,6 +214,30 @@ def _binarize_and_pack(x: tf.Tensor, clip_value):
     return signs, packed_signs, packed_mask
 
 
+def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
+    """A function of the gate (dy) giving back the kernel in the backward pass.
+
+    A +-1 kernel is kept as sign bits: all binary kernels of a BinaryNet
+    together are as large as its largest activation, and closing over them
+    would keep every one alive from its forward use to its backward use.
+    """
+    if not binary_kernel:
+
+        def gated(gate):
+            with tf.control_dependencies([gate]):
+                return tf.identity(kernel)
+
+        return gated
+    packed = bitpack.pack_signs(kernel)
+    shape, dtype = kernel.shape.as_list(), kernel.dtype
+
+    def restore(gate):
+        with tf.control_dependencies([gate]):
+            return bitpack.unpack_signs(packed, shape, dtype)
+
+    return restore
+
+
 def binary_conv2d(
     x: tf.Tensor,
     kernel: tf.Tensor,
@@ -207,13 +246,18 @@ def binary_conv2d(
     dilations=(1, 1),
     clip_value: float | None = None,
     pad_values: float = 0.0,
+    binary_kernel: bool = False,
+    chunks: int = 1,
 ) -> tf.Tensor:
     r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
 
     dkernel = `conv2d_backprop_filter(sign(x), dy)`; dx = \(1\{|x| \le c\}\) *
     `conv2d_backprop_input(kernel, dy)` (no mask when `clip_value` is None).
     `pad_values` is the value of the padded border of sign(x) for
-    `padding="SAME"` (larq's `pad_values`).
+    `padding="SAME"` (larq's `pad_values`). `binary_kernel=True` promises a
+    +-1 kernel, which the backward then keeps as bits too. `chunks > 1` runs
+    the backward in that many batch chunks (less memory; the gradients then
+    equal the one-chunk ones up to float rounding).
 
     ```python
     y = binary_conv2d(x, w, padding="SAME", clip_value=1.0)   # = conv(ste_sign(x), w)
@@ -237,23 +281,55 @@ def binary_conv2d(
         shape = tf.shape(x)
         signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
         outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
+        kernel_shape = tf.shape(kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel)
+
+        per_sample = x.shape[1:].num_elements()
+        k = chunks if per_sample is not None and per_sample % 8 == 0 else 1
+        bytes_per_sample = (per_sample or 0) // 8
+        bounds = [shape[0] * i // k for i in range(k + 1)]
+        border = tf.constant([0, 0, 0, 0])
+        if explicit is not None:
+            rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
+            border = tf.stack([0, rows_added, cols_added, 0])
+
+        def part(tensor, i, per_row=1):
+            if k == 1:
+                return tensor
+            return tensor[bounds[i] * per_row : bounds[i + 1] * per_row]
 
         def grad(dy):
-            # Gating on dy keeps the unpacked floats out of the forward pass;
-            # dkernel first, so the signs are freed before dx is allocated.
-            with tf.control_dependencies([dy]):
-                signs = _padded(bitpack.unpack_signs(packed_signs, shape, dy.dtype))
-            dkernel = tf.compat.v1.nn.conv2d_backprop_filter(
-                signs, tf.shape(kernel), dy, strides, padding, dilations=dilations
-            )
-            with tf.control_dependencies([dkernel]):
-                padded_shape = shape if explicit is None else tf.shape(signs)
-                dx = tf.compat.v1.nn.conv2d_backprop_input(
-                    padded_shape, kernel, dy, strides, padding, dilations=dilations
+            # Every backward op waits for the previous one (starting from dy):
+            # graph mode would otherwise unpack during the forward pass, or run
+            # the chunks side by side. Chunks over the batch bound the
+            # unpacked signs and the conv kernels' scratch to 1/k of an
+            # activation; dkernel then sums k partial products.
+            gate, dkernel = dy, None
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    bits = part(packed_signs, i, bytes_per_sample)
+                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype))
+                partial = tf.compat.v1.nn.conv2d_backprop_filter(
+                    signs, kernel_shape, part(dy, i), strides, padding, dilations=dilations
                 )
-            if explicit is not None:
-                dx = tf.slice(dx, [p[0] for p in explicit], shape)
-            return _straight_through(dx, packed_mask), dkernel
+                dkernel = partial if dkernel is None else dkernel + partial
+                gate = dkernel
+            restored = kept_kernel(dkernel)
+            dxs = []
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    dx = tf.compat.v1.nn.conv2d_backprop_input(
+                        rows + border, restored, part(dy, i), strides, padding,
+                        dilations=dilations,
+                    )
+                if explicit is not None:
+                    dx = tf.slice(dx, [p[0] for p in explicit], rows)
+                mask = None if packed_mask is None else part(packed_mask, i, bytes_per_sample)
+                dxs.append(_straight_through(dx, mask))
+                gate = dxs[-1]
+            return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
 
         return outputs, grad
 
@@ -275,7 +351,9 @@ def _same_padding(x, kernel, strides, dilations):
     return pads
 
 
-def binary_dense(x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = None) -> tf.Tensor:
+def binary_dense(
+    x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = None, binary_kernel: bool = False
+) -> tf.Tensor:
     r"""`matmul(sign(x), kernel)` for 2-D x whose gradient keeps only the bits of x.
 
     ```python
@@ -288,13 +366,15 @@ def binary_dense(x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = Non
         shape = tf.shape(x)
         signs, packed_signs, packed_mask = _binarize_and_pack(x, clip_value)
         outputs = tf.matmul(signs, kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel)
 
         def grad(dy):
-            with tf.control_dependencies([dy]):
+            # dx first: the restored kernel (the large tensor of a dense layer)
+            # is freed before dkernel, of the same size, is allocated.
+            dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
+            with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
-            with tf.control_dependencies([dkernel]):
-                dx = tf.matmul(dy, kernel, transpose_b=True)
             return _straight_through(dx, packed_mask), dkernel
 
         return outputs, grad
@@ -384,7 +464,10 @@ class _LowMemoryKernel(_WarnOnce):
         )
         self._reason = None
         if self._binarization is None:
-            self._reason = f"its input quantizer {self.input_quantizer!r} is not a binary sign pair"
+            self._reason = (
+                f"its input quantizer {self.input_quantizer!r} is not a sign pair with a "
+                "1-bit backward (or it carries metrics)"
+            )
 
     def _get_quantizer(self, name):
         quantizer = super()._get_quantizer(name)
@@ -393,8 +476,14 @@ class _LowMemoryKernel(_WarnOnce):
             return quantizer
         return _KernelSign(*pair)
 
-    def _quantized_kernel(self) -> tf.Tensor:
-        with context.quantized_scope(True):
+    @property
+    def _binary_kernel(self) -> bool:
+        return isinstance(getattr(self.kernel, "quantizer", None), _KernelSign)
+
+    def _quantized_kernel(self, inputs: tf.Tensor) -> tf.Tensor:
+        # Quantize when the input arrives: graph mode would otherwise compute
+        # every layer's sign(kernel) at the start of the step, all alive at once.
+        with tf.control_dependencies([inputs]), context.quantized_scope(True):
             return tf.convert_to_tensor(self.kernel)
 
     def _finish(self, outputs: tf.Tensor) -> tf.Tensor:
@@ -414,6 +503,13 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
     'same'/'valid', strides, dilation, `pad_values`, bias, activation,
     channels_last, groups=1.
 
+    `backward_chunks` (only argument beyond larq's): the backward pass runs in
+    that many batch chunks, one after the other, which bounds the unpacked
+    signs and the conv kernels' scratch buffers to a fraction of an activation.
+    The gradients equal larq's up to float rounding (dkernel sums the chunks'
+    partial products; TF picks conv kernels by batch size);
+    `backward_chunks=1` gives larq's gradients bit for bit.
+
     ```python
     layer = lqp.layers.QuantConv2D(128, 3, padding="same", input_quantizer="ste_sign",
                                    kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
@@ -422,7 +518,12 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
 
     _standard_name = "QuantConv2D"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, backward_chunks: int = 4, **kwargs):
+        if not isinstance(backward_chunks, int) or backward_chunks < 1:
+            raise ValueError(
+                f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}."
+            )
+        self.backward_chunks = backward_chunks
         super().__init__(*args, **kwargs)
         self._init_low_memory()
         if self._reason is None:
@@ -441,16 +542,24 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
         def low_memory():
             outputs = binary_conv2d(
                 inputs,
-                self._quantized_kernel(),
+                self._quantized_kernel(inputs),
                 strides=self.strides,
                 padding=self.padding,
                 dilations=self.dilation_rate,
                 clip_value=self._binarization[0],
                 pad_values=self.pad_values,
+                binary_kernel=self._binary_kernel,
+                chunks=self.backward_chunks,
             )
             return self._finish(outputs)
 
-        return _low_memory_if_training(training, low_memory, lambda: super(QuantConv2D, self).call(inputs))
+        def standard():
+            return super(QuantConv2D, self).call(inputs)
+
+        return _low_memory_if_training(training, low_memory, standard)
+
+    def get_config(self):
+        return {**super().get_config(), "backward_chunks": self.backward_chunks}
 
 
 @_register
@@ -478,16 +587,19 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
             return super().call(inputs)
 
         def low_memory():
-            kernel = self._quantized_kernel()
-            clip_value = self._binarization[0]
+            kernel = self._quantized_kernel(inputs)
+            options = dict(clip_value=self._binarization[0], binary_kernel=self._binary_kernel)
             if inputs.shape.rank == 2:
-                return self._finish(binary_dense(inputs, kernel, clip_value=clip_value))
+                return self._finish(binary_dense(inputs, kernel, **options))
             flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
-            outputs = binary_dense(flat, kernel, clip_value=clip_value)
+            outputs = binary_dense(flat, kernel, **options)
             shape = tf.concat([tf.shape(inputs)[:-1], [self.units]], 0)
             return self._finish(tf.reshape(outputs, shape))
 
-        return _low_memory_if_training(training, low_memory, lambda: super(QuantDense, self).call(inputs))
+        def standard():
+            return super(QuantDense, self).call(inputs)
+
+        return _low_memory_if_training(training, low_memory, standard)
 
 
 @_register
