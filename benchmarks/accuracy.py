@@ -59,9 +59,9 @@ def _build(model_name: str, pair: str, setup: str):
     """The model and whether it uses the low-memory layers.
 
     A pair whose training forward is not sign (PC, BNN++) or whose backward needs
-    the activation's magnitude (BNN+) cannot run in the bit-packing layers: for
-    those the proposed setup keeps larq's layers (BinaryBatchNorm and
-    BinaryGradient still apply) and the run records `low_memory: false`.
+    the activation's magnitude (BNN+; RPC for now) cannot run in the bit-packing
+    layers: for those the proposed setup keeps larq's computation (BinaryBatchNorm
+    and BinaryGradient still apply) and the run records `low_memory: false`.
     """
     proposed = setup == "proposed"
     builder = {"mlp": lqp.models.mlp, "cnv": lqp.models.cnv}[model_name]
@@ -80,6 +80,8 @@ def _build(model_name: str, pair: str, setup: str):
     adam = tf.keras.optimizers.legacy.Adam(1e-3)
     optimizer = lqp.optimizers.BinaryGradient(adam) if proposed else adam
     model.compile(optimizer, "sparse_categorical_crossentropy", ["accuracy"])
+    # A pair with a non-binary forward (PC) makes the layers fall back to larq's op.
+    low_memory = low_memory and any(getattr(l, "low_memory", False) for l in model.layers)
     return model, low_memory
 
 

@@ -91,13 +91,20 @@ def hard_mode() -> Iterator[None]:
 def forward_backward(
     x: tf.Tensor,
     forward: Callable[[tf.Tensor], tf.Tensor],
-    backward_derivative: Callable[[tf.Tensor], tf.Tensor],
+    backward_derivative: Callable[[tf.Tensor], tf.Tensor] | None,
 ) -> tf.Tensor:
-    r"""\(F(x)\) in the forward pass, \(B'(x)\,dy\) in the backward pass."""
+    r"""\(F(x)\) in the forward pass, \(B'(x)\,dy\) in the backward pass.
+
+    `backward_derivative=None` means \(B' = 1\): dy passes through. (A
+    `ones_like(x)` there would be folded by TF's graph optimizer into a resident
+    constant of x's size for every kernel.)
+    """
 
     @tf.custom_gradient
     def _pair(x):
         def grad(dy):
+            if backward_derivative is None:
+                return tf.identity(dy)
             return dy * backward_derivative(x)
 
         return forward(x), grad
@@ -141,7 +148,7 @@ class PCPPQuantizer(_BaseQuantizer):
 
     Attributes:
         backward_storage: what a low-memory layer must keep of the input for
-            the backward pass: `"none"` (B' is constant), `"mask"` (B' is
+            the backward pass: `"none"` (B' = 1), `"mask"` (B' is
             determined by one bit per element) or `"float"` (B' needs the
             magnitude).
         binary_forward: whether F is sign during training too (then a
@@ -190,7 +197,8 @@ class PCPPQuantizer(_BaseQuantizer):
                     training, lambda: self.forward(x), lambda: prox.sign(x)
                 )
 
-        outputs = forward_backward(inputs, forward, self.backward_derivative)
+        derivative = None if self.backward_storage == "none" else self.backward_derivative
+        outputs = forward_backward(inputs, forward, derivative)
         return super().call(outputs)
 
     def _variable(self, name: str, value: float) -> tf.Variable:

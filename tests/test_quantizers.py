@@ -257,3 +257,23 @@ def test_binary_forward_flag_matches_the_training_forward():
         assert cls.binary_forward == bool(np.all(np.abs(y) == 1)), alias
     assert quantizers.ForwardBackward("sign", tf.tanh).binary_forward
     assert not quantizers.ForwardBackward(tf.tanh, tf.tanh).binary_forward
+
+
+@pytest.mark.parametrize("alias", ["pcpp_bc", "pcpp_pc"])
+def test_identity_backward_builds_no_ones_tensor(alias):
+    """B' = 1 passes dy through: no kernel-sized ones constant stays resident in the graph."""
+    q = lq.quantizers.get(alias)
+    w = tf.Variable(tf.random.normal((64, 64)))
+
+    @tf.function
+    def grad(dy):
+        with tf.GradientTape() as tape:
+            y = q(w, training=True)
+        return tape.gradient(y, w, output_gradients=dy)
+
+    dy = tf.random.normal((64, 64))
+    graph = grad.get_concrete_function(dy).graph
+    sizes = [op.outputs[0].shape.num_elements() for op in graph.get_operations()
+             if op.type in ("Const", "OnesLike", "Fill") and op.outputs[0].consumers()]
+    assert max(s or 0 for s in sizes) < 64 * 64
+    np.testing.assert_array_equal(grad(dy), dy)

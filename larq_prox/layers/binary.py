@@ -469,6 +469,11 @@ class _LowMemoryKernel(_WarnOnce):
                 "1-bit backward (or it carries metrics)"
             )
 
+    @property
+    def low_memory(self) -> bool:
+        """Whether training runs the bit-packing op (False: larq's computation)."""
+        return self._binarization is not None
+
     def _get_quantizer(self, name):
         quantizer = super()._get_quantizer(name)
         pair = _sign_pair(quantizer) if name == "kernel" else None
