@@ -211,6 +211,10 @@ class _InferenceCopy:
             )
         if name in _LOW_MEMORY_ORIGINALS and cls.__module__.startswith("larq_prox"):
             cls = _LOW_MEMORY_ORIGINALS[name]()
+            # Training-only arguments of the low-memory layer (e.g. backward_chunks)
+            # are not the original's: keep the keys the original's get_config has.
+            original_keys = super(type(layer), layer).get_config().keys()
+            config = {k: v for k, v in config.items() if k in original_keys}
         for key in ("input_quantizer", "kernel_quantizer", "depthwise_quantizer"):
             if key in config:
                 config[key] = _hard_quantizer(config[key])
