@@ -13,11 +13,14 @@ Data: the real Fashion-MNIST files of the Debian package dataset-fashion-mnist
 *-ubyte.gz files (--manual-dir). Nothing is downloaded or installed.
 """
 
-import larq_prox as lqp  # noqa: I001  (selects legacy Keras before TensorFlow loads)
-
-import argparse
 import os
-import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+
+import larq_prox as lqp  # noqa: E402,I001  (selects legacy Keras before TensorFlow loads)
+
+import argparse  # noqa: E402
+import time  # noqa: E402
 
 import tensorflow as tf
 
