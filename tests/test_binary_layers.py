@@ -270,7 +270,7 @@ def test_non_binary_input_falls_back_with_one_warning(quantizer, caplog):
 
 
 @pytest.mark.parametrize(
-    "quantizer", ["pcpp_bnn_plus", "pcpp_bnn_plus_plus", "pcpp_rpc", "approx_sign", "swish_sign"]
+    "quantizer", ["pcpp_bnn_plus", "pcpp_bnn_plus_plus", "approx_sign", "swish_sign"]
 )
 def test_float_magnitude_backward_is_refused(quantizer):
     with pytest.raises(ValueError, match="pcpp_bnn.*standard layer"):
@@ -410,3 +410,46 @@ def test_backward_reads_no_float_activation_but_the_image():
     # What remains: the float image (the first layer's input, by design) and the
     # model output, whose shape the loss gradient reads (10 channels).
     assert set(low.values()) <= {(8, 8, 3), (2, 2, 10)}, low
+
+
+@pytest.mark.parametrize("rho, varrho", [(0.2, 0.8), (0.0, 1.0), (0.3, 0.0)])
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_rpc_input_uses_one_mask_bit_and_matches_larq(rho, varrho, kind):
+    """RPC's B' (two values split by |x| <= varrho) rebuilt from its mask bit."""
+    shape = (3, 9, 8, 8) if kind == "conv" else (6, 20)
+    layer_kwargs = dict(filters=5, kernel_size=3, padding="same") if kind == "conv" else dict(units=7)
+    classes = ((lq.layers.QuantConv2D, lqp_layers.QuantConv2D) if kind == "conv"
+               else (lq.layers.QuantDense, lqp_layers.QuantDense))
+    standard, low = _pair(
+        *classes, shape,
+        input_quantizer=lqp_quantizers.RPC(rho=rho, varrho=varrho),
+        kernel_quantizer="pcpp_rpc", kernel_constraint="weight_clip", **layer_kwargs,
+    )
+    assert low.low_memory
+    x = _inputs(shape)
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_rpc_schedule_change_reaches_the_traced_low_memory_step():
+    q = lqp_quantizers.RPC(rho=0.5, varrho=1.0)
+    layer = lqp_layers.QuantDense(4, input_quantizer=q, kernel_quantizer="pcpp_bnn")
+    x = _inputs((5, 12))
+    layer.build(x.shape)
+
+    @tf.function
+    def dx(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x)
+
+    before = dx(x).numpy()
+    q.rho.assign(0.0)
+    q.varrho.assign(0.5)
+    after = dx(x).numpy()
+    assert dx.experimental_get_tracing_count() == 1
+    kernel_rows = np.sum(lq.math.sign(layer.kernel.latent_variable).numpy(), axis=1)
+    inside = np.abs(x.numpy()) <= 0.5
+    np.testing.assert_allclose(after, np.where(inside, 2.0, 0.0) * kernel_rows, rtol=1e-6)
+    assert not np.allclose(before, after)

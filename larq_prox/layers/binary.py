@@ -25,9 +25,10 @@ unpacked signs and TF's conv scratch buffers). Supported input quantizers
 |---|---|
 | `pcpp_bc` (`BC`), larq `SteSign(clip_value=None)` | 1 (sign) |
 | `pcpp_bnn` (`BNN`), larq `ste_sign` / `SteSign(clip_value=c)` | 2 (sign + mask) |
+| `pcpp_rpc` (`RPC`): B' = rho + (1 - rho)/varrho inside abs(x) <= varrho, rho outside | 2 (sign + mask) |
 
 Pairs whose backward needs the float magnitude of the input (`pcpp_bnn_plus`,
-`pcpp_bnn_plus_plus`, `pcpp_rpc`, `ForwardBackward`, larq `approx_sign`,
+`pcpp_bnn_plus_plus`, `ForwardBackward`, larq `approx_sign`,
 `swish_sign`) are refused with a ValueError naming the alternatives: a low bit
 width store of \(B'(x)\) would make the gradient inexact. Any other input
 quantizer (none, `pcpp_pc`, DoReFa, ...) and unsupported arguments (groups,
@@ -88,7 +89,7 @@ _FLOAT_BACKWARD = (
     "{layer}: the input quantizer {quantizer!r} needs the float magnitude of the "
     "input in its backward pass, which a low-memory layer does not keep. Use a "
     "pair whose backward needs at most one bit per element as input quantizer "
-    "('pcpp_bc', 'pcpp_bnn' or 'ste_sign'), or the standard layer "
+    "('pcpp_bc', 'pcpp_bnn', 'pcpp_rpc' or 'ste_sign'), or the standard layer "
     "(larq.layers.{standard}) for this layer."
 )
 
@@ -122,6 +123,9 @@ def input_binarization(quantizer, layer_name: str = "layer", standard: str = "Qu
     return pair
 
 
+_MASK_PAIR = "mask_pair"  # marks a PC++ pair whose B' comes from `backward_from_mask`
+
+
 def _sign_pair(quantizer):
     """(clip_value,) for a sign forward with a 1-bit backward, "float", or None."""
     if quantizer is None or getattr(quantizer, "_custom_metrics", None):
@@ -135,10 +139,12 @@ def _sign_pair(quantizer):
     if type(quantizer) is lq.quantizers.SteSign:
         clip = quantizer.clip_value
         return (None if clip is None else float(clip),)
+    if isinstance(quantizer, pcpp_quantizers.RPC):
+        # B' takes two values split by |x| <= varrho: one mask bit, values read per call.
+        return (_MASK_PAIR,)
     float_backward = (
         pcpp_quantizers.BNNPlus,
         pcpp_quantizers.BNNPlusPlus,
-        pcpp_quantizers.RPC,
         pcpp_quantizers.ForwardBackward,
         lq.quantizers.ApproxSign,
         lq.quantizers.SwishSign,
@@ -190,13 +196,19 @@ def _sign(x: tf.Tensor) -> tf.Tensor:
     return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
 
 
-def _straight_through(dx: tf.Tensor, packed_mask) -> tf.Tensor:
-    """dx * 1{|x| <= c}, the mask unpacked only once dx exists."""
+def _straight_through(dx: tf.Tensor, packed_mask, mask_values=None) -> tf.Tensor:
+    """dx * B'(x) with B' = 1{|x| <= c}, or `mask_values` = (inside, outside) scalars.
+
+    The mask is unpacked only once dx exists.
+    """
     if packed_mask is None:
         return dx
     with tf.control_dependencies([dx]):
         mask = bitpack.unpack_bits(packed_mask, tf.shape(dx))
-    return tf.where(mask, dx, tf.constant(0, dx.dtype))
+    if mask_values is None:
+        return tf.where(mask, dx, tf.constant(0, dx.dtype))
+    inside, outside = (tf.cast(v, dx.dtype) for v in mask_values)
+    return dx * tf.where(mask, inside, outside)
 
 
 def _binarize_and_pack(x: tf.Tensor, clip_value):
@@ -205,7 +217,8 @@ def _binarize_and_pack(x: tf.Tensor, clip_value):
     packed_mask = None
     if clip_value is not None:
         # Two comparisons, not abs(x): no float temporary of x's size.
-        inside = tf.logical_and(x <= clip_value, x >= -clip_value)
+        clip = tf.cast(clip_value, x.dtype)
+        inside = tf.logical_and(x <= clip, x >= -clip)
         packed_mask = bitpack.pack_bits(inside)
     # Packing first lets x be freed as soon as sign(x) exists, before the
     # conv's output is allocated.
@@ -248,6 +261,7 @@ def binary_conv2d(
     pad_values: float = 0.0,
     binary_kernel: bool = False,
     chunks: int = 1,
+    mask_values=None,
 ) -> tf.Tensor:
     r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
 
@@ -257,7 +271,8 @@ def binary_conv2d(
     `padding="SAME"` (larq's `pad_values`). `binary_kernel=True` promises a
     +-1 kernel, which the backward then keeps as bits too. `chunks > 1` runs
     the backward in that many batch chunks (less memory; the gradients then
-    equal the one-chunk ones up to float rounding).
+    equal the one-chunk ones up to float rounding). `mask_values=(inside,
+    outside)` replaces the mask's 1/0 by two scalars (RPC's two values of B').
 
     ```python
     y = binary_conv2d(x, w, padding="SAME", clip_value=1.0)   # = conv(ste_sign(x), w)
@@ -327,7 +342,7 @@ def binary_conv2d(
                 if explicit is not None:
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
                 mask = None if packed_mask is None else part(packed_mask, i, bytes_per_sample)
-                dxs.append(_straight_through(dx, mask))
+                dxs.append(_straight_through(dx, mask, mask_values))
                 gate = dxs[-1]
             return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
 
@@ -352,7 +367,11 @@ def _same_padding(x, kernel, strides, dilations):
 
 
 def binary_dense(
-    x: tf.Tensor, kernel: tf.Tensor, clip_value: float | None = None, binary_kernel: bool = False
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    clip_value: float | None = None,
+    binary_kernel: bool = False,
+    mask_values=None,
 ) -> tf.Tensor:
     r"""`matmul(sign(x), kernel)` for 2-D x whose gradient keeps only the bits of x.
 
@@ -375,7 +394,7 @@ def binary_dense(
             with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
-            return _straight_through(dx, packed_mask), dkernel
+            return _straight_through(dx, packed_mask, mask_values), dkernel
 
         return outputs, grad
 
@@ -469,6 +488,18 @@ class _LowMemoryKernel(_WarnOnce):
                 "1-bit backward (or it carries metrics)"
             )
 
+    def _input_backward(self) -> dict:
+        """clip_value (and mask_values for mask pairs) of the input's B', as tensors.
+
+        RPC's rho and varrho are read here, outside the custom-gradient op, so the
+        op captures two scalars rather than variables.
+        """
+        if self._binarization[0] != _MASK_PAIR:
+            return dict(clip_value=self._binarization[0])
+        quantizer = self.input_quantizer
+        inside, outside = (quantizer.backward_from_mask(tf.constant(m)) for m in (True, False))
+        return dict(clip_value=tf.identity(quantizer.varrho), mask_values=(inside, outside))
+
     @property
     def low_memory(self) -> bool:
         """Whether training runs the bit-packing op (False: larq's computation)."""
@@ -477,8 +508,8 @@ class _LowMemoryKernel(_WarnOnce):
     def _get_quantizer(self, name):
         quantizer = super()._get_quantizer(name)
         pair = _sign_pair(quantizer) if name == "kernel" else None
-        if pair is None or pair == "float":
-            return quantizer
+        if pair is None or pair == "float" or pair[0] == _MASK_PAIR:
+            return quantizer  # RPC kernels keep larq's QuantizedVariable path
         return _KernelSign(*pair)
 
     @property
@@ -551,10 +582,10 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
                 strides=self.strides,
                 padding=self.padding,
                 dilations=self.dilation_rate,
-                clip_value=self._binarization[0],
                 pad_values=self.pad_values,
                 binary_kernel=self._binary_kernel,
                 chunks=self.backward_chunks,
+                **self._input_backward(),
             )
             return self._finish(outputs)
 
@@ -593,7 +624,7 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
 
         def low_memory():
             kernel = self._quantized_kernel(inputs)
-            options = dict(clip_value=self._binarization[0], binary_kernel=self._binary_kernel)
+            options = dict(binary_kernel=self._binary_kernel, **self._input_backward())
             if inputs.shape.rank == 2:
                 return self._finish(binary_dense(inputs, kernel, **options))
             flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
