@@ -59,7 +59,7 @@ def _build(model_name: str, pair: str, setup: str):
     """The model and whether it uses the low-memory layers.
 
     A pair whose training forward is not sign (PC, BNN++) or whose backward needs
-    the activation's magnitude (BNN+; RPC for now) cannot run in the bit-packing
+    the activation's magnitude (BNN+) cannot run in the bit-packing
     layers: for those the proposed setup keeps larq's computation (BinaryBatchNorm
     and BinaryGradient still apply) and the run records `low_memory: false`.
     """
