@@ -101,3 +101,19 @@ def test_model_without_the_parameter_is_a_clear_error():
     with pytest.raises(ValueError, match="found no PC\\+\\+ quantizer"):
         model.fit(*_data(8), epochs=1, verbose=0,
                   callbacks=[lqp.callbacks.QuantizerSchedule("beta", 1.0, 2.0)])
+
+
+@pytest.mark.parametrize("apply_to, kernel_beta, input_beta", [
+    ("kernel", 50.0, 5.0), ("input", 5.0, 50.0), ("all", 50.0, 50.0)])
+def test_apply_to_selects_kernel_or_input_quantizers(apply_to, kernel_beta, input_beta):
+    model = _model("pcpp_bnn_plus_plus")
+    schedule = lqp.callbacks.QuantizerSchedule("beta", 50.0, 50.0, apply_to=apply_to)
+    model.fit(*_data(8), epochs=1, verbose=0, callbacks=[schedule])
+    second = model.layers[1]
+    assert float(second.kernel_quantizer.beta) == kernel_beta
+    assert float(second.input_quantizer.beta) == input_beta
+    assert float(model.layers[0].kernel_quantizer.beta) == kernel_beta
+    kernels = lqp.callbacks.find_quantizers(model, "kernel")
+    assert len(kernels) == 2 and second.input_quantizer not in kernels
+    with pytest.raises(ValueError, match="apply_to"):
+        lqp.callbacks.QuantizerSchedule("beta", 1.0, 2.0, apply_to="weights")

@@ -18,10 +18,30 @@ _SCHEDULES = ("linear", "geometric")
 _UNITS = ("epoch", "step")
 
 
-def find_quantizers(model: tf.keras.Model) -> list[pcpp_quantizers.PCPPQuantizer]:
-    """Every PC++ quantizer inside `model` (kernel and input quantizers), once each."""
+_SITES = {
+    "all": None,
+    "kernel": ("kernel_quantizer", "depthwise_quantizer", "pointwise_quantizer"),
+    "input": ("input_quantizer",),
+}
+
+
+def find_quantizers(
+    model: tf.keras.Model, apply_to: str = "all"
+) -> list[pcpp_quantizers.PCPPQuantizer]:
+    """Every PC++ quantizer inside `model`, once each.
+
+    `apply_to`: "all", "kernel" (weights' quantizers) or "input" (activations').
+    """
+    if apply_to not in _SITES:
+        raise ValueError(f"`apply_to` must be one of {tuple(_SITES)}, got {apply_to!r}.")
+    attributes = _SITES[apply_to]
+    if attributes is None:
+        candidates = [model, *model.submodules]
+    else:
+        candidates = [getattr(module, name, None) for module in [model, *model.submodules]
+                      for name in attributes]
     found, seen = [], set()
-    for module in [model, *model.submodules]:
+    for module in candidates:
         if isinstance(module, pcpp_quantizers.PCPPQuantizer) and id(module) not in seen:
             seen.add(id(module))
             found.append(module)
@@ -43,7 +63,11 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
         unit: "epoch" (set at each epoch's start) or "step" (each batch).
         epochs: length of the schedule in epochs; defaults to `fit`'s `epochs`.
         quantizers: the quantizers to drive; default: all in the model that have
-            `parameter`.
+            `parameter` (restricted by `apply_to`).
+        apply_to: "all", "kernel" or "input": which quantizers of the model to
+            drive. Weights and activations live on different scales (Glorot
+            kernels: abs(w) ~ 0.05; normalized activations: ~ 1), so SignSwish's
+            beta usually needs a different schedule for each.
         verbose: 1 prints the value at each epoch.
 
     The value is written to the logs as `pcpp_<parameter>` (in the History).
@@ -59,8 +83,12 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
         epochs: int | None = None,
         quantizers=None,
         verbose: int = 0,
+        apply_to: str = "all",
     ):
         super().__init__()
+        if apply_to not in _SITES:
+            raise ValueError(f"`apply_to` must be one of {tuple(_SITES)}, got {apply_to!r}.")
+        self.apply_to = apply_to
         names = ("beta", "rho", "varrho")
         if parameter not in names:
             raise ValueError(f"`parameter` must be one of {names}, got {parameter!r}.")
@@ -93,7 +121,7 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
         return self.start * (self.end / self.start) ** fraction
 
     def on_train_begin(self, logs=None):
-        candidates = self._quantizers or find_quantizers(self.model)
+        candidates = self._quantizers or find_quantizers(self.model, self.apply_to)
         self._targets = [
             q.schedule_parameters[self.parameter]
             for q in candidates
@@ -154,4 +182,5 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
             "unit": self.unit,
             "epochs": self.epochs,
             "verbose": self.verbose,
+            "apply_to": self.apply_to,
         }
