@@ -17,8 +17,8 @@ Configurations:
 - lowmem_layers: larq_prox.layers QuantConv2D / QuantDense / MaxPool2D, the
   same BatchNormalization.
 - lowmem_full: as lowmem_layers with larq_prox BinaryBatchNorm(mode="proposed")
-  and the BinaryGradient optimizer wrapper, when those modules are importable
-  (the JSON's `binary_batch_norm_source` is the sha1 of their sources).
+  and the BinaryGradient optimizer wrapper (the JSON's `binary_batch_norm_source`
+  is the sha1 of their sources).
 
 The batch sweep runs standard and the low-memory configuration with the lower
 peak; a line through its points predicts the largest batch within standard's
@@ -44,16 +44,6 @@ MIB = 2.0**20
 CONFIGS = ("standard", "lowmem_layers", "lowmem_full")
 
 
-def _optional_extensions():
-    """BinaryBatchNorm and BinaryGradient if this checkout has them, else None."""
-    try:
-        from larq_prox.layers.batch_norm import BinaryBatchNorm
-        from larq_prox.optimizers import BinaryGradient
-    except ImportError:
-        return None
-    return BinaryBatchNorm, BinaryGradient
-
-
 def _extension_source() -> str | None:
     """sha1 of the BinaryBatchNorm / BinaryGradient sources measured, for provenance."""
     import hashlib
@@ -75,10 +65,9 @@ def build_model(config: str):
     dense = lqp_layers.QuantDense if low else lq.layers.QuantDense
     pool = lqp_layers.MaxPool2D if low else tf.keras.layers.MaxPool2D
     if config == "lowmem_full":
-        batch_norm_cls = _optional_extensions()[0]
 
         def batch_norm():
-            return batch_norm_cls(mode="proposed")
+            return lqp_layers.BinaryBatchNorm(mode="proposed")
 
     else:
 
@@ -110,6 +99,20 @@ def build_model(config: str):
     return tf.keras.Sequential(stack)
 
 
+def compiled_model(config: str):
+    """The configuration's BinaryNet, compiled with Adam (wrapped for lowmem_full)."""
+    import tensorflow as tf
+
+    from larq_prox.optimizers import BinaryGradient
+
+    model = build_model(config)
+    optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
+    if config == "lowmem_full":
+        optimizer = BinaryGradient(optimizer)
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+    return model
+
+
 def worker(config: str, batch_size: int, steps: int) -> dict:
     """One configuration in this (fresh) process; returns the measurements."""
     import larq_prox  # noqa: F401  (legacy Keras before TensorFlow)
@@ -118,11 +121,7 @@ def worker(config: str, batch_size: int, steps: int) -> dict:
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tf.keras.utils.set_random_seed(0)
-    model = build_model(config)
-    optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
-    if config == "lowmem_full":
-        optimizer = _optional_extensions()[1](optimizer)
-    model.compile(optimizer, "sparse_categorical_crossentropy")
+    model = compiled_model(config)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, size=(batch_size, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, size=batch_size)
@@ -174,11 +173,7 @@ def timing_worker(configs: list[str], batch_size: int, rounds: int) -> dict:
     models = {}
     for config in configs:
         tf.keras.utils.set_random_seed(0)
-        model = build_model(config)
-        optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
-        if config == "lowmem_full":
-            optimizer = _optional_extensions()[1](optimizer)
-        model.compile(optimizer, "sparse_categorical_crossentropy")
+        model = compiled_model(config)
         model.train_on_batch(x, y)
         models[config] = model
     times = {config: [] for config in configs}
@@ -257,7 +252,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(ROOT))
     import larq_prox  # noqa: F401
 
-    configs = [c for c in CONFIGS if c != "lowmem_full" or _optional_extensions()]
+    configs = list(CONFIGS)
     reps, steps = (1, 2) if args.quick else (2, 2)
     runs = {c: [] for c in configs}
     for rep in range(reps):
