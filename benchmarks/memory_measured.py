@@ -8,17 +8,21 @@ get_memory_info("CPU:0")` reports current and peak bytes; the process's peak
 RSS is the cross-check. Configurations alternate within each repetition, so
 the step-time ratios compare runs made under the same machine load.
 
-    python benchmarks/memory_measured.py           # ~9 minutes on 2 busy cores
-    python benchmarks/memory_measured.py --quick   # ~5 minutes
+    python benchmarks/memory_measured.py           # ~20 minutes on 2 busy cores
+    python benchmarks/memory_measured.py --quick   # ~8 minutes
 
-Configurations:
-- standard: larq QuantConv2D / QuantDense (ste_sign input and kernel),
-  tf.keras BatchNormalization, tf.keras MaxPool2D.
+Configurations (all built by `larq_prox.models.binarynet` with larq's `ste_sign`
+as input and kernel quantizer; the first conv sees the float image and is larq's
+layer in every configuration):
+- standard: larq QuantConv2D / QuantDense, tf.keras BatchNormalization and
+  MaxPool2D, Adam.
 - lowmem_layers: larq_prox.layers QuantConv2D / QuantDense / MaxPool2D, the
-  same BatchNormalization.
-- lowmem_full: as lowmem_layers with larq_prox BinaryBatchNorm(mode="proposed")
-  and the BinaryGradient optimizer wrapper (the JSON's `binary_batch_norm_source`
-  is the sha1 of their sources).
+  same BatchNormalization, Adam.
+- lowmem_full: as lowmem_layers with BinaryBatchNorm(mode="proposed") and
+  BinaryGradient(Adam) (the JSON's `binary_batch_norm_source` is the sha1 of
+  their sources).
+- lowmem_full_f16: as lowmem_full with `storage_dtype="float16"`: the binary
+  layers' latent kernels, and so Adam's two slots for them, in float16.
 
 The batch sweep runs standard and the low-memory configuration with the lower
 peak; a line through its points predicts the largest batch within standard's
@@ -41,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MIB = 2.0**20
-CONFIGS = ("standard", "lowmem_layers", "lowmem_full")
+CONFIGS = ("standard", "lowmem_layers", "lowmem_full", "lowmem_full_f16")
 
 
 def _extension_source() -> str | None:
@@ -54,61 +58,31 @@ def _extension_source() -> str | None:
     return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def build_model(config: str):
-    import larq as lq
-    import tensorflow as tf
-
-    from larq_prox import layers as lqp_layers
-
-    low = config != "standard"
-    conv = lqp_layers.QuantConv2D if low else lq.layers.QuantConv2D
-    dense = lqp_layers.QuantDense if low else lq.layers.QuantDense
-    pool = lqp_layers.MaxPool2D if low else tf.keras.layers.MaxPool2D
-    if config == "lowmem_full":
-
-        def batch_norm():
-            return lqp_layers.BinaryBatchNorm(mode="proposed")
-
-    else:
-
-        def batch_norm():
-            return tf.keras.layers.BatchNormalization(momentum=0.9, scale=False)
-
-    binary = dict(
-        input_quantizer="ste_sign",
-        kernel_quantizer="ste_sign",
-        kernel_constraint="weight_clip",
-        use_bias=False,
-    )
-    stack = [
-        tf.keras.Input((32, 32, 3)),
-        # The first layer sees the float image: larq's layer on both sides.
-        lq.layers.QuantConv2D(128, 3, padding="same", kernel_quantizer="ste_sign",
-                              kernel_constraint="weight_clip", use_bias=False),
-        batch_norm(),
-    ]
-    for filters, pooled in ((128, True), (256, False), (256, True), (512, False), (512, True)):
-        stack.append(conv(filters, 3, padding="same", **binary))
-        if pooled:
-            stack.append(pool(2))
-        stack.append(batch_norm())
-    stack.append(tf.keras.layers.Flatten())
-    for units in (1024, 1024, 10):
-        stack += [dense(units, **binary), batch_norm()]
-    stack.append(tf.keras.layers.Activation("softmax"))
-    return tf.keras.Sequential(stack)
+SETUPS = {  # config -> (batch_norm, low_memory, BinaryGradient, storage_dtype)
+    "standard": ("standard", False, False, None),
+    "lowmem_layers": ("standard", True, False, None),
+    "lowmem_full": ("proposed", True, True, None),
+    "lowmem_full_f16": ("proposed", True, True, "float16"),
+}
 
 
 def compiled_model(config: str):
-    """The configuration's BinaryNet, compiled with Adam (wrapped for lowmem_full)."""
+    """The configuration's BinaryNet (`larq_prox.models.binarynet`), compiled with Adam."""
     import tensorflow as tf
 
-    from larq_prox.optimizers import BinaryGradient
+    import larq_prox as lqp
 
-    model = build_model(config)
+    batch_norm, low_memory, binary_gradient, storage_dtype = SETUPS[config]
+    model = lqp.models.binarynet(
+        kernel_quantizer="ste_sign",  # larq's own quantizer: what larq users train with
+        input_quantizer="ste_sign",
+        batch_norm=batch_norm,
+        low_memory=low_memory,
+        storage_dtype=storage_dtype,
+    )
     optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
-    if config == "lowmem_full":
-        optimizer = BinaryGradient(optimizer)
+    if binary_gradient:
+        optimizer = lqp.optimizers.BinaryGradient(optimizer)
     model.compile(optimizer, "sparse_categorical_crossentropy")
     return model
 
@@ -137,7 +111,7 @@ def worker(config: str, batch_size: int, steps: int) -> dict:
         model.train_on_batch(x, y)
         times.append(time.perf_counter() - start)
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
     state = sum(
         int(np.prod(v.shape)) * v.dtype.size
         for v in model.weights + inner.weights
@@ -253,7 +227,7 @@ def main(argv=None) -> None:
     import larq_prox  # noqa: F401
 
     configs = list(CONFIGS)
-    reps, steps = (1, 2) if args.quick else (2, 2)
+    reps, steps = (1, 2) if args.quick else (3, 3)
     runs = {c: [] for c in configs}
     for rep in range(reps):
         for config in configs:  # interleaved: each repetition sees every config once
@@ -264,7 +238,7 @@ def main(argv=None) -> None:
             print(f"rep {rep} {config}: peak {result['peak_bytes'] / MIB:.1f} MiB, "
                   f"step {statistics.median(result['step_seconds']):.2f} s", flush=True)
     summary = {c: summarize(r) for c, r in runs.items()}
-    rounds = 2 if args.quick else 4
+    rounds = 3 if args.quick else 6
     timing, error = _subprocess(["--timing", *configs, "--batch", "100", "--steps", str(rounds)])
     if timing is None:
         raise SystemExit(f"timing run failed:\n{error}")
@@ -284,10 +258,6 @@ def main(argv=None) -> None:
             "step_time": row["step_seconds_alternating"]
             / standard["step_seconds_alternating"],
             "step_time_separate_processes": row["step_seconds"] / standard["step_seconds"],
-            # Modeled, not measured: the same peak with weights and optimizer
-            # slots stored in float16 (half of persistent_state).
-            "total_peak_if_float16_state": standard["peak_bytes"]
-            / (row["peak_bytes"] - row["persistent_state_bytes"] / 2),
         }
 
     best = min(configs[1:], key=lambda c: summary[c]["peak_bytes"])
@@ -329,8 +299,8 @@ def batch_sweep(main_runs: dict, configs, quick: bool, budget: float) -> dict:
     the measured points predicts the largest batch within the budget; one
     more run at that batch (rounded down to a multiple of 50) checks it.
     """
-    sizes = {"standard": () if quick else (200,)}
-    low_sizes = (200, 400)
+    sizes = {"standard": (50,) if quick else (50, 200)}
+    low_sizes = (200, 400) if quick else (50, 200, 400, 800)
     sweep = {}
     for config in configs:
         points = [{"batch_size": 100, "peak_mib": summarize(main_runs[config])["peak_bytes"],

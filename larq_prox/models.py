@@ -93,6 +93,22 @@ def batch_norm_layer(
     return cls(mode=batch_norm, momentum=momentum, epsilon=epsilon, name=name)
 
 
+STORAGE_DTYPES = (None, "float16", "bfloat16")
+"""Valid `storage_dtype` of the builders and of `convert()`."""
+
+
+def _check_storage(storage_dtype, low_memory: bool) -> None:
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(
+            f"`storage_dtype` must be one of {STORAGE_DTYPES}, got {storage_dtype!r}."
+        )
+    if storage_dtype is not None and not low_memory:
+        raise ValueError(
+            f"storage_dtype={storage_dtype!r} needs low_memory=True: 16-bit kernels are an "
+            "option of larq_prox.layers' QuantConv2D and QuantDense."
+        )
+
+
 class _Builder:
     """Appends layers to a Sequential model, checking spatial shapes as it goes."""
 
@@ -106,8 +122,11 @@ class _Builder:
         low_memory: bool,
         momentum: float,
         expected: str,
+        storage_dtype: str | None = None,
     ):
         _check_batch_norm(batch_norm)
+        _check_storage(storage_dtype, low_memory)
+        self.storage = {} if storage_dtype is None else {"storage_dtype": storage_dtype}
         input_shape = tuple(int(d) for d in input_shape)
         if any(d < 1 for d in input_shape):
             raise ValueError(f"`input_shape` must be positive, got {input_shape}.")
@@ -165,7 +184,10 @@ class _Builder:
             self.shape = (self.shape[0], self.shape[1], filters)
         kwargs = self._quantizers()
         # The first layer sees the float image: nothing to bit-pack, so larq's layer.
-        cls = lq.layers.QuantConv2D if kwargs["input_quantizer"] is None else self.conv_cls
+        if kwargs["input_quantizer"] is None:
+            cls = lq.layers.QuantConv2D
+        else:
+            cls, kwargs = self.conv_cls, {**kwargs, **self.storage}
         self.layers.append(cls(filters, 3, padding=padding, name=f"conv{index}", **kwargs))
 
     def max_pool(self) -> None:
@@ -181,7 +203,10 @@ class _Builder:
             self.shape = (int(np.prod(self.shape)),)
         self.shape = (units,)
         kwargs = self._quantizers()
-        cls = lq.layers.QuantDense if kwargs["input_quantizer"] is None else self.dense_cls
+        if kwargs["input_quantizer"] is None:
+            cls = lq.layers.QuantDense
+        else:
+            cls, kwargs = self.dense_cls, {**kwargs, **self.storage}
         self.layers.append(cls(units, name=f"dense{index}", **kwargs))
 
     def norm(self) -> None:
@@ -209,6 +234,7 @@ def mlp(
     num_classes: int = 10,
     hidden_units: int = 256,
     momentum: float = 0.9,
+    storage_dtype: str | None = None,
 ) -> tf.keras.Sequential:
     """The paper's binary MLP (MNIST-like): flatten -> dense 256 x 4 -> dense classes.
 
@@ -227,11 +253,14 @@ def mlp(
         input_shape, num_classes: data shape and number of classes.
         hidden_units: width of the four hidden layers (256 in the paper).
         momentum: of the batch normalization's moving statistics.
+        storage_dtype: with low_memory=True, "float16" or "bfloat16" stores the
+            binary layers' latent kernels, and so the optimizer's slots for them,
+            in 16 bits (the first layer, on the float image, stays float32).
     """
     num_classes = _check_classes(num_classes)
     build = _Builder(
         "mlp", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
-        momentum, "(28, 28, 1) or any shape (it is flattened)",
+        momentum, "(28, 28, 1) or any shape (it is flattened)", storage_dtype,
     )
     build.layers.append(tf.keras.layers.Flatten(name="flatten"))
     build.shape = (int(np.prod(build.shape)),)
@@ -249,6 +278,7 @@ def cnv(
     input_shape: Sequence[int] = (32, 32, 3),
     num_classes: int = 10,
     momentum: float = 0.9,
+    storage_dtype: str | None = None,
 ) -> tf.keras.Sequential:
     """FINN's CNV (CIFAR-10/SVHN): 'valid' 3x3 convs, BN before pooling.
 
@@ -264,7 +294,7 @@ def cnv(
     num_classes = _check_classes(num_classes)
     build = _Builder(
         "cnv", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
-        momentum, "(32, 32, 3) or larger (CIFAR-10, SVHN)",
+        momentum, "(32, 32, 3) or larger (CIFAR-10, SVHN)", storage_dtype,
     )
     for filters, pool in ((64, True), (128, True), (256, False)):
         for _ in range(2):
@@ -286,6 +316,7 @@ def binarynet(
     input_shape: Sequence[int] = (32, 32, 3),
     num_classes: int = 10,
     momentum: float = 0.9,
+    storage_dtype: str | None = None,
 ) -> tf.keras.Sequential:
     """BinaryNet (Courbariaux & Bengio) for CIFAR-10/SVHN: 'same' 3x3 convs, pooling before BN.
 
@@ -301,7 +332,7 @@ def binarynet(
     num_classes = _check_classes(num_classes)
     build = _Builder(
         "binarynet", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
-        momentum, "(32, 32, 3) (CIFAR-10, SVHN), at least 8x8",
+        momentum, "(32, 32, 3) (CIFAR-10, SVHN), at least 8x8", storage_dtype,
     )
     for filters in (128, 256, 512):
         build.conv(filters, "same")
@@ -353,8 +384,12 @@ def _quantizer_specs(quantizer) -> dict[str, Any] | None:
 class _Conversion:
     """Clone function for `tf.keras.models.clone_model` plus the weight copying."""
 
-    def __init__(self, quantizer, batch_norm: str | None, low_memory: bool):
+    def __init__(
+        self, quantizer, batch_norm: str | None, low_memory: bool, storage_dtype: str | None = None
+    ):
         _check_batch_norm(batch_norm, allow_none=True)
+        _check_storage(storage_dtype, low_memory)
+        self.storage_dtype = storage_dtype
         self.specs = _quantizer_specs(quantizer)
         self.batch_norm = batch_norm
         self.low_memory = bool(low_memory)
@@ -400,8 +435,12 @@ class _Conversion:
             try:
                 low_cls = _low_memory_class(target)
                 if low_cls is not cls:
+                    note = ["low_memory"]
+                    if self.storage_dtype is not None and target != "MaxPool2D":
+                        config = {**config, "storage_dtype": self.storage_dtype}
+                        note.append(f"kernel in {self.storage_dtype}")
                     new = low_cls.from_config(config)
-                    return self._note(layer, new, changed + ["low_memory"])
+                    return self._note(layer, new, changed + note)
             except (ValueError, TypeError, ImportError, NotImplementedError) as error:
                 self._skip(layer, f"not made low-memory: {error}")
         return self._note(layer, cls.from_config(config), changed)
@@ -550,6 +589,7 @@ def convert(
     quantizer=None,
     batch_norm: str | None = None,
     low_memory: bool = False,
+    storage_dtype: str | None = None,
 ) -> tf.keras.Model:
     """A copy of `model` with PC++ pairs, BinaryBatchNorm and/or low-memory layers, weights kept.
 
@@ -570,6 +610,8 @@ def convert(
             (`l2_to_l1_batch_norm`); the reverse is exact (`l1_to_l2_batch_norm`).
         low_memory: replace larq's QuantConv2D/QuantDense and Keras' MaxPool2D by
             larq_prox.layers' bit-packing versions (same configuration).
+        storage_dtype: with low_memory=True, "float16" or "bfloat16" kernels for
+            the converted QuantConv2D/QuantDense layers (weights are rounded).
 
     # Returns
         The new model. `model.converted` lists what changed per layer and
@@ -581,7 +623,7 @@ def convert(
         raise ValueError(
             "`model` is not built: give it an Input shape or call it on data before convert()."
         )
-    conversion = _Conversion(quantizer, batch_norm, low_memory)
+    conversion = _Conversion(quantizer, batch_norm, low_memory, storage_dtype)
     new = _convert_model(model, conversion)
     conversion.copy_weights()
     new.converted = conversion.converted

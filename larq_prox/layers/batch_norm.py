@@ -55,14 +55,46 @@ MODES = ("proposed", "l1", "exact")
 """Valid values of `BinaryBatchNorm(mode=...)`."""
 
 
-def l1_moments(y: tf.Tensor, axes: Sequence[int], epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
+def chunked_sum(
+    function: Callable[..., tf.Tensor], tensors: Sequence[tf.Tensor], axes: Sequence[int], chunks: int
+) -> tf.Tensor:
+    """`reduce_sum(function(*tensors), axes, keepdims=True)`, in `chunks` batch slices.
+
+    The slices along axis 0 share their tensor's buffer and run one after the
+    other, so the element-wise temporary of `function` is 1/chunks of a tensor
+    instead of a whole one: in a training step every full-size temporary adds
+    to the memory peak. One chunk when axis 0 is not reduced.
+    """
+    if chunks <= 1 or 0 not in axes:
+        return tf.reduce_sum(function(*tensors), axis=axes, keepdims=True)
+    batch = tf.shape(tensors[0])[0]
+    total = None
+    for i in range(chunks):
+        start, stop = batch * i // chunks, batch * (i + 1) // chunks
+        # Each chunk waits for the previous one: side by side they would
+        # hold all their temporaries at once.
+        with tf.control_dependencies([] if total is None else [total]):
+            part = tf.reduce_sum(function(*(t[start:stop] for t in tensors)), axis=axes, keepdims=True)
+        total = part if total is None else total + part
+    return total
+
+
+def _count(y: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+    """Elements per channel (the product of the reduced axes' sizes), in y's dtype."""
+    return tf.cast(tf.reduce_prod(tf.gather(tf.shape(y), axes)), y.dtype)
+
+
+def l1_moments(
+    y: tf.Tensor, axes: Sequence[int], epsilon: float, chunks: int = 1
+) -> tuple[tf.Tensor, tf.Tensor]:
     r"""Per-channel \(\mu = \operatorname{mean}(y)\), \(\psi = \operatorname{mean}|y - \mu| + \epsilon\).
 
-    Both keep the reduced axes (size 1) so they broadcast against `y`.
+    Both keep the reduced axes (size 1) so they broadcast against `y`;
+    `chunks` bounds the temporary of \(|y - \mu|\) (see `chunked_sum`).
     """
     mean = tf.reduce_mean(y, axis=axes, keepdims=True)
-    psi = tf.reduce_mean(tf.abs(y - mean), axis=axes, keepdims=True) + epsilon
-    return mean, psi
+    deviation = chunked_sum(lambda part: tf.abs(part - mean), [y], axes, chunks)
+    return mean, deviation / _count(y, axes) + epsilon
 
 
 def _sign(x: tf.Tensor) -> tf.Tensor:
@@ -72,15 +104,23 @@ def _sign(x: tf.Tensor) -> tf.Tensor:
 
 
 def proposed_gradient(
-    dx: tf.Tensor, signs: tf.Tensor, psi: tf.Tensor, omega: tf.Tensor, axes: Sequence[int]
+    dx: tf.Tensor,
+    signs: tf.Tensor,
+    psi: tf.Tensor,
+    omega: tf.Tensor,
+    axes: Sequence[int],
+    chunks: int = 1,
 ) -> tf.Tensor:
     r"""\(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,\operatorname{sign}(x)\,\omega)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\)."""
     # psi and omega are per channel, so this equals
-    # (dx - mean(dx) - omega * mean(dx * s) * s) / psi, which TF evaluates with
-    # two full-size temporaries at a time instead of four (the later ops reuse
-    # their input's buffer): the backward working set is the memory peak.
-    k = omega * tf.reduce_mean(dx * signs, axis=axes, keepdims=True)
-    centre = tf.reduce_mean(dx, axis=axes, keepdims=True) + k * signs
+    # (dx - mean(dx) - omega * mean(dx * s) * s) / psi. Written so that each
+    # element-wise op can reuse its input's buffer (k * s overwrites s,
+    # dx - centre overwrites dx) and the product dx * s exists only chunk
+    # by chunk: the backward working set is dx and s, the step's memory peak.
+    count = _count(dx, axes)
+    correlation = chunked_sum(tf.multiply, [dx, signs], axes, chunks)
+    centre = tf.reduce_sum(dx, axis=axes, keepdims=True) / count
+    centre = (omega * correlation / count) * signs + centre
     return (dx - centre) / psi
 
 
@@ -91,21 +131,32 @@ def l1_gradient(dx: tf.Tensor, x: tf.Tensor, psi: tf.Tensor, axes: Sequence[int]
     return v - tf.reduce_mean(v, axis=axes, keepdims=True) - correlation * _sign(x)
 
 
+_CHUNKS = 4
+"""Batch slices of the proposed mode's reductions (see `chunked_sum`)."""
+
+
 def _normalize_proposed(y, beta, mean, psi, axes):
     @tf.custom_gradient
     def normalize(y, beta, mean, psi):
-        x = (y - mean) / psi + beta
-        omega = tf.reduce_mean(tf.abs(x), axis=axes, keepdims=True)
+        # After psi: then this is y's last reader and may overwrite y in place.
+        with tf.control_dependencies([psi]):
+            x = (y - mean) / psi + beta
+        omega = chunked_sum(tf.abs, [x], axes, _CHUNKS) / _count(x, axes)
         bits = bitpack.pack_signs(x)
         shape = tf.shape(x)
+        # The next layer starts once omega and the bits exist, so that it does
+        # not allocate its activations while x's reductions are still running.
+        with tf.control_dependencies([omega, bits]):
+            x = tf.identity(x)
 
         # Closes over bits (uint8), the int shape and per-channel psi, omega only.
         def grad(dx):
             # Gate the unpacking on dx, or graph mode schedules it during the forward.
             with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(bits, shape, dx.dtype)
-            dy = proposed_gradient(dx, signs, psi, omega, axes)
-            dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
+            dy = proposed_gradient(dx, signs, psi, omega, axes, _CHUNKS)
+            # The same reduction as in proposed_gradient (TF computes it once).
+            dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes, keepdims=True), tf.shape(beta))
             return dy, dbeta, None, None
 
         return x, grad
@@ -282,7 +333,8 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         return training
 
     def _train(self, y: tf.Tensor) -> tf.Tensor:
-        mean, psi = l1_moments(y, self._reduction_axes, self.epsilon)
+        chunks = _CHUNKS if self.mode == "proposed" else 1
+        mean, psi = l1_moments(y, self._reduction_axes, self.epsilon, chunks)
         beta = tf.reshape(self._beta(), self._broadcast_shape)
         if self.mode != "exact":
             # The custom backward is the whole gradient of y; the moments are

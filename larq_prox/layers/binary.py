@@ -43,6 +43,14 @@ through an equivalent pair without `zeros_like`/`ones_like` (TF folds those
 into resident kernel-sized constants), quantized only when the layer's input
 arrives, and its +-1 values are kept as bits for the backward pass as well.
 
+`storage_dtype="float16"` (or "bfloat16") stores a layer's latent kernel in
+16 bits; the optimizer creates its slots in the variable's dtype, so Adam's
+two moments halve too, and the update runs in that dtype. The forward and
+backward computations stay float32 (the kernel is +-1 there, exact in any
+dtype); the kernel gradient is rounded to 16 bits. Meant for the recipe with
+`BinaryGradient`, whose updates \(\pm 1/\sqrt{\text{fan\_in}}\) float16 holds well;
+raw gradients below float16's range (6e-8) would vanish.
+
 The saving is real only inside a `tf.function` (the train step of
 `model.fit`): eager execution keeps every op's output alive on the tape.
 Classes are registered as "larq_prox>QuantConv2D" etc., so larq's own
@@ -69,6 +77,8 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 from larq import context
+from larq.layers_base import BaseLayer
+from larq.quantized_variable import QuantizedVariable
 
 from larq_prox import bitpack
 from larq_prox import quantizers as pcpp_quantizers
@@ -196,6 +206,59 @@ def _sign(x: tf.Tensor) -> tf.Tensor:
     return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
 
 
+STORAGE_DTYPES = (None, "float16", "bfloat16")
+"""Valid `storage_dtype` of the low-memory layers' kernels (None: the layer's dtype)."""
+
+
+class _StoredKernel:
+    """Kernel quantizer of a kernel stored in 16 bits: quantize, then compute in `dtype`.
+
+    A sign quantizer runs on the 16-bit latent weights (+-1 is exact in any
+    float type) and only its +-1 result is cast: its gradient then closes
+    over the 16-bit variable read, not over a float32 copy of the kernel.
+    Other quantizers get the kernel cast to `dtype` first (their own
+    variables, e.g. SignSwish's beta, are float32). `precision` is the
+    wrapped quantizer's, so BinaryGradient still sees a binary kernel.
+    """
+
+    def __init__(self, quantizer, dtype):
+        self.quantizer = quantizer
+        self.dtype = tf.as_dtype(dtype)
+        self.precision = getattr(quantizer, "precision", None)
+
+    def __call__(self, kernel):
+        if self.quantizer is None:
+            return tf.cast(kernel, self.dtype)
+        if isinstance(self.quantizer, _KernelSign):
+            return tf.cast(self.quantizer(kernel), self.dtype)
+        return self.quantizer(tf.cast(kernel, self.dtype))
+
+
+class _StoredVariable(QuantizedVariable):
+    """A QuantizedVariable over a 16-bit latent kernel that converts to the dtype asked for.
+
+    larq's own would refuse a float32 conversion of a float16 variable, which
+    Keras' conv/dense ops request.
+    """
+
+    def _dense_var_to_tensor(self, dtype=None, name=None, as_ref=False):
+        value = self._quantize(self.latent_variable._dense_var_to_tensor(name=name, as_ref=as_ref))
+        if dtype is not None and value.dtype != dtype:
+            value = tf.cast(value, dtype)
+        return value
+
+
+def _check_storage_dtype(storage_dtype) -> str | None:
+    if storage_dtype is not None and not isinstance(storage_dtype, str):
+        storage_dtype = tf.as_dtype(storage_dtype).name
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(
+            f"`storage_dtype` must be one of {STORAGE_DTYPES} (the kernel's variable and "
+            f"optimizer-slot type), got {storage_dtype!r}."
+        )
+    return storage_dtype
+
+
 def _straight_through(dx: tf.Tensor, packed_mask, mask_values=None) -> tf.Tensor:
     """dx * B'(x) with B' = 1{|x| <= c}, or `mask_values` = (inside, outside) scalars.
 
@@ -213,17 +276,19 @@ def _straight_through(dx: tf.Tensor, packed_mask, mask_values=None) -> tf.Tensor
 
 def _binarize_and_pack(x: tf.Tensor, clip_value):
     """sign(x), its packed bits and the packed mask 1{|x| <= c} (None without a clip)."""
-    packed_signs = bitpack.pack_signs(x)
+    positive = x >= 0
+    packed_signs = bitpack.pack_bits(positive)
     packed_mask = None
     if clip_value is not None:
         # Two comparisons, not abs(x): no float temporary of x's size.
         clip = tf.cast(clip_value, x.dtype)
         inside = tf.logical_and(x <= clip, x >= -clip)
         packed_mask = bitpack.pack_bits(inside)
-    # Packing first lets x be freed as soon as sign(x) exists, before the
-    # conv's output is allocated.
+    # Only comparisons read x, and the signs come from their bool result once
+    # the bits are packed: x is freed before sign(x) and the conv's output
+    # are allocated (two float activations alive here, not three).
     with tf.control_dependencies([p for p in (packed_signs, packed_mask) if p is not None]):
-        signs = _sign(x)
+        signs = tf.where(positive, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
     return signs, packed_signs, packed_mask
 
 
@@ -331,7 +396,12 @@ def binary_conv2d(
                 dkernel = partial if dkernel is None else dkernel + partial
                 gate = dkernel
             restored = kept_kernel(dkernel)
-            dxs = []
+            if k > 1:
+                # The chunks are written into one buffer in place: a concat
+                # would hold all chunks and the whole result at once.
+                with tf.control_dependencies([gate]):
+                    dx_all = tf.raw_ops.Empty(shape=shape, dtype=dy.dtype, init=False)
+                gate = dx_all
             for i in range(k):
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
                 with tf.control_dependencies([gate]):
@@ -342,9 +412,14 @@ def binary_conv2d(
                 if explicit is not None:
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
                 mask = None if packed_mask is None else part(packed_mask, i, bytes_per_sample)
-                dxs.append(_straight_through(dx, mask, mask_values))
-                gate = dxs[-1]
-            return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
+                dx = _straight_through(dx, mask, mask_values)
+                if k == 1:
+                    return dx, dkernel
+                dx_all = tf.raw_ops.InplaceUpdate(
+                    x=dx_all, i=tf.range(bounds[i], bounds[i + 1]), v=dx
+                )
+                gate = dx_all
+            return dx_all, dkernel
 
         return outputs, grad
 
@@ -507,14 +582,39 @@ class _LowMemoryKernel(_WarnOnce):
 
     def _get_quantizer(self, name):
         quantizer = super()._get_quantizer(name)
-        pair = _sign_pair(quantizer) if name == "kernel" else None
-        if pair is None or pair == "float" or pair[0] == _MASK_PAIR:
-            return quantizer  # RPC kernels keep larq's QuantizedVariable path
-        return _KernelSign(*pair)
+        if name != "kernel":
+            return quantizer
+        pair = _sign_pair(quantizer)
+        if not (pair is None or pair == "float" or pair[0] == _MASK_PAIR):
+            quantizer = _KernelSign(*pair)  # RPC kernels keep larq's quantizer
+        if self.storage_dtype is not None:
+            quantizer = _StoredKernel(quantizer, self.compute_dtype)
+        return quantizer
+
+    def _add_variable_with_custom_getter(self, name, **kwargs):
+        if name != "kernel" or self.storage_dtype is None:
+            return super()._add_variable_with_custom_getter(name, **kwargs)
+        quantizer, make = self._get_quantizer(name), kwargs.pop("getter")
+
+        def getter(*args, **getter_kwargs):
+            return _StoredVariable.from_variable(make(*args, **getter_kwargs), quantizer)
+
+        # Keras' method with this getter, instead of larq's QuantizedVariable one.
+        return super(BaseLayer, self)._add_variable_with_custom_getter(
+            name, getter=getter, **kwargs
+        )
+
+    def add_weight(self, name=None, shape=None, dtype=None, **kwargs):
+        if name == "kernel" and self.storage_dtype is not None:
+            dtype = self.storage_dtype  # the optimizer's slots follow the variable's dtype
+        return super().add_weight(name=name, shape=shape, dtype=dtype, **kwargs)
 
     @property
     def _binary_kernel(self) -> bool:
-        return isinstance(getattr(self.kernel, "quantizer", None), _KernelSign)
+        quantizer = getattr(self.kernel, "quantizer", None)
+        quantizer = getattr(quantizer, "quantizer", quantizer) if isinstance(
+            quantizer, _StoredKernel) else quantizer
+        return isinstance(quantizer, _KernelSign)
 
     def _quantized_kernel(self, inputs: tf.Tensor) -> tf.Tensor:
         # Quantize when the input arrives: graph mode would otherwise compute
@@ -546,6 +646,9 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
     partial products; TF picks conv kernels by batch size);
     `backward_chunks=1` gives larq's gradients bit for bit.
 
+    `storage_dtype` (None, "float16", "bfloat16"): the dtype of the latent
+    kernel variable, and so of its optimizer slots (see the module docstring).
+
     ```python
     layer = lqp.layers.QuantConv2D(128, 3, padding="same", input_quantizer="ste_sign",
                                    kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
@@ -554,12 +657,14 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
 
     _standard_name = "QuantConv2D"
 
-    def __init__(self, *args, backward_chunks: int = 4, **kwargs):
+    def __init__(self, *args, backward_chunks: int = 4, storage_dtype: str | None = None,
+                 **kwargs):
         if not isinstance(backward_chunks, int) or backward_chunks < 1:
             raise ValueError(
                 f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}."
             )
         self.backward_chunks = backward_chunks
+        self.storage_dtype = _check_storage_dtype(storage_dtype)
         super().__init__(*args, **kwargs)
         self._init_low_memory()
         if self._reason is None:
@@ -595,15 +700,19 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
         return _low_memory_if_training(training, low_memory, standard)
 
     def get_config(self):
-        return {**super().get_config(), "backward_chunks": self.backward_chunks}
+        return {
+            **super().get_config(),
+            "backward_chunks": self.backward_chunks,
+            "storage_dtype": self.storage_dtype,
+        }
 
 
 @_register
 class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
     """larq's `QuantDense` whose training step keeps only the input's sign (and mask) bits.
 
-    Same arguments and config as `larq.layers.QuantDense`; inputs of rank > 2
-    are flattened to 2-D around the op.
+    Same arguments and config as `larq.layers.QuantDense`, plus `storage_dtype`
+    (as `QuantConv2D`); inputs of rank > 2 are flattened to 2-D around the op.
 
     ```python
     layer = lqp.layers.QuantDense(1024, input_quantizer="ste_sign",
@@ -613,7 +722,8 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
 
     _standard_name = "QuantDense"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, storage_dtype: str | None = None, **kwargs):
+        self.storage_dtype = _check_storage_dtype(storage_dtype)
         super().__init__(*args, **kwargs)
         self._init_low_memory()
 
@@ -636,6 +746,9 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
             return super(QuantDense, self).call(inputs)
 
         return _low_memory_if_training(training, low_memory, standard)
+
+    def get_config(self):
+        return {**super().get_config(), "storage_dtype": self.storage_dtype}
 
 
 @_register
