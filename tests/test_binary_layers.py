@@ -211,12 +211,14 @@ def test_max_pool_matches_keras_under_xla():
         np.testing.assert_array_equal(got, want)
 
 
-def test_conv_and_dense_under_xla():
-    shape = (2, 8, 8, 8)
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_conv_under_xla(chunks):
+    shape = (4, 8, 8, 8)
     standard, low = _pair(
         lq.layers.QuantConv2D,
         lqp_layers.QuantConv2D,
         shape,
+        chunks=chunks,
         filters=4,
         kernel_size=3,
         padding="same",

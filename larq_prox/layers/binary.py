@@ -79,6 +79,7 @@ import tensorflow as tf
 from larq import context
 from larq.layers_base import BaseLayer
 from larq.quantized_variable import QuantizedVariable
+from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
 from larq_prox import bitpack
 from larq_prox import quantizers as pcpp_quantizers
@@ -396,9 +397,12 @@ def binary_conv2d(
                 dkernel = partial if dkernel is None else dkernel + partial
                 gate = dkernel
             restored = kept_kernel(dkernel)
-            if k > 1:
-                # The chunks are written into one buffer in place: a concat
-                # would hold all chunks and the whole result at once.
+            # The chunks are written into one buffer in place: a concat would
+            # hold all chunks and the whole result at once. XLA has no
+            # InplaceUpdate, and places a concat's parts in its output anyway.
+            in_place = k > 1 and not _in_xla_context()
+            dxs = []
+            if in_place:
                 with tf.control_dependencies([gate]):
                     dx_all = tf.raw_ops.Empty(shape=shape, dtype=dy.dtype, init=False)
                 gate = dx_all
@@ -413,17 +417,26 @@ def binary_conv2d(
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
                 mask = None if packed_mask is None else part(packed_mask, i, bytes_per_sample)
                 dx = _straight_through(dx, mask, mask_values)
-                if k == 1:
-                    return dx, dkernel
+                if not in_place:
+                    dxs.append(dx)
+                    gate = dx
+                    continue
                 dx_all = tf.raw_ops.InplaceUpdate(
                     x=dx_all, i=tf.range(bounds[i], bounds[i + 1]), v=dx
                 )
                 gate = dx_all
+            if not in_place:
+                return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
             return dx_all, dkernel
 
         return outputs, grad
 
     return _op(x, kernel)
+
+
+def _in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (e.g. `jit_compile=True`)."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _same_padding(x, kernel, strides, dilations):
