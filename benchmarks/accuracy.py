@@ -13,9 +13,12 @@ different scales); PC varrho 1 -> 0 (linear, so F is sign in the last epoch);
 rPC rho 0.2 -> 0 (linear).
 
     python benchmarks/accuracy.py --models mlp          # the committed MLP grid
+    python benchmarks/accuracy.py --models cnv --cnv-epochs 3 --cnv-train-examples 3000 \
+        --test-examples 2000 --out benchmarks/results/accuracy_cnv.json   # CNV, ~75 min
     python benchmarks/accuracy.py --models mlp --seeds 1 --epochs 2 --train-examples 5000
 
-Writes benchmarks/results/accuracy.json, accuracy.md and accuracy.png.
+Writes benchmarks/results/accuracy.json, accuracy.md and accuracy.png (or --out's
+name with .json/.md/.png).
 """
 
 import argparse
