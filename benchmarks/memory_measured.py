@@ -8,7 +8,7 @@ get_memory_info("CPU:0")` reports current and peak bytes; the process's peak
 RSS is the cross-check. Configurations alternate within each repetition, so
 the step-time ratios compare runs made under the same machine load.
 
-    python benchmarks/memory_measured.py           # ~20 minutes on 2 busy cores
+    python benchmarks/memory_measured.py           # ~30 minutes on 2 busy cores
     python benchmarks/memory_measured.py --quick   # ~8 minutes
 
 Configurations (all built by `larq_prox.models.binarynet` with larq's `ste_sign`
