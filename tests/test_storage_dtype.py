@@ -112,10 +112,11 @@ def test_one_adam_step_in_float16_matches_float32():
         np.testing.assert_allclose(kernel.numpy().astype(np.float32), want, rtol=2e-3, atol=1e-5)
 
 
-def test_config_and_h5_round_trip(tmp_path):
+@pytest.mark.parametrize("suffix", [".h5", ""])  # H5 file, SavedModel directory
+def test_config_h5_and_saved_model_round_trip(tmp_path, suffix):
     model = _small_net("float16")
     x = np.random.default_rng(0).uniform(-1, 1, size=(4, 6, 6, 1)).astype(np.float32)
-    path = str(tmp_path / "model.h5")
+    path = str(tmp_path / f"model{suffix}")
     model.save(path)
     loaded = tf.keras.models.load_model(path)
     dense = loaded.get_layer("dense2")
