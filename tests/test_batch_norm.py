@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from larq_prox.layers import BinaryBatchNorm
-from larq_prox.layers.batch_norm import MODES
+from larq_prox.layers.batch_norm import MODES, chunked_sum
 
 EPS = 1e-3
 
@@ -367,3 +367,13 @@ def test_fashion_mnist_proposed_matches_standard_bn(fashion_mnist):
         print(f"{name}: test accuracy {accuracy[name]:.4f} ({time.perf_counter() - start:.1f} s)")
     assert accuracy["standard"] > 0.7  # both actually learn
     assert accuracy["proposed"] >= accuracy["standard"] - 0.03, accuracy
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 9])  # fewer samples than chunks, uneven chunks
+@pytest.mark.parametrize("axes", [[0, 1, 2], [1, 2]])  # the batch axis reduced or not
+def test_chunked_sum_matches_numpy(batch, axes):
+    rng = np.random.default_rng(batch)
+    a, b = rng.normal(size=(2, batch, 3, 4, 5)).astype(np.float32)
+    got = tf.function(lambda a, b: chunked_sum(tf.multiply, [a, b], axes, 4))(a, b)
+    want = np.sum(a.astype(np.float64) * b, axis=tuple(axes), keepdims=True)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
