@@ -417,17 +417,15 @@ def binary_conv2d(
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
                 mask = None if packed_mask is None else part(packed_mask, i, bytes_per_sample)
                 dx = _straight_through(dx, mask, mask_values)
-                if not in_place:
+                if in_place:
+                    rows_i = tf.range(bounds[i], bounds[i + 1])
+                    dx_all = gate = tf.raw_ops.InplaceUpdate(x=dx_all, i=rows_i, v=dx)
+                else:
                     dxs.append(dx)
                     gate = dx
-                    continue
-                dx_all = tf.raw_ops.InplaceUpdate(
-                    x=dx_all, i=tf.range(bounds[i], bounds[i + 1]), v=dx
-                )
-                gate = dx_all
-            if not in_place:
-                return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
-            return dx_all, dkernel
+            if in_place:
+                return dx_all, dkernel
+            return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
 
         return outputs, grad
 
@@ -625,8 +623,8 @@ class _LowMemoryKernel(_WarnOnce):
     @property
     def _binary_kernel(self) -> bool:
         quantizer = getattr(self.kernel, "quantizer", None)
-        quantizer = getattr(quantizer, "quantizer", quantizer) if isinstance(
-            quantizer, _StoredKernel) else quantizer
+        if isinstance(quantizer, _StoredKernel):
+            quantizer = quantizer.quantizer
         return isinstance(quantizer, _KernelSign)
 
     def _quantized_kernel(self, inputs: tf.Tensor) -> tf.Tensor:
