@@ -39,11 +39,15 @@ it per point (`ratio_measured_over_modeled`). Committed run at B=100: standard
 measured standard/proposed 1.41x / 2.84x / 3.18x against 2.78x / 3.92x / 3.71x
 modeled (the MLP's few MiB are mostly TF's fixed overhead). Headroom: MLP and
 BinaryNet train batch 500 within standard's batch-100 peak (5.0x); CNV batch
-200 (2.0x; the line predicted 309, the check at 300 measured 263 > 225 MiB).
+275 (2.75x: the line predicted 309, the check at 300 measured 263 > 225 MiB,
+bisection found 250 and 275 within; CNV's peaks are not linear in the batch,
+300 measured 263-276 MiB against 160 at 275).
 Headroom: for each model the budget
 is standard's measured peak at batch 100; a least-squares line through the
 proposed setup's measured points predicts the largest batch within it, and one
-more measured run at that batch (rounded down to `_ROUND[model]`) checks it.
+more measured run at that batch (rounded down to `_ROUND[model]`) checks it;
+if it is over the budget, up to three runs bisect between the largest batch
+measured within and the smallest over it.
 
     nice -n 10 python benchmarks/memory_headroom.py      # ~22 minutes on 2 busy cores
     python benchmarks/memory_headroom.py --models mlp --setups proposed  # a subset
@@ -171,7 +175,7 @@ def linear_fit(points: list[dict]) -> dict:
 
 
 def headroom(model_name: str, points: dict[str, list[dict]], budget: float) -> dict:
-    """Largest proposed batch within `budget`: by the fit, then checked by one run."""
+    """Largest proposed batch within `budget`: by the fit, checked by a run, then bisected."""
     fit = linear_fit(points["proposed"])
     if fit["per_sample_mib"] <= 0 or fit["intercept_mib"] >= budget:
         return {"budget_mib": budget, "fit": fit, "predicted_largest_batch": None,
@@ -184,8 +188,28 @@ def headroom(model_name: str, points: dict[str, list[dict]], budget: float) -> d
     result["check"] = verify
     if "error" not in verify:
         result["check_within_budget"] = verify["measured_peak_mib"] <= budget
-    within = [p["batch_size"] for p in points["proposed"] + [verify]
-              if p.get("measured_peak_mib", budget + 1) <= budget]
+    measured = points["proposed"] + [verify]
+
+    def fits(point):
+        return point.get("measured_peak_mib", budget + 1) <= budget
+
+    # The line can miss (peaks are not exactly linear): bisect between the
+    # largest batch measured within the budget and the smallest one over it.
+    step = _ROUND[model_name]
+    result["bisection"] = []
+    for _ in range(3):
+        low = max((p["batch_size"] for p in measured if fits(p)), default=0)
+        high = min((p["batch_size"] for p in measured if not fits(p) and p["batch_size"] > low),
+                   default=None)
+        if high is None or high - low <= step:
+            break
+        middle = (low + high) // 2 // step * step
+        if middle <= low:
+            break
+        point = measure(model_name, "proposed", middle)
+        result["bisection"].append(point)
+        measured.append(point)
+    within = [p["batch_size"] for p in measured if fits(p)]
     result["largest_measured_batch_within_budget"] = max(within, default=None)
     result["measured_headroom"] = (result["largest_measured_batch_within_budget"] or 0) / 100
     return result
