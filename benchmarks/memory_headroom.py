@@ -242,10 +242,19 @@ def plot(results: dict, path: Path) -> None:
             if "measured_peak_mib" in check:
                 ax.plot([check["batch_size"]], [check["measured_peak_mib"]], "*", ms=12,
                         color=colors["proposed"], label=f"check B={check['batch_size']}")
+            extra = [p for p in room.get("bisection", []) if "measured_peak_mib" in p]
+            if extra:
+                ax.plot([p["batch_size"] for p in extra], [p["measured_peak_mib"] for p in extra],
+                        "x", ms=8, color=colors["proposed"], label="bisection")
+            best = room.get("largest_measured_batch_within_budget")
+            if best:
+                ax.set_title(f"{model_name}: B={best} within budget "
+                             f"({room['measured_headroom']:.2f}x)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
-        ax.set_title(model_name)
+        if not ax.get_title():
+            ax.set_title(model_name)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("MiB (measured: TF allocator peak)")
     axes[0][0].legend(fontsize=7)
