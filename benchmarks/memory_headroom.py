@@ -66,6 +66,8 @@ import sys
 import time
 from pathlib import Path
 
+from step_memory import measure_steps  # benchmarks/ is this script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MIB = 2.0**20
@@ -119,28 +121,18 @@ def worker(model_name: str, setup: str, batch_size: int, steps: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, size=(batch_size, *shape)).astype(np.float32)
     y = rng.integers(0, 10, size=batch_size)
-    model.train_on_batch(x, y)  # traces the step, creates the optimizer slots
-    resident = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    measured = measure_steps(model, x, y, steps)
+    peak = measured["peak_bytes"]
     report = lqp.memory.estimate(model, batch_size, optimizer, scheme)
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    state = sum(int(np.prod(v.shape)) * v.dtype.size
-                for v in model.weights + inner.weights if v.dtype.is_floating)
     return {
         "model": model_name, "setup": setup, "batch_size": batch_size, "scheme": scheme,
         "measured_peak_mib": peak / MIB,
-        "resident_before_step_mib": resident / MIB,
-        "persistent_state_mib": state / MIB,
+        "resident_before_step_mib": measured["resident_before_step_bytes"] / MIB,
+        "persistent_state_mib": measured["persistent_state_bytes"] / MIB,
         "modeled_total_mib": report.total_mib,
         "modeled_rows_mib": {name: row.mib for name, row in report.rows.items()},
         "ratio_measured_over_modeled": peak / MIB / report.total_mib,
-        "step_seconds": times,
+        "step_seconds": measured["step_seconds"],
         "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

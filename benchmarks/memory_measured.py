@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from step_memory import measure_steps  # benchmarks/ is this script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MIB = 2.0**20
@@ -100,32 +102,14 @@ def worker(config: str, batch_size: int, steps: int) -> dict:
     x = rng.uniform(-1, 1, size=(batch_size, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, size=batch_size)
 
-    # The warm step traces the train function and creates the optimizer slots.
-    model.train_on_batch(x, y)
-    info = tf.config.experimental.get_memory_info("CPU:0")
-    resident = info["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-    state = sum(
-        int(np.prod(v.shape)) * v.dtype.size
-        for v in model.weights + inner.weights
-        if v.dtype.is_floating
-    )
+    measured = measure_steps(model, x, y, steps)
     return {
         "config": config,
         "batch_size": batch_size,
         "steps": steps,
-        "persistent_state_bytes": state,
-        "resident_before_step_bytes": resident,
-        "peak_bytes": peak,
-        "step_peak_above_resident_bytes": peak - resident,
-        "step_seconds": times,
+        **measured,
+        "step_peak_above_resident_bytes": measured["peak_bytes"]
+        - measured["resident_before_step_bytes"],
         "rss_start_bytes": rss_start,
         "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from larq_prox import quantizers as pcpp_quantizers
+from larq_prox.layers.binary import STORAGE_DTYPES  # the layers' choices, also the builders'
 
 __all__ = [
     "BATCH_NORMS",
@@ -91,10 +92,6 @@ def batch_norm_layer(
         return tf.keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
     cls = _binary_batch_norm_class()
     return cls(mode=batch_norm, momentum=momentum, epsilon=epsilon, name=name)
-
-
-STORAGE_DTYPES = (None, "float16", "bfloat16")
-"""Valid `storage_dtype` of the builders and of `convert()`."""
 
 
 def _check_storage(storage_dtype, low_memory: bool) -> None:
