@@ -22,6 +22,7 @@ __all__ = [
     "sign",
     "identity",
     "clip",
+    "approx_sign_derivative",
     "clip_derivative",
     "signswish",
     "signswish_derivative",
@@ -59,6 +60,16 @@ def clip(x: tf.Tensor, clip_value: float = 1.0) -> tf.Tensor:
 def clip_derivative(x: tf.Tensor, clip_value: float = 1.0) -> tf.Tensor:
     r"""\(1\{|x| \le c\}\), the straight-through estimator's gradient mask."""
     return tf.cast(tf.abs(x) <= clip_value, x.dtype)
+
+
+def approx_sign_derivative(x: tf.Tensor) -> tf.Tensor:
+    r"""ApproxSign's surrogate derivative (Bi-Real Net): \(2 - 2|x|\) inside \(|x| \le 1\), else 0.
+
+    ```python
+    approx_sign_derivative(tf.constant([0.0, 0.5, 2.0]))   # [2., 1., 0.]
+    ```
+    """
+    return tf.where(tf.abs(x) <= 1, 2 - 2 * tf.abs(x), tf.constant(0, x.dtype))
 
 
 def signswish(x: tf.Tensor, beta=5.0) -> tf.Tensor:

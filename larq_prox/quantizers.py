@@ -40,6 +40,7 @@ layer = lq.layers.QuantConv2D(
 """
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 
@@ -58,6 +59,8 @@ __all__ = [
     "PC",
     "RPC",
     "ForwardBackward",
+    "BackwardNeeds",
+    "backward_needs",
     "ALIASES",
     "FUNCTIONS",
     "forward_backward",
@@ -139,6 +142,65 @@ def _prox_parameters(rho: float, varrho: float) -> tuple[float, float]:
     return rho, varrho
 
 
+BACKWARD_KINDS = ("none", "mask", "derivative")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardNeeds:
+    r"""What the backward pass of a sign-forward quantizer needs of its input x.
+
+    The low-memory ops read this declaration (never the quantizer's class):
+
+    - `"none"`: \(B' = 1\); nothing of x is needed.
+    - `"mask"`: \(B'(x)\) is `from_mask(mask(x))`, a function of one bit per
+      element (`mask(x)` is bool, `from_mask(bit, dtype)` is elementwise, so
+      B' takes two values: `from_mask(True)` and `from_mask(False)`).
+    - `"derivative"`: \(B'(x)\) needs the magnitude of x: `derivative(x)`
+      computes it; a low-memory layer keeps it at its `backward_bits`.
+
+    ```python
+    lqp.quantizers.backward_needs("ste_sign").kind        # "mask"
+    lqp.quantizers.backward_needs("approx_sign").kind     # "derivative"
+    lqp.quantizers.backward_needs("pcpp_pc")              # None: F is not sign
+    ```
+    """
+
+    kind: str
+    mask: Callable[[tf.Tensor], tf.Tensor] | None = None
+    from_mask: Callable[..., tf.Tensor] | None = None
+    derivative: Callable[[tf.Tensor], tf.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.kind not in BACKWARD_KINDS:
+            raise ValueError(f"`kind` must be one of {BACKWARD_KINDS}, got {self.kind!r}.")
+        needed = {"mask": ("mask", "from_mask"), "derivative": ("derivative",)}
+        for name in needed.get(self.kind, ()):
+            if getattr(self, name) is None:
+                raise ValueError(f"BackwardNeeds(kind={self.kind!r}) needs `{name}`.")
+
+    @property
+    def bits_per_element(self) -> int | None:
+        """Bits per element of x the backward needs (None: a stored B', see the layer)."""
+        return {"none": 0, "mask": 1}.get(self.kind)
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class of `cls`'s MRO that defines attribute `name`."""
+    return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+
+def _declaration_current(quantizer, attribute: str, *methods: str) -> bool:
+    """Whether `attribute` is declared at or below the classes defining `methods`.
+
+    A subclass that overrides a method but not the declaration about it must
+    not inherit that declaration (e.g. a BNN subclass with its own backward).
+    """
+    if attribute in vars(quantizer):  # set per instance (ForwardBackward)
+        return True
+    owner = _owner(type(quantizer), attribute)
+    return all(issubclass(owner, _owner(type(quantizer), m)) for m in methods)
+
+
 class PCPPQuantizer(_BaseQuantizer):
     """Base class of the PC++ pairs: subclasses define `forward` and `backward_derivative`.
 
@@ -147,10 +209,12 @@ class PCPPQuantizer(_BaseQuantizer):
         metrics: larq metrics to add, e.g. `["flip_ratio"]`.
 
     Attributes:
-        backward_storage: what a low-memory layer must keep of the input for
-            the backward pass: `"none"` (B' = 1), `"mask"` (B' is
-            determined by one bit per element) or `"float"` (B' needs the
-            magnitude).
+        backward_storage: what the backward pass needs of the input:
+            `"none"` (B' = 1), `"mask"` (B' is determined by one bit per
+            element: define `backward_mask` and `backward_from_mask`) or
+            `"float"` (B' needs the magnitude). Read through
+            `backward_needs()`, which ignores a declaration that a subclass
+            has outdated by overriding `backward_derivative` without it.
         binary_forward: whether F is sign during training too (then a
             layer's input is +-1 and its signs are all the backward needs).
     """
@@ -185,6 +249,32 @@ class PCPPQuantizer(_BaseQuantizer):
         """The annealable parameters, name -> non-trainable variable."""
         return {}
 
+    def _backward_storage(self) -> str:
+        """`backward_storage`, or "float" where a subclass has outdated the declaration."""
+        methods = {
+            "none": ("backward_derivative",),
+            "mask": ("backward_derivative", "backward_mask", "backward_from_mask"),
+        }.get(self.backward_storage)
+        if methods and _declaration_current(self, "backward_storage", *methods):
+            return self.backward_storage
+        return "float"
+
+    def backward_needs(self) -> BackwardNeeds | None:
+        """What the backward needs of x, or None when the training forward is not sign.
+
+        ```python
+        lqp.quantizers.BNN().backward_needs().kind       # "mask"
+        ```
+        """
+        if not (self.binary_forward and _declaration_current(self, "binary_forward", "forward")):
+            return None
+        storage = self._backward_storage()
+        if storage == "none":
+            return BackwardNeeds("none")
+        if storage == "mask":
+            return BackwardNeeds("mask", mask=self.backward_mask, from_mask=self.backward_from_mask)
+        return BackwardNeeds("derivative", derivative=self.backward_derivative)
+
     def call(self, inputs, training=None):
         if self.hard or getattr(_state, "hard", False):
             forward = prox.sign
@@ -197,7 +287,8 @@ class PCPPQuantizer(_BaseQuantizer):
                     training, lambda: self.forward(x), lambda: prox.sign(x)
                 )
 
-        derivative = None if self.backward_storage == "none" else self.backward_derivative
+        passthrough = self._backward_storage() == "none"
+        derivative = None if passthrough else self.backward_derivative
         outputs = forward_backward(inputs, forward, derivative)
         return super().call(outputs)
 
@@ -251,7 +342,9 @@ class BNN(PCPPQuantizer):
         return prox.clip_derivative(x, self.clip_value)
 
     def backward_mask(self, x):
-        return tf.abs(x) <= self.clip_value
+        # Two comparisons, not abs(x): no float temporary of x's size.
+        clip = tf.cast(self.clip_value, x.dtype)
+        return tf.logical_and(x <= clip, x >= -clip)
 
     def backward_from_mask(self, mask, dtype=tf.float32):
         return tf.cast(mask, dtype)
@@ -373,7 +466,8 @@ class RPC(_ProxPair):
         return self._prox_derivative(x)
 
     def backward_mask(self, x):
-        return tf.abs(x) <= tf.cast(self.varrho, x.dtype)
+        varrho = tf.cast(self.varrho, x.dtype)
+        return tf.logical_and(x <= varrho, x >= -varrho)
 
     def backward_from_mask(self, mask, dtype=tf.float32):
         rho, varrho = tf.cast(self.rho, dtype), tf.cast(self.varrho, dtype)
@@ -458,6 +552,61 @@ class ForwardBackward(PCPPQuantizer):
             "forward": _function_name("forward", self._forward),
             "backward": _function_name("backward", self._backward),
         }
+
+
+def _larq_clip(clip_value) -> BackwardNeeds:
+    if clip_value is None:
+        return BackwardNeeds("none")
+    clip = float(clip_value)
+    return BackwardNeeds(
+        "mask",
+        mask=lambda x: tf.logical_and(x <= clip, x >= -clip),
+        from_mask=lambda bit, dtype=tf.float32: tf.cast(bit, dtype),
+    )
+
+
+def _larq_swish(beta) -> BackwardNeeds:
+    return BackwardNeeds("derivative", derivative=lambda x: prox.signswish_derivative(x, beta))
+
+
+_APPROX = BackwardNeeds("derivative", derivative=prox.approx_sign_derivative)
+
+# The one adapter table of larq's own sign quantizers (their forward is
+# larq.math.sign), keyed by the function or the exact class: a subclass may
+# change the backward, so it is not matched. Quantizers missing here (
+# MagnitudeAwareSign: +-scale, not +-1; DoReFa, SteTern, SteHeaviside: not
+# sign) run the standard computation.
+_LARQ_BACKWARDS: dict[object, Callable[[object], BackwardNeeds]] = {
+    lq.quantizers.ste_sign: lambda q: _larq_clip(1.0),
+    lq.quantizers.SteSign: lambda q: _larq_clip(q.clip_value),
+    lq.quantizers.approx_sign: lambda q: _APPROX,
+    lq.quantizers.ApproxSign: lambda q: _APPROX,
+    lq.quantizers.swish_sign: lambda q: _larq_swish(5.0),
+    lq.quantizers.SwishSign: lambda q: _larq_swish(q.beta),
+}
+
+
+def backward_needs(quantizer) -> BackwardNeeds | None:
+    """What `quantizer`'s backward needs of its input; None if its training forward is not sign.
+
+    PC++ quantizers (and any quantizer with a `backward_needs()` method of its
+    own) declare it; larq's sign quantizers are mapped in one adapter table.
+
+    ```python
+    lqp.quantizers.backward_needs("ste_sign").kind                 # "mask"
+    lqp.quantizers.backward_needs(lq.quantizers.SteSign(None)).kind  # "none"
+    ```
+    """
+    if quantizer is None:
+        return None
+    if isinstance(quantizer, (str, dict)):
+        quantizer = get(quantizer)
+    method = getattr(quantizer, "backward_needs", None)
+    if callable(method):
+        return method()
+    key = quantizer if quantizer in _LARQ_BACKWARDS else type(quantizer)
+    adapter = _LARQ_BACKWARDS.get(key)
+    return None if adapter is None else adapter(quantizer)
 
 
 def get(identifier):

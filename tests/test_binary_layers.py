@@ -271,14 +271,115 @@ def test_non_binary_input_falls_back_with_one_warning(quantizer, caplog):
         np.testing.assert_array_equal(g, want)
 
 
-@pytest.mark.parametrize(
-    "quantizer", ["pcpp_bnn_plus", "pcpp_bnn_plus_plus", "approx_sign", "swish_sign"]
-)
-def test_float_magnitude_backward_is_refused(quantizer):
-    with pytest.raises(ValueError, match="pcpp_bnn.*standard layer"):
-        lqp_layers.QuantDense(4, input_quantizer=quantizer, name="dense_7")
-    with pytest.raises(ValueError, match="QuantConv2D"):
-        lqp_layers.QuantConv2D(4, 3, input_quantizer=quantizer)
+MAGNITUDE_PAIRS = [
+    "approx_sign",
+    "swish_sign",
+    "pcpp_bnn_plus",
+    lqp_quantizers.ForwardBackward(forward="sign", backward="tanh"),
+]
+
+
+@pytest.mark.parametrize("quantizer", MAGNITUDE_PAIRS)
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_magnitude_backward_runs_low_memory_with_stated_error(quantizer, kind):
+    r"""B'(x) stored at 8 bits: |dx - dx_exact| <= (hi - lo) / (2 * 255) * |g| with g = dx at B' = 1."""
+    shape = (4, 6, 6, 8) if kind == "conv" else (6, 24)
+    standard_cls, low_cls = {
+        "conv": (lq.layers.QuantConv2D, lqp_layers.QuantConv2D),
+        "dense": (lq.layers.QuantDense, lqp_layers.QuantDense),
+    }[kind]
+    layer_args = dict(filters=5, kernel_size=3, padding="same") if kind == "conv" else dict(units=5)
+    common = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip", **layer_args)
+    standard = standard_cls(input_quantizer=quantizer, **common)
+    standard.build(shape)
+    extra = dict(backward_chunks=1) if kind == "conv" else {}
+    layers = {
+        bits: low_cls(input_quantizer=quantizer, backward_bits=bits, **common, **extra)
+        for bits in (None, 8, 16)
+    }
+    passthrough = low_cls(input_quantizer="pcpp_bc", **common, **extra)  # B' = 1: g
+    for layer in [*layers.values(), passthrough]:
+        layer.build(shape)
+        layer.set_weights(standard.get_weights())
+        assert layer.low_memory
+    x = _inputs(shape)
+    want = _gradients(standard, x)
+    # backward_bits=None: exact B' (float32 rounding of a product order).
+    for got, expected in zip(_gradients(layers[None], x), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    g = _gradients(passthrough, x)[1]
+    resolved = lqp_quantizers.get(quantizer) if isinstance(quantizer, str) else quantizer
+    derivative = lqp_quantizers.backward_needs(resolved).derivative(x).numpy()
+    spread = derivative.max() - derivative.min()
+    for bits in (8, 16):
+        got = _gradients(layers[bits], x)
+        np.testing.assert_array_equal(got[0], want[0])  # forward
+        for g_w, want_w in zip(got[2:], want[2:], strict=True):  # dW, bias: B' unused
+            np.testing.assert_allclose(g_w, want_w, rtol=1e-6, atol=1e-6)
+        bound = spread / (2 * (2**bits - 1)) * np.abs(g) * (1 + 1e-5) + 1e-6
+        assert np.all(np.abs(got[1] - want[1]) <= bound)
+    # The bound is attained in order of magnitude: 8 bits is not exact.
+    assert np.abs(_gradients(layers[8], x)[1] - want[1]).max() > 0
+
+
+def test_bad_backward_bits():
+    with pytest.raises(ValueError, match="backward_bits"):
+        lqp_layers.QuantDense(4, input_quantizer="approx_sign", backward_bits=4)
+
+
+class _HalfMaskPair(lqp_quantizers.PCPPQuantizer):
+    """A user's pair with a 1-bit backward: B' = 3 inside |x| <= 0.5, 0.25 outside."""
+
+    backward_storage = "mask"
+
+    def backward_derivative(self, x):
+        return tf.where(tf.abs(x) <= 0.5, 3.0, 0.25)
+
+    def backward_mask(self, x):
+        return tf.abs(x) <= 0.5
+
+    def backward_from_mask(self, mask, dtype=tf.float32):
+        return tf.where(mask, tf.constant(3.0, dtype), tf.constant(0.25, dtype))
+
+
+class _ScaledBNN(lqp_quantizers.BNN):
+    """A BNN subclass with its own backward: must not inherit BNN's 1-bit mask."""
+
+    def backward_derivative(self, x):
+        return 2.0 * tf.exp(-tf.square(x))
+
+
+@pytest.mark.parametrize("quantizer, kept_roles", [
+    (_HalfMaskPair(), ["input signs", "input mask"]),
+    (_ScaledBNN(), ["input signs", "input B' (32 bits)"]),
+])
+def test_user_pairs_run_low_memory_by_their_declaration(quantizer, kept_roles):
+    shape = (3, 5, 5, 8)
+    common = dict(filters=4, kernel_size=3, kernel_quantizer=quantizer,
+                  input_quantizer=quantizer, kernel_constraint="weight_clip")
+    standard = lq.layers.QuantConv2D(**common)
+    standard.build(shape)
+    low = lqp_layers.QuantConv2D(backward_chunks=1, backward_bits=None, **common)
+    low.build(shape)
+    low.set_weights(standard.get_weights())
+    assert low.low_memory
+    assert [k.role for k in low.kept_tensors()][:2] == kept_roles
+    x = _inputs(shape)
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_subclass_gradient_differs_from_its_parents():
+    """The check above can fail: BNN's own gradient is not the subclass's."""
+    shape = (3, 5, 5, 8)
+    x = _inputs(shape)
+    grads = []
+    for quantizer in (_ScaledBNN(), lqp_quantizers.BNN()):
+        layer = lqp_layers.QuantConv2D(4, 3, input_quantizer=quantizer, backward_bits=None)
+        layer.build(shape)
+        layer.set_weights([np.ones(w.shape, np.float32) for w in layer.get_weights()])
+        grads.append(_gradients(layer, x)[1])
+    assert not np.allclose(grads[0], grads[1])
 
 
 def test_overlapping_pool_falls_back(caplog):
@@ -455,3 +556,70 @@ def test_rpc_schedule_change_reaches_the_traced_low_memory_step():
     inside = np.abs(x.numpy()) <= 0.5
     np.testing.assert_allclose(after, np.where(inside, 2.0, 0.0) * kernel_rows, rtol=1e-6)
     assert not np.allclose(before, after)
+
+
+def _bytes_read_by_backward(layer, shape):
+    """Bytes of the forward tensors (>= 64 elements) that live backward ops of `layer` read.
+
+    Variable reads alias the variable's own buffer and are not counted; what
+    remains is what the step keeps between forward and backward for this layer.
+    """
+    marker = {}
+
+    @tf.function(input_signature=[tf.TensorSpec(shape)])
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True))
+        marker["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
+        return tape.gradient(loss, [x, *layer.trainable_weights])
+
+    graph = step.get_concrete_function().graph
+    operations = graph.get_operations()
+    forward = set(operations[: marker["forward_ops"]])
+    live, stack = set(), [t.op for t in graph.outputs]
+    while stack:
+        op = stack.pop()
+        if op not in live:
+            live.add(op)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    read = {}
+    for op in live - forward:
+        for tensor in op.inputs:
+            count = tensor.shape.num_elements()
+            if tensor.op in forward and count and count >= 64 and tensor.op.type != "ReadVariableOp":
+                read[tensor.name] = count * tensor.dtype.size
+    return sum(read.values())
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: lqp_layers.QuantConv2D(8, 3, padding="same", input_quantizer="ste_sign",
+                                    kernel_quantizer="ste_sign", backward_chunks=1), (8, 8, 8, 16)),
+    (lambda: lqp_layers.QuantConv2D(8, 3, input_quantizer="ste_sign",
+                                    kernel_quantizer="ste_sign", backward_chunks=4), (8, 8, 8, 16)),
+    (lambda: lqp_layers.QuantConv2D(8, 3, strides=2, input_quantizer="approx_sign",
+                                    kernel_quantizer="magnitude_aware_sign"), (8, 8, 8, 16)),
+    (lambda: lqp_layers.QuantDense(16, input_quantizer="pcpp_bc", kernel_quantizer="pcpp_bnn"),
+     (8, 64)),
+    (lambda: lqp_layers.QuantDense(16, input_quantizer="pcpp_rpc", kernel_quantizer="pcpp_rpc",
+                                   backward_bits=16), (8, 64)),
+    (lambda: lqp_layers.QuantDense(16, input_quantizer="swish_sign", kernel_quantizer="ste_sign",
+                                   backward_bits=16), (8, 64)),
+])
+def test_backward_reads_what_the_layer_declares(make, shape):
+    layer = make()
+    layer.build(shape)
+    declared = sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape))
+    assert _bytes_read_by_backward(layer, shape) == declared, layer.kept_tensors(shape)
+
+
+def test_fallback_declares_what_larq_keeps():
+    """The check can fail: larq's own computation keeps float x and sign(x)."""
+    shape = (8, 64)
+    layer = lqp_layers.QuantDense(16, input_quantizer="pcpp_pc", kernel_quantizer="ste_sign")
+    layer.build(shape)
+    assert not layer.low_memory
+    kept = layer.kept_tensors(shape)
+    assert [k.role for k in kept] == ["input", "quantized input", "kernel"]
+    assert _bytes_read_by_backward(layer, shape) >= 2 * shape[0] * shape[1] * 4

@@ -277,3 +277,65 @@ def test_identity_backward_builds_no_ones_tensor(alias):
              if op.type in ("Const", "OnesLike", "Fill") and op.outputs[0].consumers()]
     assert max(s or 0 for s in sizes) < 64 * 64
     np.testing.assert_array_equal(grad(dy), dy)
+
+
+# ---------------------------------------------------------------- what a backward needs
+
+NEEDS = [
+    ("pcpp_bc", "none"), ("pcpp_bnn", "mask"), ("pcpp_rpc", "mask"),
+    ("pcpp_bnn_plus", "derivative"), ("pcpp_bnn_plus_plus", None), ("pcpp_pc", None),
+    ("ste_sign", "mask"), (lq.quantizers.SteSign(clip_value=None), "none"),
+    (lq.quantizers.SteSign(clip_value=0.3), "mask"), ("approx_sign", "derivative"),
+    ("swish_sign", "derivative"), (lq.quantizers.SwishSign(beta=2.0), "derivative"),
+    (lq.quantizers.MagnitudeAwareSign(), None), (lq.quantizers.DoReFa(), None),
+    (quantizers.ForwardBackward("sign", "tanh"), "derivative"),
+    (quantizers.ForwardBackward("tanh", "identity"), None),
+]
+
+
+@pytest.mark.parametrize("quantizer, kind", NEEDS)
+def test_backward_needs_rebuild_the_quantizers_own_gradient(quantizer, kind):
+    """The declaration's B' (from the mask, or the derivative) equals autodiff of the quantizer."""
+    needs = quantizers.backward_needs(quantizer)
+    assert (needs and needs.kind) == kind
+    if needs is None:
+        return
+    q = lq.quantizers.get(quantizer) if isinstance(quantizer, str) else quantizer
+    x = tf.constant(np.linspace(-2.5, 2.5, 101, dtype=np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = q(x, training=True) if isinstance(q, tf.keras.layers.Layer) else q(x)
+    want = tape.gradient(y, x).numpy()
+    np.testing.assert_array_equal(y.numpy(), np.where(x.numpy() >= 0, 1.0, -1.0))
+    if kind == "none":
+        got = np.ones_like(want)
+    elif kind == "mask":
+        got = needs.from_mask(needs.mask(x)).numpy()
+    else:
+        got = needs.derivative(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_subclass_that_overrides_a_method_does_not_inherit_the_declaration():
+    class ClippedBC(quantizers.BC):  # a B' != 1 under BC's "none" declaration
+        def backward_derivative(self, x):
+            return prox.clip_derivative(x, 0.5)
+
+    class TanhForwardBNN(quantizers.BNN):  # a non-sign forward under BNN's declaration
+        def forward(self, x):
+            return tf.tanh(x)
+
+    assert ClippedBC().backward_needs().kind == "derivative"
+    assert TanhForwardBNN().backward_needs() is None
+    x = tf.constant([0.2, 0.9, -2.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = ClippedBC()(x, training=True)
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), [1.0, 0.0, 0.0])
+
+
+def test_backward_needs_validates_its_fields():
+    with pytest.raises(ValueError, match="kind"):
+        quantizers.BackwardNeeds("magnitude")
+    with pytest.raises(ValueError, match="from_mask"):
+        quantizers.BackwardNeeds("mask", mask=lambda x: x > 0)

@@ -1,0 +1,457 @@
+r"""Binary conv / dense ops whose backward keeps only bits of the input.
+
+`binary_conv2d(x, w)` computes `conv2d(sign(x), w)`; its gradient function
+keeps, between the forward and the backward pass, the packed sign bits of x
+and what the input quantizer's backward needs (an `InputBackward`, built from
+the quantizer's declared `BackwardNeeds`):
+
+| `BackwardNeeds.kind` | kept per input element | dx |
+|---|---|---|
+| `"none"` (BC, `SteSign(clip_value=None)`) | nothing more | \(g\) |
+| `"mask"` (BNN, `ste_sign`, RPC, a user's 1-bit pair) | 1 mask bit | \(B'(\text{bit})\, g\) |
+| `"derivative"` (`approx_sign`, `swish_sign`, BNN+, `ForwardBackward`) | \(B'(x)\) at `backward_bits` (8, 16 or None = exact float) | \(\widehat{B'}(x)\, g\) |
+
+with \(g\) = `conv2d_backprop_input(w, dy)` and
+\(dW\) = `conv2d_backprop_filter(sign(x), dy)`. A stored \(B'\) is quantized
+uniformly over its per-call range \([lo, hi]\): with \(b\) bits,
+\(|\widehat{B'} - B'| \le (hi - lo) / (2(2^b - 1))\) elementwise, so
+\(|dx - dx_{exact}| \le (hi - lo) / (2(2^b - 1)) \cdot |g|\).
+
+```python
+from larq_prox import ops, quantizers
+
+backward = ops.binary.InputBackward(quantizers.backward_needs("ste_sign"))
+y = ops.binary.binary_conv2d(x, w, padding="SAME", input_backward=backward)
+# = conv2d(ste_sign(x), w), gradients equal; the backward keeps 2 bits per x
+```
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA context: no public API
+
+from larq_prox import bitpack
+from larq_prox.ops.kept import Kept
+from larq_prox.quantizers import BackwardNeeds
+
+__all__ = [
+    "BACKWARD_BITS",
+    "InputBackward",
+    "KernelSign",
+    "binary_conv2d",
+    "binary_dense",
+    "sign",
+]
+
+BACKWARD_BITS = (8, 16, None)
+"""Valid bit widths of a stored B'(x): 8 or 16 bits (quantized), None (exact float)."""
+
+
+def sign(x: tf.Tensor) -> tf.Tensor:
+    """`larq.math.sign` (sign(0) = +1) with one bool temporary instead of two float ones."""
+    # Scalar branches: ones_like would fold into a constant of x's size.
+    return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
+
+
+def _unit(bits: int | None) -> tf.DType:
+    return {8: tf.uint8, 16: tf.uint16}.get(bits)
+
+
+class InputBackward:
+    r"""B' of a binary layer's input quantizer, from what the forward kept of x.
+
+    Built from the quantizer's `BackwardNeeds`; `keep(x)` runs in the forward
+    pass, `apply(dx, kept, start, stop)` in the backward pass on the samples
+    `start:stop` (for a chunked backward).
+
+    ```python
+    backward = InputBackward(lqp.quantizers.backward_needs("approx_sign"), backward_bits=8)
+    backward.kept(per_sample=1024)   # [Kept("input B' (8 bits)", 1024, 8)]
+    ```
+
+    # Arguments
+        needs: the quantizer's declaration (`lqp.quantizers.backward_needs`).
+        backward_bits: bits of a stored B'(x) (kind "derivative" only): 8, 16,
+            or None for the exact float B'.
+    """
+
+    def __init__(self, needs: BackwardNeeds, backward_bits: int | None = 8):
+        if backward_bits not in BACKWARD_BITS:
+            raise ValueError(
+                f"`backward_bits` must be one of {BACKWARD_BITS} (bits of the stored B'(x); "
+                f"None keeps it exact in float), got {backward_bits!r}."
+            )
+        self.needs = needs
+        self.backward_bits = backward_bits
+
+    @property
+    def bits(self) -> int:
+        """Bits kept per input element beyond its sign (32 for an exact float B')."""
+        if self.needs.kind == "derivative":
+            return 32 if self.backward_bits is None else self.backward_bits
+        return self.needs.bits_per_element
+
+    @property
+    def exact(self) -> bool:
+        """Whether dx is exact (no quantized B')."""
+        return self.needs.kind != "derivative" or self.backward_bits is None
+
+    def kept(self, per_sample: int) -> list[Kept]:
+        """What `keep` keeps, for an input of `per_sample` elements per sample."""
+        kind = self.needs.kind
+        if kind == "none":
+            return []
+        if kind == "mask":
+            return [Kept("input mask", per_sample, 1)]
+        return [Kept(f"input B' ({self.bits} bits)", per_sample, self.bits)]
+
+    def keep(self, x: tf.Tensor) -> dict:
+        """The forward's part: what the backward needs of x (x itself is not kept)."""
+        x = tf.stop_gradient(x)
+        kind = self.needs.kind
+        if kind == "none":
+            return {}
+        if kind == "mask":
+            inside, outside = (
+                tf.cast(self.needs.from_mask(tf.constant(bit), x.dtype), x.dtype)
+                for bit in (True, False)
+            )
+            return dict(bits=bitpack.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
+        derivative = tf.reshape(tf.cast(self.needs.derivative(x), x.dtype), [-1])
+        if self.backward_bits is None:
+            return dict(values=derivative)
+        lo, hi = tf.reduce_min(derivative), tf.reduce_max(derivative)
+        step = (hi - lo) / (2**self.backward_bits - 1)
+        safe = tf.where(step > 0, step, tf.constant(1, x.dtype))
+        codes = tf.cast(tf.round((derivative - lo) / safe), _unit(self.backward_bits))
+        # An empty batch has no range: lo, step are then +-inf and unused.
+        return dict(codes=codes, lo=lo, step=step)
+
+    def tensors(self, kept: dict) -> list[tf.Tensor]:
+        """The kept tensors of activation size (for ordering: x dies once they exist)."""
+        return [kept[k] for k in ("bits", "values", "codes") if k in kept]
+
+    def apply(self, dx: tf.Tensor, kept: dict, start=None, stop=None, per_sample=None):
+        """dx * B'(x) for the samples start:stop (all when None) of `per_sample` elements each.
+
+        Gated on dx: what was kept is unpacked only once dx exists.
+        """
+        kind = self.needs.kind
+        if kind == "none":
+            return dx
+        def rows(flat, per_row):
+            if start is None:
+                return flat
+            return flat[start * per_row : stop * per_row]
+
+
+        with tf.control_dependencies([dx]):
+            if kind == "mask":
+                packed = rows(kept["bits"], None if start is None else per_sample // 8)
+                mask = bitpack.unpack_bits(packed, tf.shape(dx))
+                inside, outside = kept["inside"], kept["outside"]
+                if _is_constant(inside, 1) and _is_constant(outside, 0):
+                    return tf.where(mask, dx, tf.constant(0, dx.dtype))
+                return dx * tf.where(mask, inside, outside)
+            if "values" in kept:
+                derivative = rows(kept["values"], per_sample)
+            else:
+                codes = rows(kept["codes"], per_sample)
+                derivative = kept["lo"] + tf.cast(codes, dx.dtype) * kept["step"]
+        return dx * tf.reshape(derivative, tf.shape(dx))
+
+
+def _is_constant(tensor: tf.Tensor, value) -> bool:
+    static = tf.get_static_value(tensor)
+    return static is not None and np.all(static == value)
+
+
+class KernelSign:
+    r"""sign(w) with gradient \(B'(w)\,dy\) for a kernel quantizer whose B' needs <= 1 bit.
+
+    The values of larq's `ste_sign` / PC++ BNN, BC, RPC on a kernel, without
+    their `zeros_like` / `ones_like`, which TF's graph optimizer folds into
+    kernel-sized constants that stay resident (about one float copy of every
+    binary kernel). B' comes from the quantizer's `BackwardNeeds` ("none" or
+    "mask"); its two values are read when the kernel is quantized.
+
+    ```python
+    quantize = KernelSign(lqp.quantizers.backward_needs("ste_sign"))
+    binary_kernel = quantize(kernel)
+    ```
+    """
+
+    precision = 1
+
+    def __init__(self, needs: BackwardNeeds):
+        if needs.kind not in ("none", "mask"):
+            raise ValueError(f"KernelSign needs a 'none' or 'mask' backward, got {needs.kind!r}.")
+        self.needs = needs
+
+    def __call__(self, kernel: tf.Tensor) -> tf.Tensor:
+        # Values of B' read outside the op: it then captures scalars, not variables.
+        values = {}
+        if self.needs.kind == "mask":
+            values = {
+                key: tf.cast(self.needs.from_mask(tf.constant(bit), kernel.dtype), kernel.dtype)
+                for key, bit in (("inside", True), ("outside", False))
+            }
+
+        @tf.custom_gradient
+        def _op(kernel):
+            def grad(dy):
+                if self.needs.kind == "none":
+                    return dy
+                # Gated on dy: else graph mode computes every kernel's mask at
+                # the start of the step and keeps them all until the end.
+                with tf.control_dependencies([dy]):
+                    mask = self.needs.mask(kernel)
+                if _is_constant(values["inside"], 1) and _is_constant(values["outside"], 0):
+                    return tf.where(mask, dy, tf.constant(0, dy.dtype))
+                return dy * tf.where(mask, values["inside"], values["outside"])
+
+            return sign(kernel), grad
+
+        return _op(kernel)
+
+
+def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
+    """sign(x) and its packed bits, after what `backward` keeps of x (`kept`) exists."""
+    positive = x >= 0
+    packed_signs = bitpack.pack_bits(positive)
+    # Only comparisons read x, and the signs come from their bool result once
+    # the bits are packed: x is freed before sign(x) and the conv's output
+    # are allocated (two float activations alive here, not three).
+    with tf.control_dependencies([packed_signs, *backward.tensors(kept)]):
+        signs = tf.where(positive, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
+    return signs, packed_signs
+
+
+def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
+    """A function of the gate (dy) giving back the kernel in the backward pass.
+
+    A +-1 kernel is kept as sign bits: all binary kernels of a BinaryNet
+    together are as large as its largest activation, and closing over them
+    would keep every one alive from its forward use to its backward use.
+    """
+    if not binary_kernel:
+
+        def gated(gate):
+            with tf.control_dependencies([gate]):
+                return tf.identity(kernel)
+
+        return gated
+    packed = bitpack.pack_signs(kernel)
+    shape, dtype = kernel.shape.as_list(), kernel.dtype
+
+    def restore(gate):
+        with tf.control_dependencies([gate]):
+            return bitpack.unpack_signs(packed, shape, dtype)
+
+    return restore
+
+
+def kernel_kept(kernel_shape, binary_kernel: bool, bits: int = 32) -> Kept:
+    """What the binary ops keep of the kernel: its sign bits, or the kernel itself."""
+    count = int(np.prod(kernel_shape))
+    if binary_kernel:
+        return Kept("kernel signs", count, 1, per_sample=False)
+    return Kept(f"kernel ({bits} bits)", count, bits, per_sample=False)
+
+
+def _passthrough() -> InputBackward:
+    return InputBackward(BackwardNeeds("none"))
+
+
+def binary_conv2d(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    strides=(1, 1),
+    padding: str = "VALID",
+    dilations=(1, 1),
+    input_backward: InputBackward | None = None,
+    pad_values: float = 0.0,
+    binary_kernel: bool = False,
+    chunks: int = 1,
+) -> tf.Tensor:
+    r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
+
+    dkernel = `conv2d_backprop_filter(sign(x), dy)`; dx = \(B'(x)\) *
+    `conv2d_backprop_input(kernel, dy)` with B' from `input_backward` (B' = 1
+    when None). `pad_values` is the value of the padded border of sign(x) for
+    `padding="SAME"` (larq's `pad_values`). `binary_kernel=True` promises a
+    +-1 kernel, which the backward then keeps as bits too. `chunks > 1` runs
+    the backward in that many batch chunks (less memory; the gradients then
+    equal the one-chunk ones up to float rounding).
+
+    ```python
+    y = binary_conv2d(x, w, padding="SAME", input_backward=InputBackward(needs))
+    ```
+    """
+    backward = input_backward or _passthrough()
+    padding = padding.upper()
+    strides = [1, *strides, 1]
+    dilations = [1, *dilations, 1]
+    explicit = None
+    if padding == "SAME" and not (not tf.is_tensor(pad_values) and pad_values == 0.0):
+        explicit = _same_padding(x, kernel, strides, dilations)
+        padding = "VALID"
+
+    def _padded(signs):
+        if explicit is None:
+            return signs
+        return tf.pad(signs, explicit, constant_values=tf.cast(pad_values, signs.dtype))
+
+    # Outside the op: B' may read the quantizer's variables (RPC's varrho).
+    kept = backward.keep(x)
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        shape = tf.shape(x)
+        signs, packed_signs = _binarize_and_pack(x, backward, kept)
+        outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
+        kernel_shape = tf.shape(kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel)
+
+        per_sample = x.shape[1:].num_elements()
+        k = chunks if per_sample is not None and per_sample % 8 == 0 else 1
+        bytes_per_sample = (per_sample or 0) // 8
+        bounds = [shape[0] * i // k for i in range(k + 1)]
+        border = tf.constant([0, 0, 0, 0])
+        if explicit is not None:
+            rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
+            border = tf.stack([0, rows_added, cols_added, 0])
+
+        def part(tensor, i, per_row=1):
+            if k == 1:
+                return tensor
+            return tensor[bounds[i] * per_row : bounds[i + 1] * per_row]
+
+        def dilated_grad(dy):
+            # TF's CPU Conv2DBackpropFilter/Input refuse dilations > 1 (without
+            # oneDNN): differentiate tf.nn.convolution (space_to_batch) instead.
+            with tf.control_dependencies([dy]):
+                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+            restored = kept_kernel(signs)
+            with tf.GradientTape() as tape:
+                tape.watch([signs, restored])
+                y = tf.nn.convolution(
+                    _padded(signs), restored, strides[1:3], padding, dilations=dilations[1:3]
+                )
+            dx, dkernel = tape.gradient(y, [signs, restored], output_gradients=dy)
+            return backward.apply(dx, kept), dkernel
+
+        def grad(dy):
+            if any(d > 1 for d in dilations):
+                return dilated_grad(dy)
+            # Every backward op waits for the previous one (starting from dy):
+            # graph mode would otherwise unpack during the forward pass, or run
+            # the chunks side by side. Chunks over the batch bound the
+            # unpacked signs and the conv kernels' scratch to 1/k of an
+            # activation; dkernel then sums k partial products.
+            gate, dkernel = dy, None
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    bits = part(packed_signs, i, bytes_per_sample)
+                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype))
+                partial = tf.compat.v1.nn.conv2d_backprop_filter(
+                    signs, kernel_shape, part(dy, i), strides, padding, dilations=dilations
+                )
+                dkernel = partial if dkernel is None else dkernel + partial
+                gate = dkernel
+            restored = kept_kernel(dkernel)
+            # The chunks are written into one buffer in place: a concat would
+            # hold all chunks and the whole result at once. XLA has no
+            # InplaceUpdate, and places a concat's parts in its output anyway.
+            in_place = k > 1 and not _in_xla_context()
+            dxs = []
+            if in_place:
+                with tf.control_dependencies([gate]):
+                    dx_all = tf.raw_ops.Empty(shape=shape, dtype=dy.dtype, init=False)
+                gate = dx_all
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    dx = tf.compat.v1.nn.conv2d_backprop_input(
+                        rows + border, restored, part(dy, i), strides, padding,
+                        dilations=dilations,
+                    )
+                if explicit is not None:
+                    dx = tf.slice(dx, [p[0] for p in explicit], rows)
+                if k == 1:
+                    dx = backward.apply(dx, kept)
+                else:
+                    dx = backward.apply(dx, kept, bounds[i], bounds[i + 1], per_sample)
+                if in_place:
+                    rows_i = tf.range(bounds[i], bounds[i + 1])
+                    dx_all = gate = tf.raw_ops.InplaceUpdate(x=dx_all, i=rows_i, v=dx)
+                else:
+                    dxs.append(dx)
+                    gate = dx
+            if in_place:
+                return dx_all, dkernel
+            return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
+
+        return outputs, grad
+
+    return _op(x, kernel)
+
+
+def _in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (e.g. `jit_compile=True`)."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _same_padding(x, kernel, strides, dilations):
+    """[[0, 0], [top, bottom], [left, right], [0, 0]] of TF's 'SAME' padding."""
+    pads = [[0, 0]]
+    for axis in (1, 2):
+        size = x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+        k = (kernel.shape[axis - 1] - 1) * dilations[axis] + 1
+        stride = strides[axis]
+        out = (size + stride - 1) // stride
+        total = (out - 1) * stride + k - size
+        total = tf.maximum(total, 0) if tf.is_tensor(total) else max(total, 0)
+        pads.append([total // 2, total - total // 2])
+    pads.append([0, 0])
+    return pads
+
+
+def binary_dense(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    input_backward: InputBackward | None = None,
+    binary_kernel: bool = False,
+) -> tf.Tensor:
+    r"""`matmul(sign(x), kernel)` for 2-D x whose gradient keeps only the bits of x.
+
+    ```python
+    y = binary_dense(x, w, input_backward=InputBackward(needs))   # = ste_sign(x) @ w
+    ```
+    """
+    backward = input_backward or _passthrough()
+
+    kept = backward.keep(x)  # outside the op, as in binary_conv2d
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        shape = tf.shape(x)
+        signs, packed_signs = _binarize_and_pack(x, backward, kept)
+        outputs = tf.matmul(signs, kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel)
+
+        def grad(dy):
+            # dx first: the restored kernel (the large tensor of a dense layer)
+            # is freed before dkernel, of the same size, is allocated.
+            dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
+            with tf.control_dependencies([dx]):
+                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+            dkernel = tf.matmul(signs, dy, transpose_a=True)
+            return backward.apply(dx, kept), dkernel
+
+        return outputs, grad
+
+    return _op(x, kernel)
