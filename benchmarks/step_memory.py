@@ -35,3 +35,28 @@ def measure_steps(model, x, y, steps: int) -> dict:
                 for v in model.weights + inner.weights if v.dtype.is_floating)
     return {"resident_before_step_bytes": resident, "peak_bytes": peak,
             "step_seconds": times, "persistent_state_bytes": state}
+
+
+def run_fresh(script: str, args: list[str], timeout: float | None = None) -> tuple[dict | None, str]:
+    """Run `script args` in a fresh process with TF's BFC CPU allocator; its last JSON line.
+
+    Returns (result, "") or (None, the end of stderr) when the process failed.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    try:
+        done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,
+                              text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return None, done.stderr[-2000:]
+    return json.loads(lines[-1]), ""

@@ -34,6 +34,7 @@ __all__ = [
     "cnv",
     "binarynet",
     "convert",
+    "SAVED_DTYPES",
     "map_layers",
     "batch_norm_layer",
     "l2_to_l1_batch_norm",
@@ -43,7 +44,34 @@ __all__ = [
 BATCH_NORMS = ("standard", "l1", "proposed")
 """Batch normalization kinds: Keras' l2 BN, BinaryBatchNorm(mode="l1"|"proposed")."""
 
-_LOW_MEMORY_CLASSES = ("QuantConv2D", "QuantDense", "MaxPool2D")
+# Layer class name -> (larq_prox.layers twin, the twin's options that convert() sets).
+# A twin missing from this installation's larq_prox.layers leaves the layer as it is.
+_LOW_MEMORY_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "QuantConv2D": ("QuantConv2D", ("storage_dtype", "backward_bits", "saved_dtype")),
+    "QuantDense": ("QuantDense", ("storage_dtype", "backward_bits", "saved_dtype")),
+    "MaxPooling2D": ("MaxPool2D", ()),
+    "MaxPool2D": ("MaxPool2D", ()),
+    "Conv2D": ("Conv2D", ("saved_dtype",)),
+    "DepthwiseConv2D": ("DepthwiseConv2D", ("saved_dtype",)),
+    "Dense": ("Dense", ("saved_dtype",)),
+    "BatchNormalization": ("BatchNormalization", ("saved_dtype",)),
+    "ReLU": ("ReLU", ()),
+    "Activation": ("Activation", ()),
+    "PReLU": ("PReLU", ("saved_dtype",)),
+}
+_REQUIRED_TWINS = ("QuantConv2D", "QuantDense", "MaxPool2D")
+
+# Layers whose backward keeps nothing of their own (shapes at most): convert()
+# has nothing to make low-memory there and does not report them.
+_KEEP_NOTHING = (
+    "InputLayer", "Add", "Subtract", "Concatenate", "AveragePooling2D", "AvgPool2D",
+    "GlobalAveragePooling2D", "Flatten", "Reshape", "Dropout", "ZeroPadding2D",
+    "Cropping2D", "Permute", "RepeatVector", "SpatialDropout2D",
+)
+_KEEP_NOTHING_OPS = ("__operators__.add", "math.add", "__operators__.sub", "math.subtract",
+                     "reshape", "concat", "identity")  # TFOpLambda functions
+SAVED_DTYPES = (None, "float16", "bfloat16")
+"""Valid `saved_dtype` of convert(): the type of float activations kept for the backward."""
 
 
 def _check_batch_norm(batch_norm: str, allow_none: bool = False) -> None:
@@ -66,11 +94,11 @@ def _binary_batch_norm_class():
     return cls
 
 
-def _low_memory_class(name: str):
+def _low_memory_class(name: str, required: bool = True):
     from larq_prox import layers as lqp_layers
 
     cls = getattr(lqp_layers, name, None)
-    if cls is None:
+    if cls is None and required:
         raise ImportError(
             f"low_memory=True needs larq_prox.layers.{name}, which this installation does "
             "not have; use low_memory=False."
@@ -103,6 +131,23 @@ def _check_storage(storage_dtype, low_memory: bool) -> None:
         raise ValueError(
             f"storage_dtype={storage_dtype!r} needs low_memory=True: 16-bit kernels are an "
             "option of larq_prox.layers' QuantConv2D and QuantDense."
+        )
+
+
+def _check_low_memory_options(backward_bits, saved_dtype, low_memory: bool) -> None:
+    from larq_prox.ops.binary import BACKWARD_BITS
+
+    if backward_bits not in BACKWARD_BITS:
+        raise ValueError(
+            f"`backward_bits` must be one of {BACKWARD_BITS} (bits of a stored B'(x)), "
+            f"got {backward_bits!r}."
+        )
+    if saved_dtype not in SAVED_DTYPES:
+        raise ValueError(f"`saved_dtype` must be one of {SAVED_DTYPES}, got {saved_dtype!r}.")
+    if saved_dtype is not None and not low_memory:
+        raise ValueError(
+            f"saved_dtype={saved_dtype!r} needs low_memory=True: 16-bit saved activations "
+            "are an option of larq_prox.layers' low-memory layers."
         )
 
 
@@ -382,25 +427,36 @@ class _Conversion:
     """Clone function for `tf.keras.models.clone_model` plus the weight copying."""
 
     def __init__(
-        self, quantizer, batch_norm: str | None, low_memory: bool, storage_dtype: str | None = None
+        self,
+        quantizer,
+        batch_norm: str | None,
+        low_memory: bool,
+        storage_dtype: str | None = None,
+        backward_bits: int | None = 8,
+        saved_dtype: str | None = None,
     ):
         _check_batch_norm(batch_norm, allow_none=True)
         _check_storage(storage_dtype, low_memory)
-        self.storage_dtype = storage_dtype
+        _check_low_memory_options(backward_bits, saved_dtype, low_memory)
+        self.options = {
+            "storage_dtype": storage_dtype,
+            "backward_bits": backward_bits,
+            "saved_dtype": saved_dtype,
+        }
         self.specs = _quantizer_specs(quantizer)
         self.batch_norm = batch_norm
         self.low_memory = bool(low_memory)
         if self.low_memory:
-            for name in _LOW_MEMORY_CLASSES:
+            for name in _REQUIRED_TWINS:
                 _low_memory_class(name)  # fail once, up front, if the layers are missing
         if batch_norm in ("l1", "proposed"):
             _binary_batch_norm_class()
-        self.not_converted: list[str] = []
+        self.skipped: list[tuple[str, str, str]] = []  # (layer name, kind, reason)
         self.converted: list[str] = []
         self.copies: list[tuple[tf.keras.layers.Layer, tf.keras.layers.Layer]] = []
 
     def _skip(self, layer, reason: str) -> None:
-        self.not_converted.append(f"{layer.name} ({type(layer).__name__}): {reason}")
+        self.skipped.append((layer.name, type(layer).__name__, _short(reason)))
 
     def __call__(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
         if isinstance(layer, tf.keras.Model):
@@ -427,20 +483,38 @@ class _Conversion:
                 return self._note(layer, self._batch_norm(layer, bn_cls), ["batch_norm"])
             except (ValueError, TypeError, ImportError) as error:
                 self._skip(layer, f"batch norm not converted: {error}")
-        if self.low_memory and name in _LOW_MEMORY_CLASSES + ("MaxPooling2D",):
-            target = "MaxPool2D" if name == "MaxPooling2D" else name
-            try:
-                low_cls = _low_memory_class(target)
-                if low_cls is not cls:
-                    note = ["low_memory"]
-                    if self.storage_dtype is not None and target != "MaxPool2D":
-                        config = {**config, "storage_dtype": self.storage_dtype}
-                        note.append(f"kernel in {self.storage_dtype}")
-                    new = low_cls.from_config(config)
-                    return self._note(layer, new, changed + note)
-            except (ValueError, TypeError, ImportError, NotImplementedError) as error:
-                self._skip(layer, f"not made low-memory: {error}")
+        if self.low_memory:
+            twin = self._low_memory_twin(layer, config, changed)
+            if twin is not None:
+                return twin
         return self._note(layer, cls.from_config(config), changed)
+
+    def _low_memory_twin(self, layer, config, changed):
+        """The larq_prox.layers twin of `layer` with the conversion's options, or None."""
+        name = type(layer).__name__
+        entry = _LOW_MEMORY_TWINS.get(name)
+        twin_cls = entry and _low_memory_class(entry[0], required=False)
+        if twin_cls is None:
+            # A layer that declares what it keeps is low-memory already.
+            keeps_nothing = name in _KEEP_NOTHING or config.get("function") in _KEEP_NOTHING_OPS
+            if not keeps_nothing and not hasattr(layer, "kept_tensors"):
+                self._skip(layer, "no low-memory version; kept as it is")
+            return None
+        options = {k: v for k, v in self.options.items() if k in entry[1]}
+        if options.get("saved_dtype") is None:
+            options.pop("saved_dtype", None)
+            if entry[1] == ("saved_dtype",):
+                return None  # a float layer only changes with a saved_dtype
+        try:
+            new = twin_cls.from_config({**config, **options})
+        except (ValueError, TypeError, NotImplementedError) as error:
+            self._skip(layer, f"not made low-memory: {error}")
+            return None
+        if getattr(new, "low_memory", True) is False:
+            self._skip(layer, f"runs the standard computation: {new._reason}")
+        note = ["low_memory"] if type(new) is not type(layer) else []
+        note += [f"{k}={v}" for k, v in options.items() if v is not None and k != "backward_bits"]
+        return self._note(layer, new, changed + note)
 
     def _note(self, layer, new, changed):
         if changed:
@@ -486,6 +560,12 @@ class _Conversion:
                 _copy_layer_weights(old, new)
             except ValueError as error:
                 self._skip(old, f"weights not copied: {error}")
+
+
+def _short(reason: str, limit: int = 160) -> str:
+    """A reason on one line, cut at `limit` characters (errors may quote whole configs)."""
+    line = " ".join(str(reason).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _weights_by_name(layer) -> dict[str, np.ndarray]:
@@ -587,13 +667,16 @@ def convert(
     batch_norm: str | None = None,
     low_memory: bool = False,
     storage_dtype: str | None = None,
+    backward_bits: int | None = 8,
+    saved_dtype: str | None = None,
 ) -> tf.keras.Model:
     """A copy of `model` with PC++ pairs, BinaryBatchNorm and/or low-memory layers, weights kept.
 
     ```python
-    zoo = lqz.literature.BinaryAlexNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
-    new = lqp.models.convert(zoo, quantizer="pcpp_bnn", batch_norm="proposed")
-    new.not_converted      # e.g. ["bn_first (BatchNormalization): ..."]
+    zoo = lqz.literature.BiRealNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
+    new = lqp.models.convert(zoo, batch_norm="proposed", low_memory=True,
+                             storage_dtype="float16", saved_dtype="float16")
+    new.not_converted      # e.g. ["multiply (Multiply): no low-memory version; kept as it is"]
     ```
 
     # Arguments
@@ -605,14 +688,22 @@ def convert(
             channels-last batch normalization by that kind. BatchNormalization ->
             BinaryBatchNorm keeps the sign of each output where gamma > 0
             (`l2_to_l1_batch_norm`); the reverse is exact (`l1_to_l2_batch_norm`).
-        low_memory: replace larq's QuantConv2D/QuantDense and Keras' MaxPool2D by
-            larq_prox.layers' bit-packing versions (same configuration).
+        low_memory: replace layers by their larq_prox.layers twins (same
+            configuration): larq's QuantConv2D/QuantDense, Keras' max pooling,
+            and, where this installation has them, the float layers.
         storage_dtype: with low_memory=True, "float16" or "bfloat16" kernels for
             the converted QuantConv2D/QuantDense layers (weights are rounded).
+        backward_bits: with low_memory=True, bits of the stored B'(x) of input
+            quantizers whose backward needs the input's magnitude (approx_sign,
+            swish_sign, BNN+): 8 (default), 16, or None (exact).
+        saved_dtype: with low_memory=True, "float16" or "bfloat16": the type in
+            which float layers (float convs, dense, depthwise, BN, PReLU) keep
+            their input for the backward pass; None leaves those layers as they are.
 
     # Returns
         The new model. `model.converted` lists what changed per layer and
-        `model.not_converted` what was left as it was and why (also warned).
+        `model.not_converted` what was left as it was and why (warned once, one
+        line per kind of layer and reason, with counts).
     """
     if not isinstance(model, tf.keras.Model):
         raise TypeError(f"`model` must be a tf.keras.Model, got {type(model).__name__}.")
@@ -620,20 +711,28 @@ def convert(
         raise ValueError(
             "`model` is not built: give it an Input shape or call it on data before convert()."
         )
-    conversion = _Conversion(quantizer, batch_norm, low_memory, storage_dtype)
+    conversion = _Conversion(
+        quantizer, batch_norm, low_memory, storage_dtype, backward_bits, saved_dtype
+    )
     new = _convert_model(model, conversion)
     conversion.copy_weights()
     new.converted = conversion.converted
-    new.not_converted = conversion.not_converted
-    if conversion.not_converted:
-        shown = "; ".join(conversion.not_converted[:5])
-        more = len(conversion.not_converted) - 5
-        warnings.warn(
-            f"convert() left {len(conversion.not_converted)} layer(s) unconverted: {shown}"
-            + (f"; and {more} more (see `model.not_converted`)" if more > 0 else ""),
-            stacklevel=2,
-        )
+    new.not_converted = [f"{name} ({kind}): {reason}" for name, kind, reason in conversion.skipped]
+    if conversion.skipped:
+        warnings.warn(_summary(conversion.skipped), stacklevel=2)
     return new
+
+
+def _summary(skipped: list[tuple[str, str, str]]) -> str:
+    """One line per (layer kind, reason), with counts: convert()'s warning."""
+    groups: dict[tuple[str, str], int] = {}
+    for _, kind, reason in skipped:
+        groups[(kind, reason)] = groups.get((kind, reason), 0) + 1
+    lines = [f"  {count} x {kind}: {reason}" for (kind, reason), count in groups.items()]
+    return (
+        f"convert() left {len(skipped)} layer(s) as they were (see `model.not_converted`):\n"
+        + "\n".join(lines)
+    )
 
 
 def map_layers(model: tf.keras.Model, function: Callable) -> tf.keras.Model:

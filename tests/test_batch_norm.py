@@ -377,3 +377,14 @@ def test_chunked_sum_matches_numpy(batch, axes):
     got = tf.function(lambda a, b: chunked_sum(tf.multiply, [a, b], axes, 4))(a, b)
     want = np.sum(a.astype(np.float64) * b, axis=tuple(axes), keepdims=True)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["proposed", "l1", "exact"])
+def test_backward_reads_what_the_layer_declares(mode):
+    shape = (4, 8, 8, 16)
+    layer = BinaryBatchNorm(mode=mode)
+    layer.build((None, *shape[1:]))
+    declared = sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape))
+    captured = captured_by_backward(mode, shape)
+    read = sum(n * dtype.size for _, dtype, n in captured if n and n > len(shape))
+    assert read == declared, (captured, layer.kept_tensors(shape))

@@ -131,7 +131,7 @@ def test_convert_rounds_binary_kernels_to_float16():
     new_kernel = new.get_layer("conv3").kernel.numpy()
     assert new_kernel.dtype == np.float16
     np.testing.assert_array_equal(new_kernel, old_kernel.astype(np.float16))
-    assert any("kernel in float16" in line for line in new.converted)
+    assert any("storage_dtype=float16" in line for line in new.converted)
 
 
 def test_export_copy_has_float32_kernels_and_same_outputs():

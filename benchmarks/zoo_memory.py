@@ -1,0 +1,224 @@
+"""Measured training memory of larq-zoo models: standard larq versus the low-memory conversion.
+
+Each (model, configuration, batch size) runs in a fresh process with TF's BFC
+CPU allocator (`step_memory.run_fresh`): peak bytes over two warm
+`train_on_batch` steps on random data, Adam, graph mode; plus the memory
+model's estimate (`lqp.memory.estimate`, the layers' declarations where the
+installation has `scheme="from_model"`) and the step time.
+
+- standard: the zoo model as built (`weights=None`), Adam.
+- low_memory: `lqp.models.convert(model, batch_norm="proposed", low_memory=True,
+  storage_dtype="float16", saved_dtype="float16")` + `BinaryGradient(Adam)`.
+
+The paper's BinaryNet (CIFAR-10 shapes, B=100) runs in the same two
+configurations (`lqp.models.binarynet`, larq's ste_sign).
+
+    python benchmarks/zoo_memory.py            # 224x224, B=16 and 32 (about an hour on 2 cores)
+    python benchmarks/zoo_memory.py --quick    # B=16 only, no DenseNet
+
+Writes benchmarks/results/zoo_memory.json and zoo_memory.png. Step-time
+ratios compare processes run one after the other in this run.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from step_memory import measure_steps, run_fresh  # benchmarks/ is this script's directory
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MIB = 2.0**20
+ZOO = {  # name -> (larq_zoo module, class)
+    "BinaryResNetE18": ("literature", "BinaryResNetE18"),
+    "BiRealNet": ("literature", "BiRealNet"),
+    "QuickNet": ("sota", "QuickNet"),
+    "BinaryDenseNet28": ("literature", "BinaryDenseNet28"),
+}
+PAPER = {"BinaryNet": ((32, 32, 3), 100)}
+CONFIGS = ("standard", "low_memory")
+LOW_MEMORY = dict(batch_norm="proposed", low_memory=True, storage_dtype="float16",
+                  saved_dtype="float16")
+
+
+def build(name: str, config: str, size: int):
+    """The compiled model and its optimizer (the wrapped one for the memory model)."""
+    import larq_prox as lqp
+    import tensorflow as tf
+
+    if name in PAPER:
+        kwargs = dict(batch_norm="standard") if config == "standard" else dict(
+            batch_norm="proposed", low_memory=True, storage_dtype="float16")
+        model = lqp.models.binarynet(kernel_quantizer="ste_sign", input_quantizer="ste_sign",
+                                     **kwargs)
+    else:
+        import larq_zoo as lqz
+
+        module, cls = ZOO[name]
+        model = getattr(getattr(lqz, module), cls)(
+            input_shape=(size, size, 3), weights=None, num_classes=1000)
+        if config == "low_memory":
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = lqp.models.convert(model, **_supported(LOW_MEMORY))
+    optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
+    if config == "low_memory":
+        optimizer = lqp.optimizers.BinaryGradient(optimizer)
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+    return model, optimizer
+
+
+def _supported(options: dict) -> dict:
+    """The convert() options this installation takes (older ones lack saved_dtype)."""
+    import inspect
+
+    import larq_prox as lqp
+
+    parameters = inspect.signature(lqp.models.convert).parameters
+    return {k: v for k, v in options.items() if k in parameters}
+
+
+def _estimate(model, batch_size: int, optimizer) -> dict:
+    import larq_prox as lqp
+
+    for scheme in ("from_model", "standard"):
+        try:
+            report = lqp.memory.estimate(model, batch_size, optimizer, scheme=scheme,
+                                         on_unknown="warn")
+        except (ValueError, KeyError, TypeError):
+            continue
+        return {"scheme": scheme, "total_mib": report.total_mib,
+                "rows_mib": {k: row.mib for k, row in report.rows.items()}}
+    return {}
+
+
+def worker(name: str, config: str, size: int, batch_size: int, steps: int) -> dict:
+    """One point in this (fresh) process."""
+    import warnings
+
+    import larq_prox  # noqa: F401  (legacy Keras before TensorFlow)
+    import numpy as np
+    import tensorflow as tf
+
+    warnings.simplefilter("ignore")
+    tf.keras.utils.set_random_seed(0)
+    model, optimizer = build(name, config, size)
+    shape = model.input_shape[1:]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(batch_size, *shape)).astype(np.float32)
+    y = rng.integers(0, model.output_shape[-1], size=batch_size)
+    measured = measure_steps(model, x, y, steps)
+    low = sum(1 for layer in model.layers if getattr(layer, "low_memory", False))
+    return {
+        "model": name, "config": config, "input_size": shape[0], "batch_size": batch_size,
+        "measured_peak_mib": measured["peak_bytes"] / MIB,
+        "resident_before_step_mib": measured["resident_before_step_bytes"] / MIB,
+        "persistent_state_mib": measured["persistent_state_bytes"] / MIB,
+        "step_seconds": measured["step_seconds"],
+        "low_memory_layers": low,
+        "modeled": _estimate(model, batch_size, optimizer),
+    }
+
+
+def run(name: str, config: str, size: int, batch_size: int, steps: int) -> dict:
+    args = ["--worker", name, config, str(size), str(batch_size), str(steps)]
+    point, error = run_fresh(__file__, args, timeout=1800)
+    if point is None:
+        print(f"{name} {config} B={batch_size}: FAILED\n{error}", flush=True)
+        return {"model": name, "config": config, "batch_size": batch_size, "error": error}
+    modeled = point["modeled"].get("total_mib")
+    print(f"{name:17s} {config:10s} B={batch_size:3d}: peak {point['measured_peak_mib']:7.1f} MiB"
+          f", modeled {modeled or float('nan'):7.1f} MiB, step "
+          f"{statistics.median(point['step_seconds']):.2f} s", flush=True)
+    return point
+
+
+def summarize(points: list[dict]) -> list[dict]:
+    rows = []
+    keyed = {(p["model"], p["config"], p["batch_size"]): p for p in points if "error" not in p}
+    for (name, config, batch), low in keyed.items():
+        if config != "low_memory" or (name, "standard", batch) not in keyed:
+            continue
+        std = keyed[(name, "standard", batch)]
+        modeled = low["modeled"].get("total_mib")
+        rows.append({
+            "model": name, "batch_size": batch,
+            "standard_peak_mib": std["measured_peak_mib"],
+            "low_memory_peak_mib": low["measured_peak_mib"],
+            "memory_ratio": std["measured_peak_mib"] / low["measured_peak_mib"],
+            "low_memory_modeled_mib": modeled,
+            "measured_over_modeled": (low["measured_peak_mib"] / modeled) if modeled else None,
+            "step_time_ratio": statistics.median(low["step_seconds"])
+            / statistics.median(std["step_seconds"]),
+        })
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\nB={r['batch_size']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
+    ax.bar([x - 0.2 for x in xs], [r["standard_peak_mib"] for r in rows], 0.4, label="standard larq")
+    ax.bar([x + 0.2 for x in xs], [r["low_memory_peak_mib"] for r in rows], 0.4,
+           label="low-memory (measured)")
+    modeled = [(x + 0.2, r["low_memory_modeled_mib"]) for x, r in zip(xs, rows)
+               if r["low_memory_modeled_mib"]]
+    if modeled:
+        ax.scatter(*zip(*modeled), color="black", marker="_", s=400, label="low-memory (modeled)")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['memory_ratio']:.2f}x", (x, r["standard_peak_mib"]), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("training-step peak (MiB, TF BFC allocator)")
+    ax.set_title("larq-zoo at 224x224 (BinaryNet 32x32): standard vs low-memory")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=5, metavar=("MODEL", "CONFIG", "SIZE", "BATCH", "STEPS"))
+    parser.add_argument("--quick", action="store_true", help="B=16 only, no DenseNet")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        name, config, size, batch, steps = args.worker
+        print(json.dumps(worker(name, config, int(size), int(batch), int(steps))))
+        return 0
+    names = args.models or (list(ZOO)[:3] if args.quick else list(ZOO)) + list(PAPER)
+    batches = (16,) if args.quick else (16, 32)
+    points = []
+    for name in names:
+        plan = [(PAPER[name][1], PAPER[name][0][0])] if name in PAPER else [
+            (b, 224) for b in batches]
+        for batch, size in plan:
+            for config in CONFIGS:
+                points.append(run(name, config, size, batch, args.steps))
+    rows = summarize(points)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"points": points, "summary": rows, "low_memory_options": LOW_MEMORY,
+               "python": sys.version.split()[0]}
+    (args.out / "zoo_memory.json").write_text(json.dumps(results, indent=2))
+    if rows:
+        plot(rows, args.out / "zoo_memory.png")
+    for r in rows:
+        print(f"{r['model']:17s} B={r['batch_size']:3d}: {r['standard_peak_mib']:7.1f} -> "
+              f"{r['low_memory_peak_mib']:7.1f} MiB ({r['memory_ratio']:.2f}x), step time "
+              f"x{r['step_time_ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
