@@ -1,0 +1,393 @@
+r"""Float ops whose backward pass keeps their float input in 16 bits.
+
+A float conv, dense or batch normalization keeps its float32 input between
+the forward and the backward pass (for the weight gradient). These ops
+compute the forward exactly as TensorFlow does, in the input's dtype, and
+keep instead a copy of the input in `saved_dtype` ("float16" or "bfloat16"):
+half the bytes. The backward casts that copy back to the gradient's dtype
+and runs TF's own gradient ops on it, so
+
+- the input gradient of conv, depthwise conv and dense does not depend on
+  the input and equals TF's bit for bit;
+- the weight gradient is TF's weight gradient at the rounded input
+  \(\tilde x = \mathrm{round}_{16}(x)\), within
+  \(u \cdot \mathrm{backprop}(|x|, |dy|)\) of TF's, with the unit roundoff
+  \(u = 2^{-11}\) (float16) or \(2^{-8}\) (bfloat16);
+- batch normalization keeps \(\tilde x\), the per-channel mean \(\mu\) and
+  \(1/\sigma = 1/\sqrt{\mathrm{var} + \epsilon}\), and applies the standard
+  gradient in float32 with \(\hat x = (\tilde x - \mu)/\sigma\):
+  \(\partial\beta = \sum dy\), \(\partial\gamma = \sum dy\,\hat x\),
+  \(dx = \frac{\gamma}{\sigma}\bigl(dy - \overline{dy} - \hat x\,\overline{dy\,\hat x}\bigr)\).
+
+float16 holds magnitudes up to 65504 (larger inputs become inf in the copy,
+and the weight gradient with them); bfloat16 holds float32's range at 8 bits
+of precision.
+
+A tensor that several backward passes read is kept once: `saved_copy` caches
+the 16-bit copy per graph and per tensor, so two convs fed by one tensor
+keep one float16 copy (the `Kept(..., shared="input:float16")` declaration of
+the layers says so to the memory model). The savings are real inside a
+`tf.function` (the train step of `model.fit`); eager execution keeps every
+op's inputs alive on the tape anyway.
+
+```python
+import larq_prox as lqp
+import tensorflow as tf
+from larq_prox.ops import saved_conv2d
+
+x = tf.random.normal([16, 64, 64, 32])
+kernel = tf.Variable(tf.random.normal([3, 3, 32, 32]))
+with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = saved_conv2d(x, kernel, (1, 1), "SAME", (1, 1), "float16")  # = tf.nn.conv2d
+    loss = tf.reduce_sum(y)
+dx, dkernel = tape.gradient(loss, [x, kernel])
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+__all__ = [
+    "SAVED_DTYPES",
+    "check_saved_dtype",
+    "saved_copy",
+    "saved_conv2d",
+    "saved_depthwise_conv2d",
+    "saved_dense",
+    "saved_batch_norm",
+]
+
+SAVED_DTYPES = (None, "float16", "bfloat16")
+"""Valid `saved_dtype` values (None: keep the float input as TF does)."""
+
+_CACHE_ATTRIBUTE = "_larq_prox_saved_copies"
+
+
+def check_saved_dtype(saved_dtype) -> str | None:
+    """`saved_dtype` as a name in SAVED_DTYPES; a ValueError naming the valid values else."""
+    if isinstance(saved_dtype, tf.dtypes.DType):
+        saved_dtype = saved_dtype.name
+    if saved_dtype not in SAVED_DTYPES:
+        raise ValueError(
+            f"`saved_dtype` must be one of {SAVED_DTYPES} (the type in which the layer "
+            f"keeps its float input for the backward pass), got {saved_dtype!r}."
+        )
+    return saved_dtype
+
+
+def saved_copy(x: tf.Tensor, saved_dtype: str) -> tf.Tensor:
+    """The `saved_dtype` copy of `x` kept for backward passes, one per graph and tensor.
+
+    Inside a `tf.function` graph the cast is created once per tensor: every op
+    of this module that keeps `x` then keeps the same copy. Eager calls cast
+    each time (there is no graph to share it in). `x` itself when it already
+    has that dtype.
+
+    ```python
+    saved_copy(x, "float16") is saved_copy(x, "float16")   # True inside tf.function
+    ```
+    """
+    dtype = tf.as_dtype(check_saved_dtype(saved_dtype))
+    x = tf.convert_to_tensor(x)
+    if x.dtype == dtype:
+        return x
+    if tf.executing_eagerly():
+        return tf.cast(x, dtype)
+    # Keyed by the graph being built, not x.graph: a cond or while branch that
+    # captures x needs its own copy. Stored on the graph object, so the cache
+    # lives and dies with it (a weak-keyed dict would hold the graph through
+    # the cached tensors).
+    graph = tf.compat.v1.get_default_graph()
+    copies = getattr(graph, _CACHE_ATTRIBUTE, None)
+    if copies is None:
+        copies = {}
+        setattr(graph, _CACHE_ATTRIBUTE, copies)
+    key = (x.ref(), dtype.name)
+    if key not in copies:
+        # Outside any control dependencies of the caller, so that a later
+        # reader does not inherit them.
+        with tf.control_dependencies(None):
+            copies[key] = tf.cast(x, dtype, name="saved_copy")
+    return copies[key]
+
+
+def _restore(copy: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
+    """The kept copy in `gate`'s dtype, computed only once `gate` (dy) exists.
+
+    Without the gate, graph mode schedules the cast as soon as the copy
+    exists, during the forward pass, and the float copies come back.
+    """
+    with tf.control_dependencies([gate]):
+        return tf.cast(copy, gate.dtype)
+
+
+def _after(copy: tf.Tensor, compute: Callable, *args):
+    """`compute(*args)` once the kept copy exists.
+
+    The copy's only readers wait for dy, so the executor may cast late (it
+    does with one inter-op thread) and keep the float input alive through
+    the whole forward pass; making the forward op wait for the cast frees
+    the float input as soon as the forward op has read it.
+    """
+    with tf.control_dependencies([copy]):
+        return compute(*args)
+
+
+def _vjp(forward: Callable, x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor):
+    """(dx, dkernel) of `forward` at (x, kernel) by TF's own gradient ops.
+
+    The forward it builds is never read: a `tf.function` prunes it (eager
+    execution runs it, at the cost of one more forward op).
+    """
+    with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = forward(x, kernel)
+    return tape.gradient(y, [x, kernel], output_gradients=dy)
+
+
+def saved_conv2d(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    strides: Sequence[int] = (1, 1),
+    padding: str = "VALID",
+    dilations: Sequence[int] = (1, 1),
+    saved_dtype: str = "float16",
+) -> tf.Tensor:
+    """`tf.nn.convolution(x, kernel)` (NHWC, 'SAME'/'VALID') keeping x in `saved_dtype`.
+
+    dkernel = `conv2d_backprop_filter(upcast(x16), dy)`, dx =
+    `conv2d_backprop_input(kernel, dy)`. `kernel` is any tensor (a variable
+    read, or a quantized kernel, whose gradient flows on to what made it).
+    TF's CPU backprop kernels have no dilations: with dilations > 1 the
+    backward is TF's gradient of its space-to-batch convolution, at the upcast
+    input.
+
+    ```python
+    y = saved_conv2d(x, kernel, (1, 1), "SAME", (1, 1), "float16")
+    ```
+    """
+    padding = padding.upper()
+    strides, dilations = list(strides), list(dilations)
+
+    def forward(x, kernel):
+        return tf.nn.convolution(
+            x, kernel, strides=strides, padding=padding, dilations=dilations, data_format="NHWC"
+        )
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        kept = saved_copy(x, saved_dtype)
+        x_shape, kernel_shape = tf.shape(x), tf.shape(kernel)
+
+        def grad(dy):
+            inputs = _restore(kept, dy)
+            if any(d != 1 for d in dilations):
+                return _vjp(forward, inputs, kernel, dy)
+            strides4, dilations4 = [1, *strides, 1], [1, *dilations, 1]
+            dkernel = tf.compat.v1.nn.conv2d_backprop_filter(
+                inputs, kernel_shape, dy, strides4, padding, dilations=dilations4
+            )
+            # dx after dkernel: the upcast input is freed before dx is allocated.
+            with tf.control_dependencies([dkernel]):
+                dx = tf.compat.v1.nn.conv2d_backprop_input(
+                    x_shape, kernel, dy, strides4, padding, dilations=dilations4
+                )
+            return dx, dkernel
+
+        return _after(kept, forward, x, kernel), grad
+
+    return _op(x, kernel)
+
+
+def saved_depthwise_conv2d(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    strides: Sequence[int] = (1, 1),
+    padding: str = "VALID",
+    dilations: Sequence[int] = (1, 1),
+    saved_dtype: str = "float16",
+) -> tf.Tensor:
+    """`tf.nn.depthwise_conv2d(x, kernel)` (NHWC) keeping x in `saved_dtype`.
+
+    dkernel = `depthwise_conv2d_backprop_filter(upcast(x16), dy)`, dx =
+    `depthwise_conv2d_backprop_input(kernel, dy)`; with dilations > 1, TF's
+    gradient of its space-to-batch depthwise convolution (as `saved_conv2d`).
+
+    ```python
+    y = saved_depthwise_conv2d(x, kernel, (2, 2), "SAME", (1, 1), "bfloat16")
+    ```
+    """
+    padding = padding.upper()
+    strides4, dilations = [1, *strides, 1], list(dilations)
+
+    def forward(x, kernel):
+        return tf.nn.depthwise_conv2d(
+            x, kernel, strides=strides4, padding=padding, dilations=dilations, data_format="NHWC"
+        )
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        kept = saved_copy(x, saved_dtype)
+        x_shape, kernel_shape = tf.shape(x), tf.shape(kernel)
+
+        def grad(dy):
+            inputs = _restore(kept, dy)
+            if any(d != 1 for d in dilations):
+                return _vjp(forward, inputs, kernel, dy)
+            dkernel = tf.nn.depthwise_conv2d_backprop_filter(
+                inputs, kernel_shape, dy, strides4, padding
+            )
+            with tf.control_dependencies([dkernel]):
+                dx = tf.nn.depthwise_conv2d_backprop_input(
+                    x_shape, kernel, dy, strides4, padding
+                )
+            return dx, dkernel
+
+        return _after(kept, forward, x, kernel), grad
+
+    return _op(x, kernel)
+
+
+def saved_dense(x: tf.Tensor, kernel: tf.Tensor, saved_dtype: str = "float16") -> tf.Tensor:
+    """`x @ kernel` over the last axis of x (rank >= 2) keeping x in `saved_dtype`.
+
+    Rank > 2 inputs are reshaped to 2-D around one matmul, as Keras'
+    `tensordot` does. dkernel = `upcast(x16)^T dy`, dx = `dy kernel^T`.
+
+    ```python
+    y = saved_dense(tf.random.normal([8, 10, 64]), kernel, "float16")   # [8, 10, units]
+    ```
+    """
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        kept = saved_copy(x, saved_dtype)
+        x_shape = tf.shape(x)
+        rank = x.shape.rank
+        flat = x if rank == 2 else tf.reshape(x, [-1, x_shape[-1]])
+        outputs = _after(kept, tf.matmul, flat, kernel)
+        if rank != 2:
+            outputs = tf.reshape(outputs, tf.concat([x_shape[:-1], tf.shape(kernel)[-1:]], 0))
+
+        def grad(dy):
+            flat_dy = dy if rank == 2 else tf.reshape(dy, [-1, tf.shape(dy)[-1]])
+            inputs = _restore(kept, dy)
+            if rank != 2:
+                inputs = tf.reshape(inputs, [-1, x_shape[-1]])
+            dkernel = tf.matmul(inputs, flat_dy, transpose_a=True)
+            with tf.control_dependencies([dkernel]):
+                dx = tf.matmul(flat_dy, kernel, transpose_b=True)
+            return (dx if rank == 2 else tf.reshape(dx, x_shape)), dkernel
+
+        return outputs, grad
+
+    return _op(x, kernel)
+
+
+def _fused_layout(rank: int, axes: Sequence[int]) -> str | None:
+    """TF's fused batch norm data format for channel-last reductions, else None."""
+    if list(axes) == list(range(rank - 1)):
+        return {4: "NHWC", 5: "NDHWC"}.get(rank)
+    return None
+
+
+def saved_batch_norm(
+    x: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    saved_dtype: str = "float16",
+    axes: Sequence[int] | None = None,
+    fused: bool | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    r"""Training-mode batch normalization keeping x in `saved_dtype`: (outputs, mean, variance).
+
+    Statistics over `axes` (default: all but the last, the channel axis);
+    `gamma`/`beta` None for `scale=False`/`center=False`. The forward is
+    Keras' training forward: TF's fused op for 4-D/5-D channel-last inputs
+    unless `fused=False`, else `tf.nn.moments` + `tf.nn.batch_normalization`.
+    mean and variance are what Keras' moving averages receive, without
+    gradient: the variance is the fused op's unbiased one (Keras' fused path
+    averages it as it is), else the biased one of `tf.nn.moments`. The
+    backward keeps \(\tilde x\), \(\mu\) and \(1/\sigma\) (module docstring)
+    and computes in float32.
+
+    ```python
+    y, mean, variance = saved_batch_norm(x, gamma, beta, 1e-3, "float16")
+    ```
+    """
+    x = tf.convert_to_tensor(x)
+    rank = x.shape.rank
+    axes = list(range(rank - 1)) if axes is None else sorted(a % rank for a in axes)
+    layout = _fused_layout(rank, axes) if fused is not False else None
+    if fused and layout is None:
+        raise ValueError(
+            f"fused=True needs a 4-D or 5-D input normalized over all but its last axis, "
+            f"got rank {rank} and axes {axes}."
+        )
+    # Statistics broadcast against x with the reduced axes kept as 1.
+    keep_shape = [1 if i in axes else d for i, d in enumerate(x.shape.as_list())]
+    params = [p for p in (gamma, beta) if p is not None]
+
+    def statistics(x, gamma, beta):
+        if layout is not None:
+            channels = x.shape[-1]
+            scale = gamma if gamma is not None else tf.constant(1.0, x.dtype, [channels])
+            offset = beta if beta is not None else tf.constant(0.0, x.dtype, [channels])
+            outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+                x, scale, offset, epsilon=epsilon, is_training=True, data_format=layout
+            )[:3]
+            # The op normalizes by the biased variance and returns the unbiased
+            # one, which Keras' fused path averages as it is.
+            size = tf.cast(tf.size(x) / tf.size(unbiased), unbiased.dtype)
+            biased = unbiased * ((size - tf.cast(1.0, unbiased.dtype)) / size)
+            return outputs, mean, biased, unbiased
+        mean, variance = tf.nn.moments(x, axes, keepdims=False)
+        outputs = tf.nn.batch_normalization(
+            x,
+            tf.reshape(mean, keep_shape),
+            tf.reshape(variance, keep_shape),
+            None if beta is None else tf.reshape(beta, keep_shape),
+            None if gamma is None else tf.reshape(gamma, keep_shape),
+            epsilon,
+        )
+        return outputs, mean, variance, variance
+
+    @tf.custom_gradient
+    def _op(x, *params):
+        gamma_, beta_ = _split(params, gamma is not None, beta is not None)
+        kept = saved_copy(x, saved_dtype)
+        outputs, mean, variance, averaged = _after(kept, statistics, x, gamma_, beta_)
+        kept_mean = tf.reshape(mean, keep_shape)
+        inv_std = tf.reshape(tf.math.rsqrt(variance + epsilon), keep_shape)
+
+        def grad(dy, *unused_statistics_grads):
+            x_hat = (_restore(kept, dy) - kept_mean) * inv_std
+            count = tf.cast(tf.size(dy) // tf.size(inv_std), dy.dtype)
+            dbeta = tf.reduce_sum(dy, axes, keepdims=True)
+            dgamma = tf.reduce_sum(dy * x_hat, axes, keepdims=True)
+            factor = inv_std if gamma_ is None else tf.reshape(gamma_, keep_shape) * inv_std
+            dx = factor * (dy - dbeta / count - x_hat * (dgamma / count))
+            grads = []
+            if gamma_ is not None:
+                grads.append(tf.reshape(dgamma, tf.shape(gamma_)))
+            if beta_ is not None:
+                grads.append(tf.reshape(dbeta, tf.shape(beta_)))
+            return [dx, *grads]
+
+        return (outputs, mean, averaged), grad
+
+    outputs, mean, variance = _op(x, *params)
+    return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _split(params, has_gamma: bool, has_beta: bool):
+    """(gamma, beta) from the custom op's parameter list, None where absent."""
+    params = list(params)
+    gamma = params.pop(0) if has_gamma else None
+    beta = params.pop(0) if has_beta else None
+    return gamma, beta
