@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", nargs=5, metavar=("MODEL", "CONFIG", "SIZE", "BATCH", "STEPS"))
     parser.add_argument("--quick", action="store_true", help="B=16 only, no DenseNet")
     parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a zoo_memory.json whose points are kept (e.g. standard runs)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -200,11 +203,14 @@ def main(argv=None) -> int:
     names = args.models or (list(ZOO)[:3] if args.quick else list(ZOO)) + list(PAPER)
     batches = (16,) if args.quick else (16, 32)
     points = []
+    if args.reuse is not None and args.reuse.exists():
+        points = [p for p in json.loads(args.reuse.read_text())["points"] if "error" not in p
+                  and p["config"] not in args.configs and (p["model"] in names)]
     for name in names:
         plan = [(PAPER[name][1], PAPER[name][0][0])] if name in PAPER else [
             (b, 224) for b in batches]
         for batch, size in plan:
-            for config in CONFIGS:
+            for config in args.configs:
                 points.append(run(name, config, size, batch, args.steps))
     rows = summarize(points)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -606,6 +606,11 @@ def _bytes_read_by_backward(layer, shape):
                                    backward_bits=16), (8, 64)),
     (lambda: lqp_layers.QuantDense(16, input_quantizer="swish_sign", kernel_quantizer="ste_sign",
                                    backward_bits=16), (8, 64)),
+    (lambda: lqp_layers.QuantConv2D(8, 3, kernel_quantizer="ste_sign", saved_dtype="float16"),
+     (8, 8, 8, 16)),
+    (lambda: lqp_layers.QuantDense(16, kernel_quantizer=None, saved_dtype="bfloat16"), (8, 64)),
+    (lambda: lqp_layers.QuantDense(16, input_quantizer="ste_sign", kernel_quantizer=None),
+     (8, 64)),
 ])
 def test_backward_reads_what_the_layer_declares(make, shape):
     layer = make()
@@ -623,3 +628,30 @@ def test_fallback_declares_what_larq_keeps():
     kept = layer.kept_tensors(shape)
     assert [k.role for k in kept] == ["input", "quantized input", "kernel"]
     assert _bytes_read_by_backward(layer, shape) >= 2 * shape[0] * shape[1] * 4
+
+
+@pytest.mark.parametrize("saved_dtype, rtol", [("float16", 2**-10), ("bfloat16", 2**-7)])
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_float_input_is_kept_in_saved_dtype(kind, saved_dtype, rtol):
+    """No input quantizer (zoo stems): dx as larq's, dkernel larq's at the rounded input."""
+    shape = (3, 9, 8, 8) if kind == "conv" else (6, 20)
+    standard_cls, low_cls = {
+        "conv": (lq.layers.QuantConv2D, lqp_layers.QuantConv2D),
+        "dense": (lq.layers.QuantDense, lqp_layers.QuantDense),
+    }[kind]
+    args = dict(filters=5, kernel_size=3, padding="same") if kind == "conv" else dict(units=5)
+    standard, low = _pair(standard_cls, low_cls, shape, kernel_quantizer="ste_sign",
+                          kernel_constraint="weight_clip", **args)
+    low = low_cls.from_config({**low.get_config(), "saved_dtype": saved_dtype})
+    low.build(shape)
+    low.set_weights(standard.get_weights())
+    assert low.low_memory
+    x = _inputs(shape)
+    got, want = _gradients(low, x), _gradients(standard, x)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])  # dx does not read the input
+    rounded = tf.cast(tf.cast(x, saved_dtype), tf.float32)
+    at_rounded = _gradients(standard, rounded)
+    for g, w, r in zip(got[2:], want[2:], at_rounded[2:], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, w, rtol=rtol * 8, atol=rtol * np.abs(w).max())

@@ -88,6 +88,7 @@ from larq_prox import quantizers as pcpp_quantizers
 from larq_prox.ops import binary as binary_ops
 from larq_prox.ops.binary import BACKWARD_BITS, InputBackward, KernelSign, kernel_kept
 from larq_prox.ops.kept import Kept
+from larq_prox.ops.saved import check_saved_dtype, saved_conv2d, saved_dense
 
 __all__ = [
     "BACKWARD_BITS",
@@ -170,21 +171,6 @@ def _check_storage_dtype(storage_dtype) -> str | None:
             f"optimizer-slot type), got {storage_dtype!r}."
         )
     return storage_dtype
-
-
-SAVED_DTYPES = (None, "float16", "bfloat16")
-"""Valid `saved_dtype`: the type a float input is kept in for the backward (None: as is)."""
-
-
-def _check_saved_dtype(saved_dtype) -> str | None:
-    if saved_dtype is not None and not isinstance(saved_dtype, str):
-        saved_dtype = tf.as_dtype(saved_dtype).name
-    if saved_dtype not in SAVED_DTYPES:
-        raise ValueError(
-            f"`saved_dtype` must be one of {SAVED_DTYPES} (the type of a float input kept "
-            f"for the backward pass), got {saved_dtype!r}."
-        )
-    return saved_dtype
 
 
 def _first_max(windows: tf.Tensor, maxima: tf.Tensor, p: int, q: int) -> tf.Tensor:
@@ -277,10 +263,15 @@ class _LowMemoryKernel(_WarnOnce):
         needs = _needs(self.input_quantizer)
         self._input_backward = None if needs is None else InputBackward(needs, backward_bits)
         self._reason = None
-        if needs is None:
+        # A float input (no input quantizer: zoo stems, QuickNet's float convs)
+        # is kept in `saved_dtype` for the kernel gradient.
+        self._float_input = self.input_quantizer is None and self.saved_dtype is not None
+        if needs is None and not self._float_input:
             self._reason = (
                 f"its input quantizer {_quantizer_name(self.input_quantizer)} has no sign "
-                "forward (or carries metrics)"
+                "forward (or carries metrics)" + (
+                    "; a float input is kept in 16 bits with saved_dtype='float16'"
+                    if self.input_quantizer is None else "")
             )
 
     @property
@@ -356,11 +347,17 @@ class _LowMemoryKernel(_WarnOnce):
                 kept.append(Kept("quantized input", per_sample, bits))
             kept.append(Kept("kernel", int(np.prod(kernel_shape)), bits, per_sample=False))
             return kept
-        return [
-            Kept("input signs", per_sample, 1),
-            *self._input_backward.kept(per_sample),
-            kernel_kept(kernel_shape, self._binary_kernel, bits),
-        ]
+        # Without a kernel quantizer the op reads the variable itself (no copy).
+        kernel = [kernel_kept(kernel_shape, self._binary_kernel, bits)]
+        if self.kernel_quantizer is None:
+            kernel = []
+        if self._float_input:
+            saved_bits = tf.as_dtype(self.saved_dtype).size * 8
+            # ops.saved keeps the (quantized) kernel tensor as it is.
+            return [Kept(f"input ({self.saved_dtype})", per_sample, saved_bits,
+                         shared=f"input:{self.saved_dtype}"),
+                    *[kernel_kept(kernel_shape, False, bits) for _ in kernel]]
+        return [Kept("input signs", per_sample, 1), *self._input_backward.kept(per_sample), *kernel]
 
 
 def _input_shape(layer, input_shape=None) -> tf.TensorShape:
@@ -416,7 +413,7 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
                 f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}."
             )
         self.backward_chunks = backward_chunks
-        self.saved_dtype = _check_saved_dtype(saved_dtype)
+        self.saved_dtype = check_saved_dtype(saved_dtype)
         self.storage_dtype = _check_storage_dtype(storage_dtype)
         super().__init__(*args, **kwargs)
         self._init_low_memory(backward_bits)
@@ -427,6 +424,8 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
                 self._reason = "groups != 1 is not supported"
             elif self.padding not in ("same", "valid"):
                 self._reason = f"padding={self.padding!r} is not supported"
+            elif self._float_input and self.padding == "same" and self.pad_values != 0.0:
+                self._reason = "a float input with pad_values != 0 is not supported"
 
     # Graph-building Python (no tensor-dependent control flow): autograph's
     # conversion only costs tracing time (about a third of it on zoo models).
@@ -437,6 +436,10 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
             return super().call(inputs)
 
         def low_memory():
+            if self._float_input:
+                outputs = saved_conv2d(inputs, self._quantized_kernel(inputs), self.strides,
+                                       self.padding.upper(), self.dilation_rate, self.saved_dtype)
+                return self._finish(outputs)
             outputs = binary_conv2d(
                 inputs,
                 self._quantized_kernel(inputs),
@@ -481,7 +484,7 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
 
     def __init__(self, *args, storage_dtype: str | None = None,
                  backward_bits: int | None = 8, saved_dtype: str | None = None, **kwargs):
-        self.saved_dtype = _check_saved_dtype(saved_dtype)
+        self.saved_dtype = check_saved_dtype(saved_dtype)
         self.storage_dtype = _check_storage_dtype(storage_dtype)
         super().__init__(*args, **kwargs)
         self._init_low_memory(backward_bits)
@@ -496,6 +499,8 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
 
         def low_memory():
             kernel = self._quantized_kernel(inputs)
+            if self._float_input:
+                return self._finish(saved_dense(inputs, kernel, self.saved_dtype))
             options = dict(binary_kernel=self._binary_kernel, input_backward=self._input_backward)
             if inputs.shape.rank == 2:
                 return self._finish(binary_dense(inputs, kernel, **options))
