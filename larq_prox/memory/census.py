@@ -30,10 +30,12 @@ __all__ = [
     "UnknownLayerError",
     "Weight",
     "check_model",
+    "elements_per_sample",
+    "has_class",
     "layer_calls",
+    "layer_classes",
     "layer_kind",
     "layer_weights",
-    "per_sample",
     "tensor_key",
 ]
 
@@ -57,7 +59,7 @@ def layer_kind(layer) -> str:
     return tf.keras.utils.get_registered_name(type(layer))
 
 
-def per_sample(shape, layer) -> int:
+def elements_per_sample(shape, layer) -> int:
     """Elements per sample of a tensor of `shape` (batch axis first) that `layer` reads or writes."""
     dims = list(shape)[1:]
     if any(d is None for d in dims):

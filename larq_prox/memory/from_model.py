@@ -43,16 +43,18 @@ kernels. MiB at batch 100, measured / modeled (modeled / measured):
 
 | model | standard | low-memory layers | + BinaryBatchNorm, BinaryGradient | + float16 kernels |
 |---|---|---|---|---|
-| MLP | 9.7 / 12.3 (1.27) | 8.0 / 9.7 (1.21) | 8.1 / 9.3 (1.14) | 7.3 / 7.8 (1.07) |
+| MLP | 9.7 / 11.5 (1.19) | 8.0 / 9.7 (1.21) | 8.1 / 9.3 (1.14) | 7.3 / 7.8 (1.07) |
 | CNV | 258 / 272 (1.05) | 135 / 130 (0.96) | 112 / 77 (0.69) | 81 / 65 (0.81) |
 | BinaryNet | 832 / 984 (1.18) | 423 / 470 (1.11) | 305 / 363 (1.19) | 254 / 256 (1.01) |
 
 Over all 64 measured points (these, batch 1600 / 400 / 200, and the batch
 sweeps of memory_measured.json and memory_headroom.json with the `pcpp_bnn`
-pair, batch 25 to 3200) modeled / measured lies in 0.69-1.43. The folded
-`zeros_like` constants are measured too: the resident memory before a step
-exceeds the variables by 172 MiB for standard BinaryNet (modeled 164) and
-1.8 MiB for the MLP (modeled 1.9).
+pair, batch 25 to 3200) modeled / measured lies in 0.69-1.43. larq-zoo models
+at 224x224, batch 16, Adam: BinaryResNetE18 649 / 804 (1.24) as the zoo builds
+it, 376 / 377 (1.00) converted (`lqp.models.convert(..., quantizer="pcpp_bnn",
+batch_norm="proposed", low_memory=True)`); QuickNet 638 / 707 (1.11) and
+459 / 413 (0.90). The folded `zeros_like` constants of the "persistent" row
+are measured too (kept_table).
 
 What is left is TF's, not the layers': the model adds rows that are alive at
 different moments (every kept tensor exists when the backward starts, every
@@ -60,8 +62,9 @@ gradient only at its end), so it sits above the peak where float kept tensors
 dominate (standard layers, up to 1.3x); where kept tensors are bits, the peak
 is the backward of the first blocks, whose scratch TF decides: CNV's
 low-memory steps hold about 3.5 buffers of its largest activation there, not
-2 (conv backprop and layout buffers of oneDNN/Eigen, the BN backward's
-temporaries), which leaves them up to 1.45x below. Forward temporaries (pre-BN
+2 (not broken down here; conv backprop and layout buffers of oneDNN/Eigen and
+the BN backward's temporaries are the candidates), which leaves them up to
+1.45x below. Forward temporaries (pre-BN
 outputs, the loss), allocator fragmentation (BFC rounds every allocation up to
 a bin and splits free chunks that a later, larger tensor cannot reuse) and
 TF's own small buffers (counters, metrics, the data iterator) are not counted;
@@ -82,9 +85,9 @@ import tensorflow as tf
 from larq_prox.memory.census import (
     UnknownLayerError,
     Weight,
+    elements_per_sample,
     layer_calls,
     layer_kind,
-    per_sample,
     tensor_key,
 )
 from larq_prox.memory.kept_table import Held, is_view, table_kept
@@ -160,6 +163,8 @@ def _tabled(call, held: list[Held], buffer) -> list[tuple[Held, tuple | None]]:
             side = "input" if h.tensor.startswith("input") else "output"
             keys = call.input_keys if side == "input" else call.output_keys
             out.append((h, ("tensor", buffer(keys[int(h.tensor[len(side):])]))))
+        elif h.row == "persistent" and h.kept.shared:
+            out.append((h, ("constant", h.kept.shared)))  # one in the whole graph
         elif h.kept.shared:
             out.append((h, (h.kept.shared, tuple(buffer(key) for key in call.input_keys))))
         else:
@@ -253,7 +258,7 @@ def model_census(model: tf.keras.Model, on_unknown: str = "raise") -> ModelCensu
         tensors = (*zip(call.inputs, call.input_keys), *zip(call.outputs, call.output_keys))
         for tensor, key in tensors:
             if tf.as_dtype(tensor.dtype).is_floating:
-                elements, bits = per_sample(tensor.shape, layer), _bits(tensor)
+                elements, bits = elements_per_sample(tensor.shape, layer), _bits(tensor)
                 big = census.largest
                 if key in backward and elements * bits > big[0] * big[1]:
                     census.largest = (elements, bits, layer.name)
@@ -272,7 +277,7 @@ def model_census(model: tf.keras.Model, on_unknown: str = "raise") -> ModelCensu
         if held is None:
             _unknown(census, layer, on_unknown)
             held = [
-                Held(Kept("inputs (unknown layer, generic)", per_sample(t.shape, layer), _bits(t)),
+                Held(Kept("inputs (unknown layer, generic)", elements_per_sample(t.shape, layer), _bits(t)),
                      tensor=f"input{i}")
                 for i, t in enumerate(call.inputs)
             ]  # fmt: skip
@@ -281,13 +286,13 @@ def model_census(model: tf.keras.Model, on_unknown: str = "raise") -> ModelCensu
             add(entries, f"{kind}: {h.kept.role}", h.kept, key)
     # The loss's gradient reads the model outputs (often a softmax's kept output already).
     for tensor in tf.nest.flatten(model.outputs):
-        elements = per_sample(tensor.shape, model)
+        elements = elements_per_sample(tensor.shape, model)
         add(census.kept, "loss: model outputs", Kept("outputs", elements, _bits(tensor)),
             ("tensor", buffer(tensor_key(keys, tensor))))  # fmt: skip
     # The batch lives through the step, twice (BATCH_COPIES); a copy a layer keeps
     # is counted in "kept".
     for tensor in tf.nest.flatten(model.inputs):
-        entry = _Entry("input batch", Kept("inputs", per_sample(tensor.shape, model), _bits(tensor)))
+        entry = _Entry("input batch", Kept("inputs", elements_per_sample(tensor.shape, model), _bits(tensor)))
         kept = ("tensor", buffer(tensor_key(keys, tensor))) in counted
         census.batch.extend([entry] * (BATCH_COPIES - kept))
     return census

@@ -45,7 +45,10 @@ Besides activations, larq's `ste_sign`-style gradients (`SteSign`,
 `approx_sign`) build `tf.zeros_like(dy)`: with the static shapes of a
 fixed-batch train step, TF's graph optimizer folds each into a constant that
 stays resident (the "persistent" row): one float tensor of the quantizer
-input's size per use, kernels included.
+input's size, kernels included, once per distinct shape (equal constants are
+merged). Measured: the resident memory before a step exceeds the variables by
+172 / 55 / 1.8 / 51 MiB for standard BinaryNet, CNV, MLP (batch 100) and
+ResNetE-18 (224x224, batch 16), which these constants make 163 / 42 / 1.1 / 41.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ import tensorflow as tf
 from larq_prox import quantizers as pcpp_quantizers
 from larq_prox.layers import batch_norm as lqp_batch_norm
 from larq_prox.layers import binary as lqp_binary
-from larq_prox.memory.census import LayerCall, layer_classes, per_sample
+from larq_prox.memory.census import LayerCall, elements_per_sample, layer_classes
 from larq_prox.ops.kept import Kept
 
 __all__ = ["Held", "is_view", "table_kept"]
@@ -85,14 +88,17 @@ class Held:
 class _Call:
     """A layer call's per-sample sizes and bits, as the rules read them."""
 
-    layer: Any
     call: LayerCall
 
+    @property
+    def layer(self) -> Any:
+        return self.call.layer
+
     def n_in(self, i: int = 0) -> int:
-        return per_sample(self.call.inputs[i].shape, self.layer)
+        return elements_per_sample(self.call.inputs[i].shape, self.layer)
 
     def n_out(self, i: int = 0) -> int:
-        return per_sample(self.call.outputs[i].shape, self.layer)
+        return elements_per_sample(self.call.outputs[i].shape, self.layer)
 
     def bits_in(self, i: int = 0) -> int:
         return _tensor_bits(self.call.inputs[i])
@@ -123,8 +129,16 @@ def _own(role: str, elements: int, bits: int, per_sample: bool = True) -> Held:
     return Held(Kept(role, int(elements), int(bits), per_sample))
 
 
-def _constant(role: str, elements: int, bits: int, per_sample: bool = True) -> Held:
-    return Held(Kept(role, int(elements), int(bits), per_sample), row="persistent")
+def _zeros(role: str, shape, bits: int, per_sample: bool = True) -> Held:
+    """A folded zeros_like constant of `shape` (per sample when `per_sample`).
+
+    TF's graph optimizer merges equal constants: one per shape and dtype, the
+    `shared` key (counted once in the whole model).
+    """
+    shape = tuple(int(d) for d in shape)
+    kept = Kept(role, int(np.prod(shape, dtype=np.int64)), int(bits), per_sample,
+                shared=f"zeros{shape}:{bits}:{per_sample}")  # fmt: skip
+    return Held(kept, row="persistent")
 
 
 # ---------------------------------------------------------------------------
@@ -159,16 +173,12 @@ _INPUT_ACTIVATIONS = {"softplus": 1, "softsign": 1, "swish": 1, "silu": 1, "leak
 """Float tensors of the input's size that each activation's gradient reads."""
 
 
-def _activation_name(activation) -> str | None:
+def _activation_name(activation) -> str:
+    """"linear", "relu", ... (Keras' activations are functions of those names), or the
+    name of a user's function."""
     if activation is None:
         return "linear"
-    try:
-        name = tf.keras.activations.serialize(activation)
-    except (ValueError, TypeError):
-        return None
-    if isinstance(name, dict):
-        name = name.get("config", {}).get("name") or name.get("class_name")
-    return name if isinstance(name, str) else None
+    return getattr(activation, "__name__", None) or type(activation).__name__
 
 
 def _activation(c: _Call, activation, after: Held | None = None) -> list[Held]:
@@ -179,13 +189,12 @@ def _activation(c: _Call, activation, after: Held | None = None) -> list[Held]:
     layer (its input and output are the call's tensors).
     """
     name = _activation_name(activation)
-    kind = type(c.layer).__name__
     if name == "linear":
         return []
     if name in _OUTPUT_ACTIVATIONS:
         return [c.output(f"output ({name})")]
     copies = _INPUT_ACTIVATIONS.get(name, 1)
-    role = f"input ({name})" if name in _INPUT_ACTIVATIONS else f"input ({name or kind}, generic)"
+    role = f"input ({name})" if name in _INPUT_ACTIVATIONS else f"input ({name}, generic)"
     first = after if after is not None else c.input(0, role)
     extra = [_own(f"{role} temporaries", c.n_out(), c.compute_bits) for _ in range(copies - 1)]
     return [first, *extra]
@@ -218,7 +227,8 @@ def _larq_layer(c: _Call) -> list[Held]:
         if reads_x:
             held.append(c.input(0, "input x (quantizer gradient)"))
         if zeros:
-            held.append(_constant("input zeros_like (folded)", c.n_in(), c.compute_bits))
+            shape = c.call.inputs[0].shape[1:]
+            held.append(_zeros("input zeros_like (folded)", shape, c.compute_bits))
         held.append(_own("quantized input q(x)", c.n_in(), c.compute_bits))
     for quantizer_name, kernel_name in _KERNELS:
         kernel_quantizer = getattr(layer, quantizer_name, None)
@@ -227,9 +237,8 @@ def _larq_layer(c: _Call) -> list[Held]:
             continue  # a variable read: the variable's own buffer
         held.append(_own(f"quantized {kernel_name}", size, c.compute_bits, per_sample=False))
         if _quantizer_needs_input(kernel_quantizer)[1]:
-            held.append(
-                _constant(f"{kernel_name} zeros_like (folded)", size, c.compute_bits, False)
-            )
+            shape = getattr(layer, kernel_name).shape
+            held.append(_zeros(f"{kernel_name} zeros_like (folded)", shape, c.compute_bits, False))
     held.extend(_separable_middle(c))
     return held + _inner_activation(c)
 
@@ -463,7 +472,7 @@ def is_view(layer) -> bool:
 
 def table_kept(call: LayerCall) -> list[Held] | None:
     """What `call`'s layer keeps by this table, or None when the table does not know it."""
-    c = _Call(call.layer, call)
+    c = _Call(call)
     if call.is_input:
         return []
     for classes, rule in _RULES:

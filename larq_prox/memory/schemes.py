@@ -93,11 +93,11 @@ import tensorflow as tf
 
 from larq_prox.memory.census import (
     UnknownLayerError,
+    elements_per_sample,
     has_class,
     layer_calls,
     layer_classes,
     layer_weights,
-    per_sample,
 )
 from larq_prox.memory.report import DTYPES, FROM_MODEL, Part, Row
 
@@ -247,7 +247,7 @@ def paper_census(model: tf.keras.Model, on_unknown: str) -> _Census:
     for call in layer_calls(model):
         layer, inputs, outputs = call.layer, call.input_shapes, call.output_shapes
         for shape in [*inputs, *outputs]:
-            census.largest = max(census.largest, per_sample(shape, layer))
+            census.largest = max(census.largest, elements_per_sample(shape, layer))
         first_call = id(layer) not in counted
         counted.add(id(layer))
         if _is_bn(layer):
@@ -265,7 +265,7 @@ def paper_census(model: tf.keras.Model, on_unknown: str) -> _Census:
                     trainable = any(weight is w for w in layer.trainable_weights)
                     census.bn_params += int(np.prod(weight.shape)) * (2 if trainable else 1)
         elif isinstance(layer, _WEIGHT_LAYERS):
-            size = sum(per_sample(s, layer) for s in inputs)
+            size = sum(elements_per_sample(s, layer) for s in inputs)
             if _is_binary_quantizer(getattr(layer, "input_quantizer", None)):
                 census.x_binary += size
             else:
@@ -273,7 +273,7 @@ def paper_census(model: tf.keras.Model, on_unknown: str) -> _Census:
             if first_call:
                 census.weights.extend(layer_weights(layer))
         elif isinstance(layer, _MAX_POOLS):
-            census.pool += sum(per_sample(s, layer) for s in inputs)
+            census.pool += sum(elements_per_sample(s, layer) for s in inputs)
         elif isinstance(layer, _STATELESS) or (
             type(layer).__name__ in _OP_LAYERS and not layer.weights
         ):
@@ -291,11 +291,11 @@ def paper_census(model: tf.keras.Model, on_unknown: str) -> _Census:
                 raise UnknownLayerError(message)
             warnings.warn(message, stacklevel=3)
             census.unknown.append(f"{layer.name} ({type(layer).__name__})")
-            census.x_float += sum(per_sample(s, layer) for s in inputs)
+            census.x_float += sum(elements_per_sample(s, layer) for s in inputs)
             if first_call:
                 census.weights.extend(layer_weights(layer))
     for shape in [t.shape for t in tf.nest.flatten(model.outputs) if hasattr(t, "shape")]:
-        census.x_float += per_sample(shape, model)  # the logits
+        census.x_float += elements_per_sample(shape, model)  # the logits
     return census
 
 
