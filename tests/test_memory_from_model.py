@@ -323,6 +323,24 @@ def test_unknown_layers_are_reported_by_name():
     assert report.rows["weights"].count == 8 + 8 * 4 + 4
 
 
+class DeclaredGate(Gate):
+    """A custom layer with weights that declares what it keeps."""
+
+    def kept_tensors(self, input_shape=None):
+        return [Kept("input (float16)", tf.TensorShape(input_shape)[1:].num_elements(), 16)]
+
+
+def test_a_declaring_layer_is_known_to_the_papers_schemes_too():
+    inputs = tf.keras.Input((8,))
+    model = tf.keras.Model(inputs, K.Dense(4)(DeclaredGate(name="gate")(inputs)))
+    standard = memory.estimate(model, 2, "adam", "standard")  # no UnknownLayerError
+    assert standard.unknown_layers == ()
+    assert standard.rows["W"].count == 8 + 8 * 4 + 4  # its weight is a weight
+    assert standard.rows["X"].count == 2 * (8 + 8 + 4)  # and its input a weight-layer input
+    kept = kinds(memory.estimate(model, 2, "adam", "from_model"), "kept")
+    assert kept["DeclaredGate: input (float16)"] == 2 * 8
+
+
 def test_default_scheme_is_from_model_only_for_declaring_models():
     plain = standard_model()
     assert memory.default_scheme(plain) == "standard"

@@ -35,9 +35,10 @@ their own in this model: they count only through the largest activation. As in t
 paper, BN moving statistics and the optimizer slots of BN parameters are not
 counted (a few per-channel vectors), nor are dropout masks. A layer called
 several times counts its inputs per call and its weights once; nested models are
-walked. A layer of any other type raises an error
-(or, with `on_unknown="warn"`, a warning and a generic count) rather than
-silently counting zero.
+walked. A layer that declares what it keeps (`kept_tensors`) counts as a
+weight layer if it has weights, else as a stateless one. A layer of any other
+type raises an error (or, with `on_unknown="warn"`, a warning and a generic
+count) rather than silently counting zero.
 
 These schemes count what the paper's accounting counts, for any data types;
 `scheme="from_model"` (from_model.py) counts what the model's layers really
@@ -220,6 +221,10 @@ def _is_bn(layer) -> bool:
     return (base is not None and isinstance(layer, base)) or has_class(layer, "BinaryBatchNorm")
 
 
+def _declares(layer) -> bool:
+    return callable(getattr(layer, "kept_tensors", None))
+
+
 def _is_binary_quantizer(quantizer) -> bool:
     # larq's own rule (layers_base._is_binary): precision 1 and not a NoOp tag.
     return getattr(quantizer, "precision", None) == 1 and not isinstance(
@@ -264,7 +269,9 @@ def paper_census(model: tf.keras.Model, on_unknown: str) -> _Census:
                         continue
                     trainable = any(weight is w for w in layer.trainable_weights)
                     census.bn_params += int(np.prod(weight.shape)) * (2 if trainable else 1)
-        elif isinstance(layer, _WEIGHT_LAYERS):
+        elif isinstance(layer, _WEIGHT_LAYERS) or (_declares(layer) and layer.weights):
+            # A layer that declares what it keeps (`kept_tensors`) is known: with
+            # weights it counts as a weight layer, without as a stateless one.
             size = sum(elements_per_sample(s, layer) for s in inputs)
             if _is_binary_quantizer(getattr(layer, "input_quantizer", None)):
                 census.x_binary += size
@@ -274,7 +281,7 @@ def paper_census(model: tf.keras.Model, on_unknown: str) -> _Census:
                 census.weights.extend(layer_weights(layer))
         elif isinstance(layer, _MAX_POOLS):
             census.pool += sum(elements_per_sample(s, layer) for s in inputs)
-        elif isinstance(layer, _STATELESS) or (
+        elif isinstance(layer, _STATELESS) or _declares(layer) or (
             type(layer).__name__ in _OP_LAYERS and not layer.weights
         ):
             pass
