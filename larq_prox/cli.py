@@ -99,9 +99,12 @@ def _memory(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args.input_shape)
     try:
-        schemes = memory.name_schemes(
-            [_parse_scheme(s) for s in (args.scheme or ["standard", "proposed"])]
-        )
+        given = [_parse_scheme(s) for s in args.scheme or []]
+        if not given:
+            given = ["standard", "proposed"]
+            if memory.declares_kept(model):
+                given.append(memory.FROM_MODEL)
+        schemes = memory.name_schemes(given)
         reports = memory.sweep(model, [args.batch_size], args.optimizer, schemes, args.on_unknown)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
@@ -158,8 +161,10 @@ def _add_memory(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--scheme", action="append",
-        help="standard, proposed or a JSON dict such as '{\"default\": \"float16\", "
-        "\"dW\": \"bool\"}'; repeat for several (default: standard and proposed)",
+        help="standard, proposed, proposed_strict, from_model (what the layers keep, in "
+        "their real dtypes) or a JSON dict such as '{\"default\": \"float16\", "
+        "\"dW\": \"bool\"}'; repeat for several (default: standard and proposed, and "
+        "from_model for a model whose layers declare what they keep)",
     )  # fmt: skip
     parser.add_argument(
         "--input-shape", type=lambda t: _int_tuple(t, "--input-shape"),

@@ -16,6 +16,8 @@ from larq_prox import memory
 
 __all__ = ["MemoryModel"]
 
+_DEFAULT_SCHEMES = ("standard", "proposed")
+
 
 class MemoryModel(tf.keras.callbacks.Callback):
     """Modeled training memory at train begin, measured peak memory per epoch.
@@ -45,9 +47,12 @@ class MemoryModel(tf.keras.callbacks.Callback):
     # Arguments
         batch_size: samples per step and device; inferred from the first batch
             when None (the tables are then printed after the first step).
-        schemes: a scheme or a sequence of them: names ("standard", "proposed") or
-            dicts (see `larq_prox.memory`), which are named `custom0`, ... in the
-            logs; or a dict of name to scheme.
+        schemes: a scheme or a sequence of them: names ("standard", "proposed",
+            "from_model") or dicts (see `larq_prox.memory`), which are named
+            `custom0`, ... in the logs; or a dict of name to scheme. None:
+            "standard" and "proposed", plus "from_model" (the scheme to compare
+            with the measured peak) for a model whose layers declare what they
+            keep (`kept_tensors`).
         measure: log `memory_peak_mib` each epoch.
         plot_path: write a PNG of stacked bars per variable for each scheme (with
             the largest measured peak as a line at the end of training).
@@ -57,17 +62,19 @@ class MemoryModel(tf.keras.callbacks.Callback):
     def __init__(
         self,
         batch_size: int | None = None,
-        schemes: str | Mapping | Sequence = ("standard", "proposed"),
+        schemes: str | Mapping | Sequence | None = None,
         measure: bool = True,
         plot_path: str | None = None,
         verbose: int = 1,
     ):
         super().__init__()
         if batch_size is not None:
-            memory._check_batch_size(batch_size)
-        named = memory.name_schemes(schemes)  # fails now, not after an epoch
+            memory.check_batch_size(batch_size)
+        # Fails now, not after an epoch.
+        named = memory.name_schemes(_DEFAULT_SCHEMES if schemes is None else schemes)
         self.batch_size = batch_size
         self.schemes = named
+        self._add_from_model = schemes is None
         self.measure = measure
         self.plot_path = plot_path
         self.verbose = verbose
@@ -123,6 +130,8 @@ class MemoryModel(tf.keras.callbacks.Callback):
 
     def _model_memory(self, batch_size: int, logs=None) -> None:
         self.batch_size = batch_size
+        if self._add_from_model and memory.declares_kept(self.model):
+            self.schemes = {**self.schemes, memory.FROM_MODEL: memory.FROM_MODEL}
         for name, scheme in self.schemes.items():
             self.reports[name] = memory.estimate(
                 self.model, batch_size, self.model.optimizer or "adam", scheme

@@ -1,0 +1,364 @@
+"""`scheme="from_model"`: what the model's layers keep, in the dtypes they really store.
+
+```python
+report = lqp.memory.estimate(model, 100, model.optimizer, "from_model")
+print(report.table())               # rows, and their largest parts per layer kind
+report.breakdown("kept")   # MiB per part: {"larq_prox>QuantConv2D: input signs": 3.32, ...}
+```
+
+Rows (B = batch size):
+
+| row | what it counts |
+|---|---|
+| `kept` | every layer call's tensors kept between forward and backward: the layer's declaration (`kept_tensors`, `larq_prox.ops.kept.Kept`) or, for a layer without one, the table of `kept_table`; plus the model outputs, which the loss's gradient reads |
+| `working_set` | the step's transient buffers (see below) and the input batch |
+| `weights` | every variable of the model in its dtype (16-bit kernels with `storage_dtype`) but statistics |
+| `gradients` | one gradient per trainable variable, in its dtype |
+| `slots` | the optimizer's slots per trainable variable, in its dtype (legacy Keras creates slots like their variable; `BinaryGradient` and loss scaling are unwrapped) |
+| `persistent` | BN moving statistics, quantizer variables, and the constants TF folds from larq's `zeros_like` gradients |
+
+Tensors with the same `shared` key on the same source (the same input tensor
+of two layers: two float convs fed by one tensor keep one 16-bit copy) count
+once; a tensor a layer keeps as it is (its input, its output) is one buffer
+whoever keeps it. A layer that neither declares nor is in the table is
+reported by name (`on_unknown="raise"`, or `"warn"`: its inputs then count as
+kept, a generic guess that the report names).
+
+The working set, the one calibrated rule: `WORKING_SET_BUFFERS` = 2 buffers of
+the largest activation that a gradient flows to (at B, in its dtype: the dy
+and dx of the layer whose backward is running; the image and what frozen
+layers compute from it get none), plus one buffer of the largest trainable
+variable in its gradient's dtype (float32 before the cast to a 16-bit
+variable; then the optimizer's transformed gradient), plus `BATCH_COPIES` = 2
+copies of the input batch (the batch tensor and the data iterator's element),
+less the one a layer keeps.
+
+Calibration: TF allocator peak (BFC, `get_memory_info("CPU:0")["peak"]`)
+over warm `train_on_batch` steps, one fresh process per point
+(benchmarks/step_memory.py), Adam, TF 2.19 CPU (2 shared cores), larq's
+`ste_sign` as input and kernel quantizer. Configurations as in
+benchmarks/memory_measured.py: standard larq layers; low-memory layers
+(bit-packing conv/dense/pool); + BinaryBatchNorm and BinaryGradient; + float16
+kernels. MiB at batch 100, measured / modeled (modeled / measured):
+
+| model | standard | low-memory layers | + BinaryBatchNorm, BinaryGradient | + float16 kernels |
+|---|---|---|---|---|
+| MLP | 9.7 / 11.5 (1.19) | 8.0 / 9.7 (1.21) | 8.1 / 9.3 (1.14) | 7.3 / 7.8 (1.07) |
+| CNV | 258 / 272 (1.05) | 135 / 130 (0.96) | 112 / 77 (0.69) | 81 / 65 (0.81) |
+| BinaryNet | 832 / 984 (1.18) | 423 / 470 (1.11) | 305 / 363 (1.19) | 254 / 256 (1.01) |
+
+Over all 64 measured points (these, batch 1600 / 400 / 200, and the batch
+sweeps of memory_measured.json and memory_headroom.json with the `pcpp_bnn`
+pair, batch 25 to 3200) modeled / measured lies in 0.69-1.43. larq-zoo models
+at 224x224, batch 16, Adam: BinaryResNetE18 649 / 804 (1.24) as the zoo builds
+it, 376 / 377 (1.00) converted (`lqp.models.convert(..., quantizer="pcpp_bnn",
+batch_norm="proposed", low_memory=True)`); QuickNet 638 / 707 (1.11) and
+459 / 413 (0.90). The folded `zeros_like` constants of the "persistent" row
+are measured too (kept_table).
+
+What is left is TF's, not the layers': the model adds rows that are alive at
+different moments (every kept tensor exists when the backward starts, every
+gradient only at its end), so it sits above the peak where float kept tensors
+dominate (standard layers, up to 1.3x); where kept tensors are bits, the peak
+is the backward of the first blocks, whose scratch TF decides: CNV's
+low-memory steps hold about 3.5 buffers of its largest activation there, not
+2 (not broken down here; conv backprop and layout buffers of oneDNN/Eigen and
+the BN backward's temporaries are the candidates), which leaves them up to
+1.45x below. Forward temporaries (pre-BN
+outputs, the loss), allocator fragmentation (BFC rounds every allocation up to
+a bin and splits free chunks that a later, larger tensor cannot reuse) and
+TF's own small buffers (counters, metrics, the data iterator) are not counted;
+neither is run-to-run noise: TF's executor order changes the peak (one MLP
+setting at batch 1600 measured 13.9 and 19.8 MiB in two runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+
+from larq_prox.memory.census import (
+    UnknownLayerError,
+    Weight,
+    elements_per_sample,
+    layer_calls,
+    layer_kind,
+    tensor_key,
+)
+from larq_prox.memory.kept_table import Held, is_view, table_kept
+from larq_prox.memory.report import FROM_MODEL, Part, Row, bits_dtype
+from larq_prox.ops.kept import Kept
+
+__all__ = ["ROWS", "WORKING_SET_BUFFERS", "declares_kept", "model_census", "model_rows"]
+
+ROWS = ("kept", "working_set", "weights", "gradients", "slots", "persistent")
+"""The rows of a `scheme="from_model"` report."""
+
+WORKING_SET_BUFFERS = 2
+"""Buffers of the largest backward activation in the working set (calibrated; see above)."""
+
+BATCH_COPIES = 2
+"""Copies of the input batch during a step: the batch tensor and the data iterator's."""
+
+SCHEME = {"name": FROM_MODEL}
+"""`MemoryReport.scheme` of a from_model report."""
+
+
+def declares_kept(model: tf.keras.Model) -> bool:
+    """Whether any layer of `model` declares what it keeps (`kept_tensors`)."""
+    return any(callable(getattr(call.layer, "kept_tensors", None)) for call in layer_calls(model))
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One counted tensor: its report part kind and its declaration."""
+
+    kind: str
+    kept: Kept
+
+
+@dataclasses.dataclass
+class _Variable:
+    kind: str
+    dtype: str
+    weight: Weight
+    row: str  # "weights" or "persistent"
+    gradient_dtype: str  # of the gradient before it is cast to a 16-bit variable
+
+
+@dataclasses.dataclass
+class ModelCensus:
+    """What a model keeps, per sample or in total; a batch size and optimizer give rows."""
+
+    kept: list = dataclasses.field(default_factory=list)  # _Entry
+    persistent: list = dataclasses.field(default_factory=list)  # _Entry (folded constants)
+    batch: list = dataclasses.field(default_factory=list)  # _Entry (model inputs)
+    variables: list = dataclasses.field(default_factory=list)  # _Variable
+    # (elements per sample, bits, layer name) of the largest tensor a gradient flows to
+    largest: tuple = (0, 32, "")
+    unknown: list = dataclasses.field(default_factory=list)
+
+
+def _bits(tensor) -> int:
+    return tf.as_dtype(tensor.dtype).size * 8
+
+
+def _declared(call, layer, buffer) -> list[tuple[Kept, tuple | None]]:
+    shapes = call.input_shapes
+    kept = layer.kept_tensors(shapes[0] if len(shapes) == 1 else shapes)
+    # Declarations with one shared key on one source tensor are one buffer.
+    source = tuple(buffer(key) for key in call.input_keys)
+    return [(k, (k.shared, source) if k.shared else None) for k in kept]
+
+
+def _tabled(call, held: list[Held], buffer) -> list[tuple[Held, tuple | None]]:
+    out = []
+    for h in held:
+        if h.tensor is not None:
+            side = "input" if h.tensor.startswith("input") else "output"
+            keys = call.input_keys if side == "input" else call.output_keys
+            out.append((h, ("tensor", buffer(keys[int(h.tensor[len(side):])]))))
+        elif h.row == "persistent" and h.kept.shared:
+            out.append((h, ("constant", h.kept.shared)))  # one in the whole graph
+        elif h.kept.shared:
+            out.append((h, (h.kept.shared, tuple(buffer(key) for key in call.input_keys))))
+        else:
+            out.append((h, None))
+    return out
+
+
+def _unknown(census: ModelCensus, layer, on_unknown: str) -> None:
+    message = (
+        f"The memory model (scheme='from_model') cannot account for layer {layer.name!r} "
+        f"of class {type(layer).__module__}.{type(layer).__name__}: it declares nothing "
+        "(`kept_tensors(input_shape) -> list[larq_prox.ops.kept.Kept]`) and is not in the "
+        "table of standard Keras/larq layers (larq_prox.memory.kept_table). Declare what "
+        "it keeps, or pass on_unknown='warn' to count its inputs as kept (a guess)."
+    )
+    if on_unknown == "raise":
+        raise UnknownLayerError(message)
+    warnings.warn(message, stacklevel=5)  # the caller of estimate()/sweep()
+    census.unknown.append(f"{layer.name} ({type(layer).__name__})")
+
+
+def _variable_kind(layer, variable) -> str:
+    name = variable.name.split("/")[-1].split(":")[0]
+    return f"{layer_kind(layer)}: {name}"
+
+
+def _is_statistic(layer, variable, quantizer_ids: set) -> bool:
+    """BN moving statistics and quantizer (schedule) variables: state, not weights."""
+    return id(variable) in quantizer_ids or (
+        not variable.trainable and "moving" in variable.name.split("/")[-1]
+    )
+
+
+def _add_variables(census: ModelCensus, layer, seen: set) -> None:
+    quantizer_ids = {
+        id(v)
+        for sub in layer._flatten_layers(include_self=False)
+        if isinstance(sub, lq.quantizers.Quantizer)
+        for v in sub.weights
+    }
+    trainable = {id(v) for v in layer.trainable_weights}
+    for variable in layer.weights:
+        if id(variable) in seen:
+            continue
+        seen.add(id(variable))
+        weight = Weight(
+            count=int(np.prod(variable.shape, dtype=np.int64)),
+            binary=getattr(variable, "precision", 32) == 1,
+            trainable=id(variable) in trainable,
+            variable=variable,
+        )
+        row = "persistent" if _is_statistic(layer, variable, quantizer_ids) else "weights"
+        dtype = tf.as_dtype(variable.dtype)
+        # A 16-bit variable read into a float32 layer gets a float32 gradient first.
+        compute = tf.as_dtype(layer.compute_dtype or dtype)
+        wider = compute if compute.is_floating and compute.size > dtype.size else dtype
+        census.variables.append(
+            _Variable(_variable_kind(layer, variable), dtype.name, weight, row, wider.name)
+        )
+
+
+def model_census(model: tf.keras.Model, on_unknown: str = "raise") -> ModelCensus:
+    """Walk `model` once: every kept tensor (deduplicated), variable and the largest activation."""
+    census = ModelCensus()
+    counted: set = set()  # dedupe keys of shared tensors
+    seen_variables: set = set()
+    seen_layers: set = set()
+    keys: dict = {}
+    views: dict = {}  # tensor key -> the key of the buffer it is a view of
+
+    def buffer(key):
+        while key in views:
+            key = views[key]
+        return key
+
+    def add(entries: list, kind: str, kept: Kept, key) -> None:
+        if key is not None:
+            if key in counted:
+                return
+            counted.add(key)
+        entries.append(_Entry(kind, kept))
+
+    backward: set = set()  # keys of tensors downstream of a trainable variable
+
+    for call in layer_calls(model, keys):
+        layer = call.layer
+        if layer.trainable_weights or any(k in backward for k in call.input_keys):
+            backward.update(call.output_keys)
+        # Only tensors that get a gradient have dy/dx buffers (not the image, nor
+        # what frozen layers compute from it).
+        tensors = (*zip(call.inputs, call.input_keys), *zip(call.outputs, call.output_keys))
+        for tensor, key in tensors:
+            if tf.as_dtype(tensor.dtype).is_floating:
+                elements, bits = elements_per_sample(tensor.shape, layer), _bits(tensor)
+                big = census.largest
+                if key in backward and elements * bits > big[0] * big[1]:
+                    census.largest = (elements, bits, layer.name)
+        if id(layer) not in seen_layers:
+            seen_layers.add(id(layer))
+            _add_variables(census, layer, seen_variables)
+        if is_view(layer) and len(call.inputs) == 1:
+            for key in call.output_keys:
+                views[key] = buffer(call.input_keys[0])
+        kind = layer_kind(layer)
+        if callable(getattr(layer, "kept_tensors", None)):  # a declaration always wins
+            for kept, key in _declared(call, layer, buffer):
+                add(census.kept, f"{kind}: {kept.role}", kept, key)
+            continue
+        held = table_kept(call)
+        if held is None:
+            _unknown(census, layer, on_unknown)
+            held = [
+                Held(Kept("inputs (unknown layer, generic)", elements_per_sample(t.shape, layer), _bits(t)),
+                     tensor=f"input{i}")
+                for i, t in enumerate(call.inputs)
+            ]  # fmt: skip
+        for h, key in _tabled(call, held, buffer):
+            entries = census.persistent if h.row == "persistent" else census.kept
+            add(entries, f"{kind}: {h.kept.role}", h.kept, key)
+    # The loss's gradient reads the model outputs (often a softmax's kept output already).
+    for tensor in tf.nest.flatten(model.outputs):
+        elements = elements_per_sample(tensor.shape, model)
+        add(census.kept, "loss: model outputs", Kept("outputs", elements, _bits(tensor)),
+            ("tensor", buffer(tensor_key(keys, tensor))))  # fmt: skip
+    # The batch lives through the step, twice (BATCH_COPIES); a copy a layer keeps
+    # is counted in "kept".
+    for tensor in tf.nest.flatten(model.inputs):
+        entry = _Entry("input batch", Kept("inputs", elements_per_sample(tensor.shape, model), _bits(tensor)))
+        kept = ("tensor", buffer(tensor_key(keys, tensor))) in counted
+        census.batch.extend([entry] * (BATCH_COPIES - kept))
+    return census
+
+
+def _parts(items: list[tuple[str, int, str]]) -> tuple[Part, ...]:
+    """Parts from (kind, count, dtype), summed per (kind, dtype), largest first."""
+    totals: dict[tuple[str, str], int] = {}
+    for kind, count, dtype in items:
+        if count:
+            totals[(kind, dtype)] = totals.get((kind, dtype), 0) + int(count)
+    parts = [Part(count, dtype, kind) for (kind, dtype), count in totals.items()]
+    return tuple(sorted(parts, key=lambda p: -p.bits))
+
+
+def _row(name: str, items: list[tuple[str, int, str]]) -> Row:
+    parts = _parts(items)
+    return Row(name, parts[0].dtype if parts else "float32", parts)
+
+
+def _entry_items(entries: list[_Entry], batch_size: int) -> list[tuple[str, int, str]]:
+    return [
+        (e.kind, e.kept.elements * (batch_size if e.kept.per_sample else 1), bits_dtype(e.kept.bits))
+        for e in entries
+    ]
+
+
+def model_rows(
+    census: ModelCensus, batch_size: int, rule: Callable[[Weight], tuple[int, bool]]
+) -> dict[str, Row]:
+    """The report rows of `census` at `batch_size`, with the optimizer's slot `rule`."""
+    b = batch_size
+    elements, bits, layer_name = census.largest
+    trainable = [v for v in census.variables if v.weight.trainable]
+    largest_var = max(
+        trainable, key=lambda v: v.weight.count * _dtype_size(v.gradient_dtype), default=None
+    )
+    working = [
+        (f"{WORKING_SET_BUFFERS} x largest activation ({layer_name})",
+         WORKING_SET_BUFFERS * elements * b, bits_dtype(bits)),
+        *_entry_items(census.batch, b),
+    ]  # fmt: skip
+    if largest_var is not None:
+        working.append(
+            (f"largest gradient ({largest_var.kind})", largest_var.weight.count,
+             largest_var.gradient_dtype)
+        )  # fmt: skip
+    rows = {
+        "kept": _row("kept", _entry_items(census.kept, b)),
+        "working_set": _row("working_set", working),
+        "weights": _row(
+            "weights", [(v.kind, v.weight.count, v.dtype) for v in census.variables
+                        if v.row == "weights"]
+        ),  # fmt: skip
+        "gradients": _row("gradients", [(v.kind, v.weight.count, v.dtype) for v in trainable]),
+        "slots": _row(
+            "slots", [(v.kind, rule(v.weight)[0] * v.weight.count, v.dtype) for v in trainable]
+        ),
+        "persistent": _row(
+            "persistent",
+            [(v.kind, v.weight.count, v.dtype) for v in census.variables if v.row == "persistent"]
+            + _entry_items(census.persistent, b),
+        ),
+    }
+    return rows
+
+
+def _dtype_size(dtype: str) -> int:
+    return tf.as_dtype(dtype).size
