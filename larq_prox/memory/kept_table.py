@@ -25,14 +25,8 @@ graphs in tests/test_memory_from_model.py with tests/kept_check.py):
 | Add, Subtract, Average, Concatenate, average pooling, Flatten, Reshape, Permute, padding, cropping, nearest upsampling, Dropout(0), GaussianNoise, preprocessing | nothing (shapes only) |
 | TFOpLambda / Lambda | a few known ops as above; any other op: its inputs (a generic count, named so in the report) |
 
-Until larq-prox's own low-memory layers declare `kept_tensors`, their rows are
-here too: `QuantConv2D` / `QuantDense`: the input's sign bits, the mask bits
-where the pair needs them, and the kernel's sign bits (1 bit each);
-`MaxPool2D`: one bit per input element; `BinaryBatchNorm`: sign bits of its
-output and psi, omega per channel ("proposed"), its float output ("l1"),
-two float tensors of the input's size ("exact"). A layer that runs the
-standard computation instead (unsupported quantizer or arguments) gets the
-standard layer's row.
+larq-prox's own layers declare `kept_tensors` (QuantConv2D, QuantDense,
+BinaryBatchNorm, the float layers); a declaration always wins over this table.
 
 Tensors a layer keeps *as they are* (its input, its output) are the same
 buffer as the neighbouring layers' outputs and inputs: a ReLU's kept output and
@@ -62,7 +56,6 @@ import numpy as np
 import tensorflow as tf
 
 from larq_prox import quantizers as pcpp_quantizers
-from larq_prox.layers import batch_norm as lqp_batch_norm
 from larq_prox.layers import binary as lqp_binary
 from larq_prox.memory.census import LayerCall, elements_per_sample, layer_classes
 from larq_prox.ops.kept import Kept
@@ -268,40 +261,10 @@ def _keras_weight_layer(c: _Call) -> list[Held]:
     return [c.input(0), *_separable_middle(c), *_inner_activation(c)]
 
 
-def _low_memory_kernel_layer(c: _Call) -> list[Held] | None:
-    """larq-prox's QuantConv2D / QuantDense on the low-memory path: bits only."""
-    layer = c.layer
-    if getattr(layer, "_reason", None) is not None:
-        return None  # runs larq's computation: larq's row
-    held = [_own("input signs", c.n_in(), 1)]
-    clip = layer._binarization[0]
-    if clip is not None:
-        held.append(_own("input mask", c.n_in(), 1))
-    size = _kernel_elements(layer, "kernel")
-    if layer._binary_kernel:
-        held.append(_own("kernel signs", size, 1, per_sample=False))
-    elif layer.kernel_quantizer is not None or layer.storage_dtype is not None:
-        held.append(_own("kernel (float)", size, c.compute_bits, per_sample=False))
-    return held + _inner_activation(c)
-
-
 def _low_memory_max_pool(c: _Call) -> list[Held] | None:
     if c.layer._unsupported(c.call.inputs[0]) is not None:
         return None  # Keras' op: the max pool row
     return [_own("argmax bits", c.n_in(), 1)]
-
-
-def _binary_batch_norm(c: _Call) -> list[Held]:
-    layer = c.layer
-    channels = int(np.prod(layer.moving_mean.shape))
-    if layer.mode == "proposed":
-        return [_own("output signs", c.n_out(), 1), _own("psi, omega", 2 * channels, 32, False)]
-    if layer.mode == "l1":
-        return [c.output("output x (float)"), _own("psi", channels, 32, False)]
-    return [
-        _own("y - mean, |y - mean| (autodiff)", 2 * c.n_in(), 32),
-        _own("mean, psi", 2 * channels, 32, False),
-    ]
 
 
 # ---------------------------------------------------------------------------
@@ -412,9 +375,7 @@ _SPATIAL_DROPOUTS = layer_classes("SpatialDropout1D", "SpatialDropout2D", "Spati
 
 _RULES: list[tuple[tuple[type, ...], Callable[[_Call], list[Held] | None]]] = [
     # larq-prox's layers first: they subclass larq's and Keras' ones.
-    ((lqp_binary.QuantConv2D, lqp_binary.QuantDense), _low_memory_kernel_layer),
     ((lqp_binary.MaxPool2D,), _low_memory_max_pool),
-    ((lqp_batch_norm.BinaryBatchNorm,), _binary_batch_norm),
     ((lq.layers_base.QuantizerBase,), _larq_layer),
     (layer_classes(
         "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
