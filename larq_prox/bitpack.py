@@ -68,9 +68,12 @@ def _unpack(packed: tf.Tensor, shape, table: tf.Tensor) -> tf.Tensor:
     return tf.reshape(values, shape)
 
 
-def unpack_bits(packed: tf.Tensor, shape) -> tf.Tensor:
-    """Inverse of `pack_bits`: a boolean tensor of `shape` (list or shape tensor)."""
-    return _unpack(packed, shape, _bit_table(tf.bool))
+def unpack_bits(packed: tf.Tensor, shape, dtype=tf.bool) -> tf.Tensor:
+    """Inverse of `pack_bits`: a tensor of `shape` (list or shape tensor), bits as `dtype`.
+
+    A numeric `dtype` gives the bits as 0 / 1 directly, with no boolean temporary.
+    """
+    return _unpack(packed, shape, _bit_table(dtype))
 
 
 def pack_signs(x: tf.Tensor) -> tf.Tensor:

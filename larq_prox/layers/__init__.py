@@ -3,23 +3,33 @@
 - `BinaryBatchNorm` (batch_norm.py): l1 batch normalization whose backward pass
   needs only binary activations plus per-channel statistics.
 - Low-memory binary layers (binary.py): drop-in replacements of larq's
-  `QuantConv2D`, `QuantDense` and Keras' `MaxPool2D` that keep only packed bits
-  between the forward and the backward pass.
+  `QuantConv2D` and `QuantDense` that keep only packed bits between the forward
+  and the backward pass.
 - Float layers (float.py): Keras' `Conv2D`, `DepthwiseConv2D`, `Dense` and
   `BatchNormalization` with `saved_dtype`, keeping their float input in 16 bits.
+- `MaxPool2D` (pooling.py): Keras' max pool keeping only bits of the argmax.
+- `ReLU`, `Activation`, `PReLU` (activations.py): 1-bit ReLU masks, PReLU with
+  its input kept in 16 bits.
+
+Every layer declares what a training step keeps: `layer.kept_tensors()`.
 """
 
+from larq_prox.layers.activations import Activation, PReLU, ReLU
 from larq_prox.layers.batch_norm import BinaryBatchNorm
-from larq_prox.layers.binary import MaxPool2D, QuantConv2D, QuantDense
+from larq_prox.layers.binary import QuantConv2D, QuantDense
 from larq_prox.layers.float import BatchNormalization, Conv2D, Dense, DepthwiseConv2D
+from larq_prox.layers.pooling import MaxPool2D
 
 __all__ = [
+    "Activation",
     "BatchNormalization",
     "BinaryBatchNorm",
     "Conv2D",
     "Dense",
     "DepthwiseConv2D",
     "MaxPool2D",
+    "PReLU",
     "QuantConv2D",
     "QuantDense",
+    "ReLU",
 ]

@@ -88,13 +88,13 @@ from larq_prox import quantizers as pcpp_quantizers
 from larq_prox.ops import binary as binary_ops
 from larq_prox.ops.binary import BACKWARD_BITS, InputBackward, KernelSign, kernel_kept
 from larq_prox.ops.kept import Kept
+from larq_prox.ops.pooling import bitmask_max_pool2d  # noqa: F401  (moved; old import path)
 from larq_prox.ops.saved import check_saved_dtype, saved_conv2d, saved_dense
 
 __all__ = [
     "BACKWARD_BITS",
     "QuantConv2D",
     "QuantDense",
-    "MaxPool2D",
     "STORAGE_DTYPES",
     "binary_conv2d",
     "binary_dense",
@@ -171,65 +171,6 @@ def _check_storage_dtype(storage_dtype) -> str | None:
             f"optimizer-slot type), got {storage_dtype!r}."
         )
     return storage_dtype
-
-
-def _first_max(windows: tf.Tensor, maxima: tf.Tensor, p: int, q: int) -> tf.Tensor:
-    """Bool mask of the first (row-major) element equal to its window's maximum.
-
-    `windows` is [B, Ho, p, Wo, q, C], `maxima` [B, Ho, 1, Wo, 1, C]. The
-    row-major first maximum is where TF's MaxPoolGrad (CPU and XLA) sends dy.
-    """
-    # Score p*q - k for the k-th window position (row-major) where it holds a
-    # maximum, 0 elsewhere: the first maximum has the highest score.
-    dtype = tf.uint8 if p * q < 256 else tf.int32
-    rank = tf.constant(np.arange(p * q, 0, -1).reshape([1, 1, p, 1, q, 1]), dtype)
-    score = tf.where(tf.equal(windows, maxima), rank, tf.constant(0, dtype))
-    # At least 1, so that a window without any maximum (NaN) marks nothing.
-    best = tf.maximum(tf.reduce_max(score, axis=[2, 4], keepdims=True), 1)
-    return tf.equal(score, best)
-
-
-def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
-    """Non-overlapping 'VALID' max pool (NHWC, strides = pool_size), 1 bit kept per input.
-
-    The gradient scatters dy to the window's first maximum, as TF's MaxPoolGrad.
-
-    ```python
-    y = bitmask_max_pool2d(x, (2, 2))    # = tf.nn.max_pool2d(x, 2, 2, "VALID")
-    ```
-    """
-    p, q = pool_size
-
-    @tf.custom_gradient
-    def _op(x):
-        shape = tf.shape(x)
-        outputs = tf.nn.max_pool2d(x, pool_size, pool_size, "VALID")
-        out_shape = tf.shape(outputs)
-        batch, rows, cols, channels = tf.unstack(out_shape)
-        # Rows/columns beyond the last full window get no gradient (VALID crop).
-        cropped = x[:, : rows * p, : cols * q, :]
-        window_shape = tf.stack([batch, rows, p, cols, q, channels])
-        windows = tf.reshape(cropped, window_shape)
-        first = _first_max(windows, outputs[:, :, None, :, None, :], p, q)
-        packed = bitpack.pack_bits(first)
-
-        def grad(dy):
-            with tf.control_dependencies([dy]):
-                mask = bitpack.unpack_bits(packed, window_shape)
-            spread = tf.where(mask, dy[:, :, None, :, None, :], tf.constant(0, dy.dtype))
-            dx = tf.reshape(spread, [batch, rows * p, cols * q, channels])
-            missing = shape - tf.shape(dx)
-            if x.shape[1:3].is_fully_defined() and (
-                x.shape[1] % p == 0 and x.shape[2] % q == 0
-            ):
-                return dx
-            return tf.pad(dx, [[0, 0], [0, missing[1]], [0, missing[2]], [0, 0]])
-
-        return outputs, grad
-
-    return _op(x)
-
-
 
 
 def _bits(dtype) -> int:
@@ -521,48 +462,6 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
             "backward_bits": self.backward_bits,
             "saved_dtype": self.saved_dtype,
         }
-
-
-@_register
-class MaxPool2D(_WarnOnce, tf.keras.layers.MaxPool2D):
-    """Keras `MaxPool2D` whose training step keeps one bit per input element.
-
-    The low-memory op needs non-overlapping windows (`strides` equal to
-    `pool_size`, the default), channels_last, and 'valid' padding or 'same'
-    padding with spatial sizes divisible by the pool size (where both agree);
-    anything else runs Keras' op with a warning.
-
-    ```python
-    pool = lqp.layers.MaxPool2D(pool_size=2)
-    ```
-    """
-
-    # Graph-building Python (no tensor-dependent control flow): autograph's
-    # conversion only costs tracing time (about a third of it on zoo models).
-    @tf.autograph.experimental.do_not_convert
-    def call(self, inputs, training=None):
-        reason = self._unsupported(inputs)
-        if reason is not None:
-            self._fallback(reason)
-            return super().call(inputs)
-        return _low_memory_if_training(
-            training,
-            lambda: bitmask_max_pool2d(inputs, tuple(self.pool_size)),
-            lambda: super(MaxPool2D, self).call(inputs),
-        )
-
-    def _unsupported(self, inputs) -> str | None:
-        if self.data_format != "channels_last":
-            return "data_format='channels_first' is not supported"
-        if tuple(self.strides) != tuple(self.pool_size):
-            return "overlapping windows (strides != pool_size) are not supported"
-        if self.padding == "same":
-            spatial = inputs.shape[1:3]
-            if not spatial.is_fully_defined() or any(
-                size % pool for size, pool in zip(spatial, self.pool_size)
-            ):
-                return "padding='same' needs spatial sizes divisible by pool_size"
-        return None
 
 
 def _low_memory_if_training(training, low_memory, standard) -> tf.Tensor:
