@@ -231,7 +231,6 @@ TABLE_CASES = {
         lambda: lq.layers.QuantConv2D(16, 3, padding="same", input_quantizer="pcpp_bc"), S, 1
     ),
     "larq QuantDense": (lambda: lq.layers.QuantDense(32, **BNN), D, 1),
-    "larq_prox MaxPool2D": (lambda: lqp.layers.MaxPool2D(2), S, 1),
 }
 
 

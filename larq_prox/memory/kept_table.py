@@ -56,7 +56,6 @@ import numpy as np
 import tensorflow as tf
 
 from larq_prox import quantizers as pcpp_quantizers
-from larq_prox.layers import binary as lqp_binary
 from larq_prox.memory.census import LayerCall, elements_per_sample, layer_classes
 from larq_prox.ops.kept import Kept
 
@@ -261,12 +260,6 @@ def _keras_weight_layer(c: _Call) -> list[Held]:
     return [c.input(0), *_separable_middle(c), *_inner_activation(c)]
 
 
-def _low_memory_max_pool(c: _Call) -> list[Held] | None:
-    if c.layer._unsupported(c.call.inputs[0]) is not None:
-        return None  # Keras' op: the max pool row
-    return [_own("argmax bits", c.n_in(), 1)]
-
-
 # ---------------------------------------------------------------------------
 # Normalization, pooling, merges, reshaping
 
@@ -374,8 +367,6 @@ def _op_layer(c: _Call) -> list[Held] | None:
 _SPATIAL_DROPOUTS = layer_classes("SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D")
 
 _RULES: list[tuple[tuple[type, ...], Callable[[_Call], list[Held] | None]]] = [
-    # larq-prox's layers first: they subclass larq's and Keras' ones.
-    ((lqp_binary.MaxPool2D,), _low_memory_max_pool),
     ((lq.layers_base.QuantizerBase,), _larq_layer),
     (layer_classes(
         "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
