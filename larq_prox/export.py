@@ -51,11 +51,20 @@ __all__ = [
     "unsupported_ops",
 ]
 
-_LOW_MEMORY_ORIGINALS = {
-    "QuantConv2D": lambda: lq.layers.QuantConv2D,
-    "QuantDense": lambda: lq.layers.QuantDense,
-    "MaxPool2D": lambda: tf.keras.layers.MaxPool2D,
-}
+def _keras_original(cls: type) -> type | None:
+    """The larq / Keras layer a larq-prox low-memory twin extends (None if not a twin)."""
+    if not cls.__module__.startswith("larq_prox"):
+        return None
+    for base in cls.__mro__[1:]:
+        if (
+            issubclass(base, tf.keras.layers.Layer)
+            and base is not tf.keras.layers.Layer
+            and not base.__module__.startswith("larq_prox")
+        ):
+            return base
+    return None
+
+
 _TIMEOUT_S = 600
 _WORKER_CODE = "import sys; from larq_prox.export import _worker; _worker(*sys.argv[1:])"
 
@@ -209,11 +218,12 @@ class _InferenceCopy:
             return tf.keras.layers.BatchNormalization(
                 axis=config.get("axis", -1), epsilon=1e-3, name=layer.name, center=True, scale=True
             )
-        if name in _LOW_MEMORY_ORIGINALS and cls.__module__.startswith("larq_prox"):
-            cls = _LOW_MEMORY_ORIGINALS[name]()
+        original = _keras_original(cls)
+        if original is not None:
+            cls = original
             # Training-only arguments of the low-memory layer (e.g. backward_chunks)
             # are not the original's: keep the keys the original's get_config has.
-            original_keys = super(type(layer), layer).get_config().keys()
+            original_keys = original.get_config(layer).keys()
             config = {k: v for k, v in config.items() if k in original_keys}
         for key in ("input_quantizer", "kernel_quantizer", "depthwise_quantizer"):
             if key in config:

@@ -511,7 +511,8 @@ class _Conversion:
             self._skip(layer, f"not made low-memory: {error}")
             return None
         if getattr(new, "low_memory", True) is False:
-            self._skip(layer, f"runs the standard computation: {new._reason}")
+            reason = getattr(new, "_reason", None) or "its configuration is not supported"
+            self._skip(layer, f"runs the standard computation: {reason}")
         note = ["low_memory"] if type(new) is not type(layer) else []
         note += [f"{k}={v}" for k, v in options.items() if v is not None and k != "backward_bits"]
         return self._note(layer, new, changed + note)
