@@ -182,7 +182,7 @@ def test_low_memory_layers_keep_bits():
     # conv2's input 30x30x64: sign and mask bits; the proposed BN's output signs.
     assert kept["larq_prox>QuantConv2D: input signs"] >= 10 * 30 * 30 * 64
     assert kept["larq_prox>QuantConv2D: input mask"] == kept["larq_prox>QuantConv2D: input signs"]
-    assert kept["larq_prox>MaxPool2D: argmax bits"] == 10 * (28 * 28 * 64 + 10 * 10 * 128)
+    assert kept["larq_prox>MaxPool2D: argmax mask"] == 10 * (28 * 28 * 64 + 10 * 10 * 128)
     floats = {p.kind for p in report.rows["kept"].parts if p.dtype != "bool"}
     # Only the first conv (larq's, on the image), the BN statistics and the softmax's
     # output (which the loss reads too) are float.
