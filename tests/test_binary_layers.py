@@ -454,6 +454,24 @@ def test_config_and_h5_round_trip(tmp_path):
     assert tf.keras.utils.get_registered_object("QuantConv2D") is lq.layers.QuantConv2D
 
 
+def _forward_and_live_backward(step, marker):
+    """(forward ops, live backward ops) of a traced step that recorded its forward op count.
+
+    Ops are created in order, so those made by `tape.gradient` come last; a
+    backward op is live if the returned gradients depend on it.
+    """
+    graph = step.get_concrete_function().graph
+    forward = set(graph.get_operations()[: marker["forward_ops"]])
+    live, stack = set(), [t.op for t in graph.outputs]
+    while stack:
+        op = stack.pop()
+        if op not in live:
+            live.add(op)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    return forward, live - forward
+
+
 def _floats_kept_for_backward(model, input_shape):
     """Batch-sized float tensors of the forward pass that live backward ops read.
 
@@ -470,18 +488,9 @@ def _floats_kept_for_backward(model, input_shape):
         marker["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
         return tape.gradient(loss, model.trainable_weights)
 
-    graph = step.get_concrete_function().graph
-    operations = graph.get_operations()
-    forward = set(operations[: marker["forward_ops"]])
-    live, stack = set(), [t.op for t in graph.outputs]
-    while stack:
-        op = stack.pop()
-        if op not in live:
-            live.add(op)
-            stack.extend(t.op for t in op.inputs)
-            stack.extend(op.control_inputs)
+    forward, backward = _forward_and_live_backward(step, marker)
     kept = {}
-    for op in live - forward:
+    for op in backward:
         for tensor in op.inputs:
             batch = tensor.shape.rank and tensor.shape.rank >= 2 and tensor.shape[0] is None
             if tensor.op in forward and tensor.dtype.is_floating and batch:
@@ -575,18 +584,9 @@ def _bytes_read_by_backward(layer, shape):
         marker["forward_ops"] = len(tf.compat.v1.get_default_graph().get_operations())
         return tape.gradient(loss, [x, *layer.trainable_weights])
 
-    graph = step.get_concrete_function().graph
-    operations = graph.get_operations()
-    forward = set(operations[: marker["forward_ops"]])
-    live, stack = set(), [t.op for t in graph.outputs]
-    while stack:
-        op = stack.pop()
-        if op not in live:
-            live.add(op)
-            stack.extend(t.op for t in op.inputs)
-            stack.extend(op.control_inputs)
+    forward, backward = _forward_and_live_backward(step, marker)
     read = {}
-    for op in live - forward:
+    for op in backward:
         for tensor in op.inputs:
             count = tensor.shape.num_elements()
             if tensor.op in forward and count and count >= 64 and tensor.op.type != "ReadVariableOp":
