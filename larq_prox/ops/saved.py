@@ -149,6 +149,34 @@ def _vjp(forward: Callable, x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor):
     return tape.gradient(y, [x, kernel], output_gradients=dy)
 
 
+def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, input_grad):
+    """`forward(x, kernel)` keeping x in `saved_dtype`; the backward runs TF's backprop ops.
+
+    `filter_grad(x16_upcast, kernel_shape, dy)` and `input_grad(x_shape, kernel, dy)`
+    are the conv's backprop pair; dilated convs differentiate `forward` instead
+    (TF's CPU backprop kernels have no dilations).
+    """
+
+    @tf.custom_gradient
+    def _op(x, kernel):
+        kept = saved_copy(x, saved_dtype)
+        x_shape, kernel_shape = tf.shape(x), tf.shape(kernel)
+
+        def grad(dy):
+            inputs = _restore(kept, dy)
+            if dilated:
+                return _vjp(forward, inputs, kernel, dy)
+            dkernel = filter_grad(inputs, kernel_shape, dy)
+            # dx after dkernel: the upcast input is freed before dx is allocated.
+            with tf.control_dependencies([dkernel]):
+                dx = input_grad(x_shape, kernel, dy)
+            return dx, dkernel
+
+        return _after(kept, forward, x, kernel), grad
+
+    return _op(x, kernel)
+
+
 def saved_conv2d(
     x: tf.Tensor,
     kernel: tf.Tensor,
@@ -178,29 +206,14 @@ def saved_conv2d(
             x, kernel, strides=strides, padding=padding, dilations=dilations, data_format="NHWC"
         )
 
-    @tf.custom_gradient
-    def _op(x, kernel):
-        kept = saved_copy(x, saved_dtype)
-        x_shape, kernel_shape = tf.shape(x), tf.shape(kernel)
-
-        def grad(dy):
-            inputs = _restore(kept, dy)
-            if any(d != 1 for d in dilations):
-                return _vjp(forward, inputs, kernel, dy)
-            strides4, dilations4 = [1, *strides, 1], [1, *dilations, 1]
-            dkernel = tf.compat.v1.nn.conv2d_backprop_filter(
-                inputs, kernel_shape, dy, strides4, padding, dilations=dilations4
-            )
-            # dx after dkernel: the upcast input is freed before dx is allocated.
-            with tf.control_dependencies([dkernel]):
-                dx = tf.compat.v1.nn.conv2d_backprop_input(
-                    x_shape, kernel, dy, strides4, padding, dilations=dilations4
-                )
-            return dx, dkernel
-
-        return _after(kept, forward, x, kernel), grad
-
-    return _op(x, kernel)
+    strides4, dilations4 = [1, *strides, 1], [1, *dilations, 1]
+    return _saved_kernel_op(
+        x, kernel, saved_dtype, forward, any(d != 1 for d in dilations),
+        lambda x16, shape, dy: tf.compat.v1.nn.conv2d_backprop_filter(
+            x16, shape, dy, strides4, padding, dilations=dilations4),
+        lambda shape, k, dy: tf.compat.v1.nn.conv2d_backprop_input(
+            shape, k, dy, strides4, padding, dilations=dilations4),
+    )  # fmt: skip
 
 
 def saved_depthwise_conv2d(
@@ -229,27 +242,13 @@ def saved_depthwise_conv2d(
             x, kernel, strides=strides4, padding=padding, dilations=dilations, data_format="NHWC"
         )
 
-    @tf.custom_gradient
-    def _op(x, kernel):
-        kept = saved_copy(x, saved_dtype)
-        x_shape, kernel_shape = tf.shape(x), tf.shape(kernel)
-
-        def grad(dy):
-            inputs = _restore(kept, dy)
-            if any(d != 1 for d in dilations):
-                return _vjp(forward, inputs, kernel, dy)
-            dkernel = tf.nn.depthwise_conv2d_backprop_filter(
-                inputs, kernel_shape, dy, strides4, padding
-            )
-            with tf.control_dependencies([dkernel]):
-                dx = tf.nn.depthwise_conv2d_backprop_input(
-                    x_shape, kernel, dy, strides4, padding
-                )
-            return dx, dkernel
-
-        return _after(kept, forward, x, kernel), grad
-
-    return _op(x, kernel)
+    return _saved_kernel_op(
+        x, kernel, saved_dtype, forward, any(d != 1 for d in dilations),
+        lambda x16, shape, dy: tf.nn.depthwise_conv2d_backprop_filter(
+            x16, shape, dy, strides4, padding),
+        lambda shape, k, dy: tf.nn.depthwise_conv2d_backprop_input(
+            shape, k, dy, strides4, padding),
+    )  # fmt: skip
 
 
 def saved_dense(x: tf.Tensor, kernel: tf.Tensor, saved_dtype: str = "float16") -> tf.Tensor:
