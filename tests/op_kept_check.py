@@ -25,6 +25,18 @@ __all__ = ["as_bytes", "captured_by_backward", "declared_bytes"]
 _SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank"}
 
 
+def live_ops(graph) -> set:
+    """The ops the graph's outputs depend on (through data or control): what runs."""
+    live, stack = set(), [t.op for t in graph.outputs]
+    while stack:
+        op = stack.pop()
+        if op not in live:
+            live.add(op)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    return live
+
+
 def captured_by_backward(fn, input_specs) -> list[tuple[tf.DType, int | None]]:
     """(dtype, num_elements) of every forward tensor that a live backward op reads.
 
@@ -52,13 +64,7 @@ def captured_by_backward(fn, input_specs) -> list[tuple[tf.DType, int | None]]:
     graph = tf.function(forward_backward).get_concrete_function(*input_specs, dy_spec).graph
     operations = graph.get_operations()
     forward = set(operations[: marker["forward"]]) - {marker["dy"]}
-    live, stack = set(), [t.op for t in graph.outputs]
-    while stack:
-        op = stack.pop()
-        if op not in live:
-            live.add(op)
-            stack.extend(t.op for t in op.inputs)
-            stack.extend(op.control_inputs)
+    live = live_ops(graph)
     captured = {}
     for op in live - forward:
         if op.type in _SHAPE_OPS:

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from larq_prox import layers as lqp_layers
 from larq_prox import quantizers as lqp_quantizers
+from op_kept_check import live_ops
 
 
 @pytest.fixture(autouse=True)
@@ -458,18 +459,11 @@ def _forward_and_live_backward(step, marker):
     """(forward ops, live backward ops) of a traced step that recorded its forward op count.
 
     Ops are created in order, so those made by `tape.gradient` come last; a
-    backward op is live if the returned gradients depend on it.
+    backward op is live if the returned gradients depend on it (`live_ops`).
     """
     graph = step.get_concrete_function().graph
     forward = set(graph.get_operations()[: marker["forward_ops"]])
-    live, stack = set(), [t.op for t in graph.outputs]
-    while stack:
-        op = stack.pop()
-        if op not in live:
-            live.add(op)
-            stack.extend(t.op for t in op.inputs)
-            stack.extend(op.control_inputs)
-    return forward, live - forward
+    return forward, live_ops(graph) - forward
 
 
 def _floats_kept_for_backward(model, input_shape):
