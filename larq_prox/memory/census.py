@@ -164,25 +164,29 @@ class Weight:
 
 def layer_weights(layer, quantizer_variables: bool = False) -> list[Weight]:
     """The variables of `layer`; those of its quantizers (schedule parameters) only if asked."""
-    skip = set()
-    if not quantizer_variables:
-        skip = {
-            id(v)
-            for sub in layer._flatten_layers(include_self=False)
-            if isinstance(sub, lq.quantizers.Quantizer)
-            for v in sub.weights
-        }
+    skip = set() if quantizer_variables else quantizer_variable_ids(layer)
     trainable = {id(v) for v in layer.trainable_weights}
-    return [
-        Weight(
-            count=int(np.prod(v.shape, dtype=np.int64)),
-            binary=getattr(v, "precision", 32) == 1,  # larq tags binary kernels so
-            trainable=id(v) in trainable,
-            variable=v,
-        )
-        for v in layer.weights
-        if id(v) not in skip
-    ]
+    return [weight_of(v, trainable) for v in layer.weights if id(v) not in skip]
+
+
+def quantizer_variable_ids(layer) -> set[int]:
+    """ids of the variables of `layer`'s quantizers (their schedule parameters)."""
+    return {
+        id(v)
+        for sub in layer._flatten_layers(include_self=False)
+        if isinstance(sub, lq.quantizers.Quantizer)
+        for v in sub.weights
+    }
+
+
+def weight_of(variable, trainable_ids: set[int]) -> Weight:
+    """A `Weight` for `variable` (trainable if its id is in `trainable_ids`)."""
+    return Weight(
+        count=int(np.prod(variable.shape, dtype=np.int64)),
+        binary=getattr(variable, "precision", 32) == 1,  # larq tags binary kernels so
+        trainable=id(variable) in trainable_ids,
+        variable=variable,
+    )
 
 
 def check_model(model) -> None:

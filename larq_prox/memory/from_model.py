@@ -78,8 +78,6 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 
-import larq as lq
-import numpy as np
 import tensorflow as tf
 
 from larq_prox.memory.census import (
@@ -88,7 +86,9 @@ from larq_prox.memory.census import (
     elements_per_sample,
     layer_calls,
     layer_kind,
+    quantizer_variable_ids,
     tensor_key,
+    weight_of,
 )
 from larq_prox.memory.kept_table import Held, is_view, table_kept
 from larq_prox.memory.report import FROM_MODEL, Part, Row, bits_dtype
@@ -199,23 +199,13 @@ def _is_statistic(layer, variable, quantizer_ids: set) -> bool:
 
 
 def _add_variables(census: ModelCensus, layer, seen: set) -> None:
-    quantizer_ids = {
-        id(v)
-        for sub in layer._flatten_layers(include_self=False)
-        if isinstance(sub, lq.quantizers.Quantizer)
-        for v in sub.weights
-    }
+    quantizer_ids = quantizer_variable_ids(layer)
     trainable = {id(v) for v in layer.trainable_weights}
     for variable in layer.weights:
         if id(variable) in seen:
             continue
         seen.add(id(variable))
-        weight = Weight(
-            count=int(np.prod(variable.shape, dtype=np.int64)),
-            binary=getattr(variable, "precision", 32) == 1,
-            trainable=id(variable) in trainable,
-            variable=variable,
-        )
+        weight = weight_of(variable, trainable)
         row = "persistent" if _is_statistic(layer, variable, quantizer_ids) else "weights"
         dtype = tf.as_dtype(variable.dtype)
         # A 16-bit variable read into a float32 layer gets a float32 gradient first.
