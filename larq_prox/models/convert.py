@@ -1,24 +1,15 @@
-"""The paper's binary models (`mlp`, `cnv`, `binarynet`) and `convert()` for any Keras model.
+"""convert(): PC++ pairs, BinaryBatchNorm and low-memory layers applied to any Keras model.
 
 ```python
-import larq_prox as lqp
-
-model = lqp.models.cnv(kernel_quantizer="pcpp_bnn", input_quantizer="pcpp_bnn",
-                       batch_norm="proposed")            # FINN CNV for CIFAR-10
 zoo = lqz.literature.BiRealNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
-converted = lqp.models.convert(zoo, quantizer="pcpp_bnn", batch_norm="proposed")
+converted = lqp.models.convert(zoo, quantizer="pcpp_bnn", batch_norm="proposed",
+                               low_memory=True, saved_dtype="float16")
 converted.not_converted          # layers convert() left as they were, with the reason
 ```
-
-Every weight layer's kernel is binary (`weight_clip` constraint, no bias) and is
-followed by the batch normalization under study: `"standard"` (Keras' l2
-`BatchNormalization`), or larq-prox's `BinaryBatchNorm` in `"l1"` or `"proposed"`
-mode. The first weight layer sees the float image (no input quantizer); the last
-batch normalization feeds the softmax.
 """
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import larq as lq
@@ -26,23 +17,14 @@ import numpy as np
 import tensorflow as tf
 
 from larq_prox import quantizers as pcpp_quantizers
-from larq_prox.layers.binary import STORAGE_DTYPES  # the layers' choices, also the builders'
+from larq_prox.models.options import (
+    _binary_batch_norm_class,
+    _check_batch_norm,
+    _check_low_memory_options,
+    _check_storage,
+    _low_memory_class,
+)
 
-__all__ = [
-    "BATCH_NORMS",
-    "mlp",
-    "cnv",
-    "binarynet",
-    "convert",
-    "SAVED_DTYPES",
-    "map_layers",
-    "batch_norm_layer",
-    "l2_to_l1_batch_norm",
-    "l1_to_l2_batch_norm",
-]
-
-BATCH_NORMS = ("standard", "l1", "proposed")
-"""Batch normalization kinds: Keras' l2 BN, BinaryBatchNorm(mode="l1"|"proposed")."""
 
 # Layer class name -> (larq_prox.layers twin, the twin's options that convert() sets).
 # A twin missing from this installation's larq_prox.layers leaves the layer as it is.
@@ -70,326 +52,6 @@ _KEEP_NOTHING = (
 )
 _KEEP_NOTHING_OPS = ("__operators__.add", "math.add", "__operators__.sub", "math.subtract",
                      "reshape", "concat", "identity")  # TFOpLambda functions
-SAVED_DTYPES = (None, "float16", "bfloat16")
-"""Valid `saved_dtype` of convert(): the type of float activations kept for the backward."""
-
-
-def _check_batch_norm(batch_norm: str, allow_none: bool = False) -> None:
-    valid = BATCH_NORMS + ((None,) if allow_none else ())
-    if batch_norm not in valid:
-        raise ValueError(f"`batch_norm` must be one of {valid}, got {batch_norm!r}.")
-
-
-def _binary_batch_norm_class():
-    try:
-        from larq_prox import layers as lqp_layers
-    except ImportError as error:  # pragma: no cover - layers is part of the package
-        raise ImportError(f"larq_prox.layers cannot be imported: {error}") from error
-    cls = getattr(lqp_layers, "BinaryBatchNorm", None)
-    if cls is None:
-        raise ImportError(
-            "batch_norm='l1' or 'proposed' needs larq_prox.layers.BinaryBatchNorm, which "
-            "this installation does not have; use batch_norm='standard'."
-        )
-    return cls
-
-
-def _low_memory_class(name: str, required: bool = True):
-    from larq_prox import layers as lqp_layers
-
-    cls = getattr(lqp_layers, name, None)
-    if cls is None and required:
-        raise ImportError(
-            f"low_memory=True needs larq_prox.layers.{name}, which this installation does "
-            "not have; use low_memory=False."
-        )
-    return cls
-
-
-def batch_norm_layer(
-    batch_norm: str, momentum: float = 0.9, epsilon: float = 1e-4, name: str | None = None
-) -> tf.keras.layers.Layer:
-    """A new batch normalization layer of kind `batch_norm` ("standard", "l1", "proposed").
-
-    ```python
-    bn = lqp.models.batch_norm_layer("proposed")    # BinaryBatchNorm(mode="proposed")
-    ```
-    """
-    _check_batch_norm(batch_norm)
-    if batch_norm == "standard":
-        return tf.keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
-    cls = _binary_batch_norm_class()
-    return cls(mode=batch_norm, momentum=momentum, epsilon=epsilon, name=name)
-
-
-def _check_storage(storage_dtype, low_memory: bool) -> None:
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(
-            f"`storage_dtype` must be one of {STORAGE_DTYPES}, got {storage_dtype!r}."
-        )
-    if storage_dtype is not None and not low_memory:
-        raise ValueError(
-            f"storage_dtype={storage_dtype!r} needs low_memory=True: 16-bit kernels are an "
-            "option of larq_prox.layers' QuantConv2D and QuantDense."
-        )
-
-
-def _check_low_memory_options(backward_bits, saved_dtype, low_memory: bool) -> None:
-    from larq_prox.ops.binary import BACKWARD_BITS
-
-    if backward_bits not in BACKWARD_BITS:
-        raise ValueError(
-            f"`backward_bits` must be one of {BACKWARD_BITS} (bits of a stored B'(x)), "
-            f"got {backward_bits!r}."
-        )
-    if saved_dtype not in SAVED_DTYPES:
-        raise ValueError(f"`saved_dtype` must be one of {SAVED_DTYPES}, got {saved_dtype!r}.")
-    if saved_dtype is not None and not low_memory:
-        raise ValueError(
-            f"saved_dtype={saved_dtype!r} needs low_memory=True: 16-bit saved activations "
-            "are an option of larq_prox.layers' low-memory layers."
-        )
-
-
-class _Builder:
-    """Appends layers to a Sequential model, checking spatial shapes as it goes."""
-
-    def __init__(
-        self,
-        model_name: str,
-        input_shape: Sequence[int],
-        kernel_quantizer,
-        input_quantizer,
-        batch_norm: str,
-        low_memory: bool,
-        momentum: float,
-        expected: str,
-        storage_dtype: str | None = None,
-    ):
-        _check_batch_norm(batch_norm)
-        _check_storage(storage_dtype, low_memory)
-        self.storage = {} if storage_dtype is None else {"storage_dtype": storage_dtype}
-        input_shape = tuple(int(d) for d in input_shape)
-        if any(d < 1 for d in input_shape):
-            raise ValueError(f"`input_shape` must be positive, got {input_shape}.")
-        pairs = (("kernel_quantizer", kernel_quantizer), ("input_quantizer", input_quantizer))
-        for name, value in pairs:
-            if value is None:
-                raise ValueError(f"`{name}` must be a binary quantizer, got None.")
-            pcpp_quantizers.get(value)  # validates the name early with a clear error
-        self.model_name, self.input_shape, self.expected = model_name, input_shape, expected
-        self.kernel_quantizer, self.input_quantizer = kernel_quantizer, input_quantizer
-        self.batch_norm, self.momentum = batch_norm, momentum
-        if low_memory:
-            self.conv_cls = _low_memory_class("QuantConv2D")
-            self.dense_cls = _low_memory_class("QuantDense")
-            self.pool_cls = _low_memory_class("MaxPool2D")
-        else:
-            self.conv_cls, self.dense_cls = lq.layers.QuantConv2D, lq.layers.QuantDense
-            self.pool_cls = tf.keras.layers.MaxPool2D
-        if batch_norm != "standard":
-            _binary_batch_norm_class()
-        self.layers: list[tf.keras.layers.Layer] = [tf.keras.Input(input_shape)]
-        self.shape = input_shape
-        self.weight_layers = 0
-
-    def _too_small(self, what: str) -> ValueError:
-        return ValueError(
-            f"{self.model_name}(): input_shape {self.input_shape} is too small: {what} gets "
-            f"a feature map of shape {self.shape}. {self.model_name} expects input_shape "
-            f"{self.expected}."
-        )
-
-    def _quantizers(self) -> dict[str, Any]:
-        # First weight layer: the float image goes in unquantized, weights are binary.
-        first = self.weight_layers == 0
-        self.weight_layers += 1
-        return dict(
-            input_quantizer=None if first else self.input_quantizer,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_constraint="weight_clip",
-            use_bias=False,
-        )
-
-    def conv(self, filters: int, padding: str) -> None:
-        index = self.weight_layers + 1
-        if len(self.shape) != 3:
-            raise ValueError(
-                f"{self.model_name}(): needs an image input_shape (height, width, channels), "
-                f"got {self.input_shape}; it expects {self.expected}."
-            )
-        if padding == "valid":
-            if min(self.shape[:2]) < 3:
-                raise self._too_small(f"conv{index} (3x3, 'valid' padding)")
-            self.shape = (self.shape[0] - 2, self.shape[1] - 2, filters)
-        else:
-            self.shape = (self.shape[0], self.shape[1], filters)
-        kwargs = self._quantizers()
-        # The first layer sees the float image: nothing to bit-pack, so larq's layer.
-        if kwargs["input_quantizer"] is None:
-            cls = lq.layers.QuantConv2D
-        else:
-            cls, kwargs = self.conv_cls, {**kwargs, **self.storage}
-        self.layers.append(cls(filters, 3, padding=padding, name=f"conv{index}", **kwargs))
-
-    def max_pool(self) -> None:
-        if min(self.shape[:2]) < 2:
-            raise self._too_small(f"pool after conv{self.weight_layers} (2x2)")
-        self.shape = (self.shape[0] // 2, self.shape[1] // 2, self.shape[2])
-        self.layers.append(self.pool_cls(2, name=f"pool{self.weight_layers}"))
-
-    def dense(self, units: int) -> None:
-        index = self.weight_layers + 1
-        if len(self.shape) != 1:
-            self.layers.append(tf.keras.layers.Flatten(name="flatten"))
-            self.shape = (int(np.prod(self.shape)),)
-        self.shape = (units,)
-        kwargs = self._quantizers()
-        if kwargs["input_quantizer"] is None:
-            cls = lq.layers.QuantDense
-        else:
-            cls, kwargs = self.dense_cls, {**kwargs, **self.storage}
-        self.layers.append(cls(units, name=f"dense{index}", **kwargs))
-
-    def norm(self) -> None:
-        self.layers.append(
-            batch_norm_layer(self.batch_norm, self.momentum, name=f"bn{self.weight_layers}")
-        )
-
-    def model(self) -> tf.keras.Model:
-        self.layers.append(tf.keras.layers.Activation("softmax", name="softmax"))
-        return tf.keras.Sequential(self.layers, name=self.model_name)
-
-
-def _check_classes(num_classes: int) -> int:
-    if int(num_classes) < 2:
-        raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
-    return int(num_classes)
-
-
-def mlp(
-    kernel_quantizer="pcpp_bnn",
-    input_quantizer="pcpp_bnn",
-    batch_norm: str = "standard",
-    low_memory: bool = False,
-    input_shape: Sequence[int] = (28, 28, 1),
-    num_classes: int = 10,
-    hidden_units: int = 256,
-    momentum: float = 0.9,
-    storage_dtype: str | None = None,
-) -> tf.keras.Sequential:
-    """The paper's binary MLP (MNIST-like): flatten -> dense 256 x 4 -> dense classes.
-
-    Each dense layer is followed by the batch normalization `batch_norm`; the
-    last one feeds the softmax.
-
-    ```python
-    model = lqp.models.mlp(kernel_quantizer="pcpp_bnn_plus_plus", batch_norm="proposed")
-    ```
-
-    # Arguments
-        kernel_quantizer, input_quantizer: the PC++ pair (alias or quantizer) of
-            the weights and of the activations (the first layer's input stays float).
-        batch_norm: "standard" (l2 BatchNormalization), "l1" or "proposed" (BinaryBatchNorm).
-        low_memory: use larq_prox.layers' bit-packing QuantDense.
-        input_shape, num_classes: data shape and number of classes.
-        hidden_units: width of the four hidden layers (256 in the paper).
-        momentum: of the batch normalization's moving statistics.
-        storage_dtype: with low_memory=True, "float16" or "bfloat16" stores the
-            binary layers' latent kernels, and so the optimizer's slots for them,
-            in 16 bits (the first layer, on the float image, stays float32).
-    """
-    num_classes = _check_classes(num_classes)
-    build = _Builder(
-        "mlp", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
-        momentum, "(28, 28, 1) or any shape (it is flattened)", storage_dtype,
-    )
-    build.layers.append(tf.keras.layers.Flatten(name="flatten"))
-    build.shape = (int(np.prod(build.shape)),)
-    for units in [hidden_units] * 4 + [num_classes]:
-        build.dense(units)
-        build.norm()
-    return build.model()
-
-
-def cnv(
-    kernel_quantizer="pcpp_bnn",
-    input_quantizer="pcpp_bnn",
-    batch_norm: str = "standard",
-    low_memory: bool = False,
-    input_shape: Sequence[int] = (32, 32, 3),
-    num_classes: int = 10,
-    momentum: float = 0.9,
-    storage_dtype: str | None = None,
-) -> tf.keras.Sequential:
-    """FINN's CNV (CIFAR-10/SVHN): 'valid' 3x3 convs, BN before pooling.
-
-    conv 64, conv 64, maxpool; conv 128, conv 128, maxpool; conv 256, conv 256;
-    flatten (256) -> dense 512 -> dense 512 -> dense classes.
-
-    ```python
-    model = lqp.models.cnv(batch_norm="l1")
-    ```
-
-    Arguments as `mlp` (input_shape at least 32x32: 'valid' padding shrinks 32 to 1).
-    """
-    num_classes = _check_classes(num_classes)
-    build = _Builder(
-        "cnv", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
-        momentum, "(32, 32, 3) or larger (CIFAR-10, SVHN)", storage_dtype,
-    )
-    for filters, pool in ((64, True), (128, True), (256, False)):
-        for _ in range(2):
-            build.conv(filters, "valid")
-            build.norm()
-        if pool:
-            build.max_pool()
-    for units in (512, 512, num_classes):
-        build.dense(units)
-        build.norm()
-    return build.model()
-
-
-def binarynet(
-    kernel_quantizer="pcpp_bnn",
-    input_quantizer="pcpp_bnn",
-    batch_norm: str = "standard",
-    low_memory: bool = False,
-    input_shape: Sequence[int] = (32, 32, 3),
-    num_classes: int = 10,
-    momentum: float = 0.9,
-    storage_dtype: str | None = None,
-) -> tf.keras.Sequential:
-    """BinaryNet (Courbariaux & Bengio) for CIFAR-10/SVHN: 'same' 3x3 convs, pooling before BN.
-
-    conv 128, conv 128 + maxpool; conv 256, conv 256 + maxpool; conv 512,
-    conv 512 + maxpool; flatten (8192) -> dense 1024 -> dense 1024 -> dense classes.
-
-    ```python
-    model = lqp.models.binarynet(batch_norm="proposed", low_memory=True)
-    ```
-
-    Arguments as `mlp`.
-    """
-    num_classes = _check_classes(num_classes)
-    build = _Builder(
-        "binarynet", input_shape, kernel_quantizer, input_quantizer, batch_norm, low_memory,
-        momentum, "(32, 32, 3) (CIFAR-10, SVHN), at least 8x8", storage_dtype,
-    )
-    for filters in (128, 256, 512):
-        build.conv(filters, "same")
-        build.norm()
-        build.conv(filters, "same")
-        build.max_pool()
-        build.norm()
-    for units in (1024, 1024, num_classes):
-        build.dense(units)
-        build.norm()
-    return build.model()
-
-
-# ----------------------------------------------------------------------------
-# convert(): apply PC++ pairs, BinaryBatchNorm and low-memory layers to any model.
 
 
 def _is_binary(quantizer_config) -> bool:
@@ -469,7 +131,6 @@ class _Conversion:
     def _clone(self, layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
         config = layer.get_config()
         cls = type(layer)
-        name = type(layer).__name__
         changed = []
         if self.specs is not None and ("kernel_quantizer" in config or "input_quantizer" in config):
             for role in ("input", "kernel"):

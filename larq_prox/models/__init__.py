@@ -1,0 +1,32 @@
+"""Models: the paper's binary models, and convert() for any Keras or larq-zoo model.
+
+```python
+import larq_prox as lqp
+
+model = lqp.models.binarynet(batch_norm="proposed", low_memory=True)   # DESIGN section 11
+zoo = lqz.literature.BiRealNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
+converted = lqp.models.convert(zoo, batch_norm="proposed", low_memory=True)
+```
+"""
+
+from larq_prox.models.convert import (
+    convert,
+    l1_to_l2_batch_norm,
+    l2_to_l1_batch_norm,
+    map_layers,
+)
+from larq_prox.models.options import BATCH_NORMS, SAVED_DTYPES, batch_norm_layer
+from larq_prox.models.paper import binarynet, cnv, mlp
+
+__all__ = [
+    "BATCH_NORMS",
+    "mlp",
+    "cnv",
+    "binarynet",
+    "convert",
+    "SAVED_DTYPES",
+    "map_layers",
+    "batch_norm_layer",
+    "l2_to_l1_batch_norm",
+    "l1_to_l2_batch_norm",
+]
