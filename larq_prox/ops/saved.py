@@ -149,6 +149,35 @@ def _vjp(forward: Callable, x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor):
     return tape.gradient(y, [x, kernel], output_gradients=dy)
 
 
+FILTER_CHUNKS = 4
+"""Batch slices in which a saved conv's weight gradient restores the kept copy (see below)."""
+
+
+def _chunked_filter_grad(filter_grad: Callable, kept: tf.Tensor, kernel_shape, dy: tf.Tensor,
+                         chunks: int = FILTER_CHUNKS) -> tf.Tensor:
+    """`filter_grad(upcast(kept), kernel_shape, dy)`, summed over `chunks` batch slices.
+
+    The weight gradient is a sum over the batch, so it splits into slices; the
+    slices of `kept` and `dy` along axis 0 share their buffers, and each
+    slice's upcast copy exists only while its part is computed (one slice after
+    the other). The upcast input, a full float32 tensor in one piece, is the
+    largest temporary of a float stem's backward. The parts add in float32:
+    the sum differs from the one-piece gradient by float32 rounding only.
+    """
+    if kept.dtype == dy.dtype or chunks <= 1:
+        return filter_grad(_restore(kept, dy), kernel_shape, dy)
+    batch = tf.shape(dy)[0]
+    total = None
+    for i in range(chunks):
+        start, stop = batch * i // chunks, batch * (i + 1) // chunks
+        # Each slice waits for the previous part (and the first for dy).
+        with tf.control_dependencies([dy] if total is None else [total]):
+            inputs = tf.cast(kept[start:stop], dy.dtype)
+        part = filter_grad(inputs, kernel_shape, dy[start:stop])
+        total = part if total is None else total + part
+    return total
+
+
 def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, input_grad):
     """`forward(x, kernel)` keeping x in `saved_dtype`; the backward runs TF's backprop ops.
 
@@ -163,10 +192,9 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
         x_shape, kernel_shape = tf.shape(x), tf.shape(kernel)
 
         def grad(dy):
-            inputs = _restore(kept, dy)
             if dilated:
-                return _vjp(forward, inputs, kernel, dy)
-            dkernel = filter_grad(inputs, kernel_shape, dy)
+                return _vjp(forward, _restore(kept, dy), kernel, dy)
+            dkernel = _chunked_filter_grad(filter_grad, kept, kernel_shape, dy)
             # dx after dkernel: the upcast input is freed before dx is allocated.
             with tf.control_dependencies([dkernel]):
                 dx = input_grad(x_shape, kernel, dy)
@@ -187,7 +215,8 @@ def saved_conv2d(
 ) -> tf.Tensor:
     """`tf.nn.convolution(x, kernel)` (NHWC, 'SAME'/'VALID') keeping x in `saved_dtype`.
 
-    dkernel = `conv2d_backprop_filter(upcast(x16), dy)`, dx =
+    dkernel = `conv2d_backprop_filter(upcast(x16), dy)` (in FILTER_CHUNKS batch
+    slices, see `_chunked_filter_grad`), dx =
     `conv2d_backprop_input(kernel, dy)`. `kernel` is any tensor (a variable
     read, or a quantized kernel, whose gradient flows on to what made it).
     TF's CPU backprop kernels have no dilations: with dilations > 1 the
