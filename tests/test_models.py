@@ -231,3 +231,22 @@ def test_convert_warns_nothing_when_all_converted():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         models.convert(models.mlp(input_shape=(4, 4, 1), hidden_units=8), quantizer="pcpp_pc")
+
+
+def test_convert_unquantized_larq_layer_gets_the_float_twin():
+    # QuickNet's stem has a QuantDepthwiseConv2D with no quantizers: a float depthwise conv.
+    inputs = tf.keras.Input((8, 8, 3))
+    y = lq.layers.QuantDepthwiseConv2D(3, strides=2, padding="same", use_bias=False)(inputs)
+    y = lq.layers.QuantDepthwiseConv2D(3, padding="same", depthwise_quantizer="ste_sign",
+                                       depthwise_constraint="weight_clip")(y)
+    model = tf.keras.Model(inputs, y)
+    with pytest.warns(UserWarning, match="1 x QuantDepthwiseConv2D: no low-memory version"):
+        new = models.convert(model, low_memory=True, saved_dtype="float16")
+    float_twin, binary = new.layers[1], new.layers[2]
+    assert type(float_twin) is lqp.layers.DepthwiseConv2D and float_twin.low_memory
+    assert float_twin.saved_dtype == "float16"
+    assert type(binary) is lq.layers.QuantDepthwiseConv2D  # a binary kernel: left as it is
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(new(x), model(x))
+    # Without a saved_dtype a float layer has nothing to change, as for Keras' own.
+    assert type(models.convert(model, low_memory=True).layers[1]) is lq.layers.QuantDepthwiseConv2D

@@ -54,6 +54,20 @@ _KEEP_NOTHING_OPS = ("__operators__.add", "math.add", "__operators__.sub", "math
                      "reshape", "concat", "identity")  # TFOpLambda functions
 
 
+def _as_keras_config(name: str, config: dict) -> dict | None:
+    """The Keras twin's config of a larq `Quant*` layer that computes exactly that twin.
+
+    That is: every quantizer None and no non-zero `pad_values`. None otherwise.
+    """
+    quantizers = [key for key in config if key.endswith("_quantizer")]
+    if not (name.startswith("Quant") and quantizers) or any(config[k] is not None for k in quantizers):
+        return None
+    if config.get("pad_values", 0.0) != 0.0:
+        return None
+    larq_only = set(quantizers) | {"metrics", "pad_values"}
+    return {k: v for k, v in config.items() if k not in larq_only}
+
+
 def _is_binary(quantizer_config) -> bool:
     if quantizer_config is None:
         return False
@@ -153,6 +167,11 @@ class _Conversion:
     def _low_memory_twin(self, layer, config, changed):
         """The larq_prox.layers twin of `layer` with the conversion's options, or None."""
         name = type(layer).__name__
+        keras_config = None if name in _LOW_MEMORY_TWINS else _as_keras_config(name, config)
+        if keras_config is not None:
+            # A larq layer without quantizers computes its Keras twin (e.g. QuickNet's
+            # QuantDepthwiseConv2D stem), so it gets the float layer's low-memory twin.
+            name, config = name[len("Quant"):], keras_config
         entry = _LOW_MEMORY_TWINS.get(name)
         twin_cls = entry and _low_memory_class(entry[0], required=False)
         if twin_cls is None:
