@@ -58,9 +58,13 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
 
     # Arguments
         parameter: "beta" (BNN+, BNN++), "rho" or "varrho" (PC, rPC).
-        start, end: values at the first and the last epoch (or step).
+        start, end: values at the first and the last epoch (or step), checked as
+            the quantizers' constructors check them (`lqp.quantizers.check_parameter`:
+            beta > 0, rho in [0, 1], varrho >= 0, finite numbers).
         schedule: "linear", or "geometric" (start and end > 0).
-        unit: "epoch" (set at each epoch's start) or "step" (each batch).
+        unit: "epoch" (set at each epoch's start) or "step" (each batch). Both
+            continue from `fit(initial_epoch=...)`, and the current values are
+            quantizer weights, saved and restored by `save_weights`/`load_weights`.
         epochs: length of the schedule in epochs; defaults to `fit`'s `epochs`.
         quantizers: the quantizers to drive; default: all in the model that have
             `parameter` (restricted by `apply_to`).

@@ -17,6 +17,12 @@ uniformly over its per-call range \([lo, hi]\): with \(b\) bits,
 \(|\widehat{B'} - B'| \le (hi - lo) / (2(2^b - 1))\) elementwise, so
 \(|dx - dx_{exact}| \le (hi - lo) / (2(2^b - 1)) \cdot |g|\).
 
+NaN: a NaN has no sign bit. A sample of x holding a NaN gets NaN signs (its
+outputs are NaN, as with larq's `ste_sign`), and one per-call flag (one
+reduction, no float copy) makes the backward's unpacked signs NaN, so dW is
+NaN; a NaN binary kernel is restored as NaN, so dx is NaN. NaN may so spread
+to more elements than in larq's computation, never fewer.
+
 ```python
 from larq_prox import ops, quantizers
 
