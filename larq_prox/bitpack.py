@@ -19,7 +19,7 @@ signs = bitpack.unpack_signs(packed, tf.shape(x))    # +-1.0, sign(0) = +1
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["pack_bits", "unpack_bits", "pack_signs", "unpack_signs", "packed_size"]
+__all__ = ["nan_rows", "pack_bits", "unpack_bits", "pack_signs", "unpack_signs", "packed_size"]
 
 # Packing multiplies 8 bytes of 0/1 (read as one little-endian uint64) by this
 # constant: byte j lands in bit 63 - j, so the top byte holds the 8 bits most
@@ -77,12 +77,39 @@ def unpack_bits(packed: tf.Tensor, shape, dtype=tf.bool) -> tf.Tensor:
 
 
 def pack_signs(x: tf.Tensor) -> tf.Tensor:
-    """Pack `x >= 0` (the sign bits of `larq.math.sign`, sign(0) = +1)."""
+    """Pack `x >= 0` (the sign bits of `larq.math.sign`, sign(0) = +1).
+
+    A NaN has no sign and packs as -1: carry `nan_rows(x)` (or its
+    `reduce_any`) to `unpack_signs(..., nan=...)` so that it is not lost.
+    """
     return pack_bits(x >= 0)
 
 
-def unpack_signs(packed: tf.Tensor, shape, dtype=tf.float32) -> tf.Tensor:
-    """Unpack sign bits into +1 / -1 values of `dtype`."""
+def nan_rows(x: tf.Tensor) -> tf.Tensor:
+    """Whether each sample (slice along axis 0) of `x` holds a NaN: bool, shape [batch, 1, ...].
+
+    One reduction; the result broadcasts against `x`. For a scalar `x`, a scalar.
+
+    ```python
+    packed, nan = bitpack.pack_signs(x), tf.reduce_any(bitpack.nan_rows(x))
+    signs = bitpack.unpack_signs(packed, tf.shape(x), nan=nan)   # all NaN if x held one
+    ```
+    """
+    axes = list(range(1, x.shape.rank)) if x.shape.rank else None
+    return tf.reduce_any(tf.math.is_nan(x), axis=axes, keepdims=bool(axes))
+
+
+def unpack_signs(packed: tf.Tensor, shape, dtype=tf.float32, nan=None) -> tf.Tensor:
+    """Unpack sign bits into +1 / -1 values of `dtype`; all NaN where the bool `nan` is True.
+
+    `nan` (a scalar bool tensor, e.g. from `nan_rows`) says the packed tensor
+    held a NaN, which its bits cannot: the whole result is then NaN, so that
+    a NaN in reaches the outputs and gradients computed from the signs.
+    """
     # A 256 x 8 table of +-1 (8 KiB), not ones_like of the output shape, which
-    # TF would fold into a large persistent constant.
-    return _unpack(packed, shape, _bit_table(dtype) * 2 - 1)
+    # TF would fold into a large persistent constant. The NaN flag selects a
+    # NaN table: no pass over the unpacked tensor.
+    table = _bit_table(dtype) * 2 - 1
+    if nan is not None:
+        table = tf.where(nan, tf.constant(np.nan, table.dtype), table)
+    return _unpack(packed, shape, table)

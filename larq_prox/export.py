@@ -16,7 +16,9 @@ into binary ops:
   as a `BatchNormalization` with equivalent statistics, which LCE folds into
   LceBconv2d's output transform;
 - binary `QuantDense` layers become reshape -> 1x1 binary `QuantConv2D` ->
-  reshape (LCE has no binary dense op);
+  reshape, inside one layer (`DenseAsConv`) standing where the dense was, so
+  that any functional graph (shared layers, residual adds, nested models)
+  clones as it is (LCE has no binary dense op);
 - larq-prox's low-memory layers become their larq/Keras originals (same config).
 
 The inference copy is saved as a SavedModel with one signature (fast: Keras'
@@ -26,6 +28,7 @@ shapes it does not support: that becomes an `ExportError`, never a crash of the
 caller. The same process runs LCE's Interpreter on sample inputs for the check.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +36,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from typing import Any
 
 import larq as lq
@@ -43,6 +48,7 @@ from larq_prox import models as lqp_models
 from larq_prox import quantizers as pcpp_quantizers
 
 __all__ = [
+    "DenseAsConv",
     "ExportError",
     "ExportReport",
     "to_lce",
@@ -66,11 +72,88 @@ def _keras_original(cls: type) -> type | None:
 
 
 _TIMEOUT_S = 600
+_CLONE_TIMEOUT_S = 300
+"""Bound of the in-process steps (the inference copy, its tracing and saving)."""
 _WORKER_CODE = "import sys; from larq_prox.export import _worker; _worker(*sys.argv[1:])"
 
 
 class ExportError(RuntimeError):
-    """The LCE converter failed or crashed on this model."""
+    """The LCE converter failed or crashed on this model (or a step ran out of time)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, step: str):
+    """Raise ExportError if the body runs longer than `seconds` (main thread only).
+
+    Keras' model cloning is plain Python that has looped forever on graphs it
+    does not expect: a SIGALRM interrupts it. Elsewhere than in the main thread
+    (where signals cannot be received) the body runs unbounded.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise ExportError(
+            f"{step} did not finish within {seconds:g} s; please report the model "
+            "(its summary) as a larq-prox bug."
+        )
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    # A caller's own timer (if any) is paused, then resumed with its time left.
+    started, (pending, interval) = time.monotonic(), signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if pending > 0:
+            left = max(pending - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, interval)
+
+
+@tf.keras.utils.register_keras_serializable(package="larq_prox")
+class DenseAsConv(tf.keras.layers.Layer):
+    """A binary dense layer as LCE runs it: reshape -> 1x1 binary `QuantConv2D` -> reshape.
+
+    One layer (not a nested model) so that it takes the dense layer's place in
+    any graph. The inputs are rank 2 `(batch, units_in)`.
+
+    ```python
+    layer = DenseAsConv(10, conv_config=dict(input_quantizer="ste_sign",
+                                             kernel_quantizer="ste_sign"))
+    y = layer(tf.zeros((4, 32)))     # = QuantDense(10, ...)(x) with kernel (1, 1, 32, 10)
+    ```
+    """
+
+    def __init__(self, units: int, conv_config: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.conv_config = dict(conv_config or {})
+        self.conv = lq.layers.QuantConv2D(
+            self.units, 1, name=f"{self.name}_conv", **self.conv_config
+        )
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        if input_shape.rank != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"{self.name}: DenseAsConv needs inputs (batch, units_in), got {input_shape}."
+            )
+        self.conv.build((None, 1, 1, int(input_shape[-1])))
+        super().build(input_shape)
+
+    def call(self, inputs):
+        outputs = self.conv(tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]]))
+        return tf.reshape(outputs, [-1, self.units])
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.units])
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "conv_config": self.conv_config}
 
 
 @dataclasses.dataclass
@@ -254,14 +337,9 @@ class _InferenceCopy:
             if key in config
         }
         self.notes.append(f"{layer.name}: binary QuantDense -> reshape + 1x1 QuantConv2D")
-        return tf.keras.Sequential(
-            [
-                tf.keras.layers.Reshape((1, 1, inputs), input_shape=(inputs,)),
-                lq.layers.QuantConv2D(units, 1, name=f"{layer.name}_conv", **conv_config),
-                tf.keras.layers.Reshape((units,)),
-            ],
-            name=layer.name,
-        )
+        new = DenseAsConv(units, conv_config, name=layer.name)
+        new.build((None, inputs))
+        return new
 
     def copy_weights(self) -> None:
         for old, new in self.pairs:
@@ -277,9 +355,12 @@ class _InferenceCopy:
                 affine = lqp_models.l1_to_l2_batch_norm(values, new.epsilon)
                 order = ("gamma", "beta", "moving_mean", "moving_variance")
                 new.set_weights([affine[k] for k in order])
-            elif isinstance(new, tf.keras.Sequential) and old_name == "QuantDense":
-                kernel, *bias = old.get_weights()
-                new.layers[1].set_weights([kernel.reshape(1, 1, *kernel.shape), *bias])
+            elif isinstance(new, DenseAsConv):
+                # The latent kernel (its quantizer's variables come with the config).
+                kernel = tf.keras.backend.get_value(old.kernel)
+                new.conv.kernel.assign(kernel.reshape(new.conv.kernel.shape))
+                if old.use_bias:
+                    new.conv.bias.assign(tf.keras.backend.get_value(old.bias))
             else:
                 new.set_weights(old.get_weights())
 
@@ -292,7 +373,8 @@ def inference_model(model: tf.keras.Model) -> tuple[tf.keras.Model, list[str]]:
     ```
     """
     copier = _InferenceCopy()
-    copy = lqp_models.map_layers(model, copier)
+    with _time_limit(_CLONE_TIMEOUT_S, "Copying the model for inference"):
+        copy = lqp_models.map_layers(model, copier)
     copier.copy_weights()
     return copy, copier.notes
 
@@ -460,7 +542,8 @@ def to_lce(
             )
     with tempfile.TemporaryDirectory(prefix="larq_prox_export_") as tmp:
         model_path = os.path.join(tmp, "saved_model")
-        _save_for_conversion(copy, shape, model_path)
+        with _time_limit(_CLONE_TIMEOUT_S, "Tracing and saving the inference copy"):
+            _save_for_conversion(copy, shape, model_path)
         out_path = os.path.join(tmp, "model.tflite")
         result_path = os.path.join(tmp, "result.json")
         inputs_path = os.path.join(tmp, "inputs.npy") if verify else None

@@ -76,21 +76,34 @@ def signswish(x: tf.Tensor, beta=5.0) -> tf.Tensor:
     r"""SignSwish of BNN+: \(SS_\beta(x) = 2\sigma(\beta x)(1 + \beta x(1 - \sigma(\beta x))) - 1\).
 
     `beta` may be a Python float or a scalar tensor/variable (cast to x's dtype).
+    Its limits at \(x = \pm\infty\) are \(\pm 1\) (the formula itself meets
+    \(\infty \cdot 0\) there); NaN stays NaN.
     """
     beta = tf.cast(beta, x.dtype)
     bx = beta * x
     s = tf.sigmoid(bx)
-    return 2.0 * s * (1.0 + bx * (1.0 - s)) - 1.0
+    # 2 s (1 + bx (1 - s)) - 1 = (2 s - 1) + 2 bx s (1 - s): the second term
+    # tends to 0 as |bx| -> inf, but is inf * 0 at an infinite bx. An infinite
+    # bx is replaced by 0 before the product (not after it: tf.where would
+    # still send a NaN gradient through the unselected branch).
+    infinite = tf.math.is_inf(bx)
+    finite_bx = tf.where(infinite, tf.constant(0, x.dtype), bx)
+    return 2.0 * s - 1.0 + 2.0 * finite_bx * s * (1.0 - s)
 
 
 def signswish_derivative(x: tf.Tensor, beta=5.0) -> tf.Tensor:
     r"""\(SS'_\beta(x) = \beta(2 - \beta x \tanh(\beta x / 2)) / (1 + \cosh(\beta x))\).
 
-    Negative for \(|\beta x| > 2.3994\), where SignSwish decreases.
+    Negative for \(|\beta x| > 2.3994\), where SignSwish decreases; its limit
+    at \(x = \pm\infty\) is 0 (the formula meets \(\infty / \infty\) there).
     """
     beta = tf.cast(beta, x.dtype)
     bx = beta * x
-    return beta * (2.0 - bx * tf.tanh(0.5 * bx)) / (1.0 + tf.cosh(bx))
+    infinite = tf.math.is_inf(bx)
+    # cosh(bx) overflows to inf well before bx does: then the quotient is 0.
+    finite_bx = tf.where(infinite, tf.constant(0, x.dtype), bx)
+    value = beta * (2.0 - finite_bx * tf.tanh(0.5 * finite_bx)) / (1.0 + tf.cosh(finite_bx))
+    return tf.where(infinite, tf.constant(0, x.dtype), value)
 
 
 def _check_rho(rho, varrho) -> None:
@@ -118,7 +131,9 @@ def prox_linear(x: tf.Tensor, rho=0.0, varrho=1.0) -> tf.Tensor:
     # Where varrho == 0 the clip branch would divide by zero: use sign there.
     safe = tf.where(varrho > 0, varrho, tf.ones_like(varrho))
     binary = tf.where(varrho > 0, tf.clip_by_value(x / safe, -1.0, 1.0), sign(x))
-    return rho * x + (1.0 - rho) * binary
+    # rho * x is 0 * inf = NaN at rho = 0, x = +-inf, whose limit is sign(x):
+    # multiply_no_nan gives 0 there (a NaN x still reaches the output via `binary`).
+    return tf.math.multiply_no_nan(x, rho) + (1.0 - rho) * binary
 
 
 def prox_linear_derivative(x: tf.Tensor, rho=0.0, varrho=1.0) -> tf.Tensor:

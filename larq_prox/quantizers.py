@@ -41,10 +41,13 @@ layer = lq.layers.QuantConv2D(
 
 import contextlib
 import dataclasses
+import math
+import numbers
 import threading
 from collections.abc import Callable, Iterator
 
 import larq as lq
+import numpy as np
 import tensorflow as tf
 from larq.quantizers import _BaseQuantizer
 
@@ -61,6 +64,7 @@ __all__ = [
     "ForwardBackward",
     "BackwardNeeds",
     "backward_needs",
+    "check_parameter",
     "ALIASES",
     "FUNCTIONS",
     "forward_backward",
@@ -126,20 +130,52 @@ def _register(alias: str):
     return decorator
 
 
-def _positive(name: str, value: float) -> float:
+def _number(name: str, value) -> float:
+    """`value` as a finite float, or an error naming `name` (no strings, None, bool, NaN, inf)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating)):
+        if tf.is_tensor(value) and value.shape.rank == 0 and value.dtype.is_floating:
+            value = float(tf.keras.backend.get_value(value))
+        else:
+            raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
     value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return value
+
+
+def _positive(name: str, value: float) -> float:
+    value = _number(name, value)
     if not value > 0:
         raise ValueError(f"`{name}` must be > 0, got {value}.")
     return value
 
 
 def _prox_parameters(rho: float, varrho: float) -> tuple[float, float]:
-    rho, varrho = float(rho), float(varrho)
+    rho, varrho = _number("rho", rho), _number("varrho", varrho)
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"`rho` must be in [0, 1], got {rho}.")
     if not varrho >= 0.0:
         raise ValueError(f"`varrho` must be >= 0, got {varrho}.")
     return rho, varrho
+
+
+def check_parameter(name: str, value) -> float:
+    """A schedule parameter's value as its quantizers' constructors accept it, else their error.
+
+    `name` is "beta" (> 0), "rho" (in [0, 1]) or "varrho" (>= 0); all finite reals.
+
+    ```python
+    lqp.quantizers.check_parameter("rho", 0.5)    # 0.5
+    lqp.quantizers.check_parameter("beta", 0)     # ValueError: `beta` must be > 0, got 0.0.
+    ```
+    """
+    if name == "beta":
+        return _positive("beta", value)
+    if name == "rho":
+        return _prox_parameters(value, 0.0)[0]
+    if name == "varrho":
+        return _prox_parameters(0.0, value)[1]
+    raise ValueError(f"Unknown schedule parameter {name!r}: one of 'beta', 'rho', 'varrho'.")
 
 
 BACKWARD_KINDS = ("none", "mask", "derivative")
@@ -227,6 +263,9 @@ class PCPPQuantizer(_BaseQuantizer):
     def __init__(self, hard: bool = False, **kwargs):
         self.hard = bool(hard)
         super().__init__(**kwargs)
+        # Keras casts a layer's floating inputs to its dtype (float32): a
+        # quantizer keeps its input's dtype (float16, bfloat16, float64) instead.
+        self._autocast = False
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """The training forward quantizer F (hard sign unless overridden)."""
@@ -234,7 +273,11 @@ class PCPPQuantizer(_BaseQuantizer):
 
     def backward_derivative(self, x: tf.Tensor) -> tf.Tensor:
         """B'(x), the surrogate derivative used in back-propagation."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `backward_derivative(self, x)`, returning "
+            "B'(x), the derivative of its backward quantizer (or subclass ForwardBackward, "
+            "which takes B itself and differentiates it)."
+        )
 
     def backward_mask(self, x: tf.Tensor) -> tf.Tensor:
         """The one bit per element that determines B' (pairs with `backward_storage="mask"`)."""
@@ -248,6 +291,14 @@ class PCPPQuantizer(_BaseQuantizer):
     def schedule_parameters(self) -> dict[str, tf.Variable]:
         """The annealable parameters, name -> non-trainable variable."""
         return {}
+
+    @property
+    def non_trainable_weights(self) -> list[tf.Variable]:
+        """The schedule parameters: saved with the layer's weights (H5 too).
+
+        larq's base class returns none (it hides its metrics' state).
+        """
+        return list(self.schedule_parameters.values())
 
     def _backward_storage(self) -> str:
         """`backward_storage`, or "float" where a subclass has outdated the declaration."""
@@ -293,7 +344,15 @@ class PCPPQuantizer(_BaseQuantizer):
         return super().call(outputs)
 
     def _variable(self, name: str, value: float) -> tf.Variable:
-        return tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
+        # A weight of the quantizer (so of its layer): H5 `save_weights` saves
+        # layer weights only, and would drop an annealed value held in a bare
+        # tf.Variable (TF checkpoints track both).
+        # Named after the quantizer: a layer's two quantizers may both hold a beta,
+        # and H5 files key a layer's weights by name.
+        return self.add_weight(
+            name=f"{self.name}/{name}", shape=(), dtype=tf.float32, trainable=False,
+            initializer=tf.keras.initializers.Constant(value), experimental_autocast=False,
+        )
 
     def get_config(self):
         values = {

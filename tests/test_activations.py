@@ -280,3 +280,27 @@ def test_fit_trains_like_keras():
     assert losses[1] == losses[0]
     for got, want in zip(ours.get_weights(), keras.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_nan_and_inf_give_what_keras_gives():
+    """NaN/inf in: the same NaN/inf pattern out, in outputs and gradients, as Keras' layers."""
+    x = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype("float32")
+    x[0, 1, 1, 0], x[1, 0, 0, 1], x[1, 2, 2, 2] = np.nan, np.inf, -np.inf
+    alpha = tf.fill((3, 3, 4), 0.25)
+
+    def results(function):
+        inputs, a = tf.constant(x), tf.Variable(alpha)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = function(inputs, a)
+        grads = tape.gradient(y, [inputs, a], unconnected_gradients="zero")
+        return [np.asarray(t) for t in (y, *grads)]
+
+    pairs = [
+        (lambda v, a: masked_relu(v), lambda v, a: tf.nn.relu(v)),
+        (lambda v, a: saved_prelu(v, a), lambda v, a: tf.nn.relu(v) - a * tf.nn.relu(-v)),
+    ]
+    for ours, keras in pairs:
+        for mine, reference in zip(results(ours), results(keras)):
+            np.testing.assert_array_equal(np.isnan(mine), np.isnan(reference))
+            np.testing.assert_array_equal(np.isinf(mine), np.isinf(reference))

@@ -388,3 +388,37 @@ def test_backward_reads_what_the_layer_declares(mode):
     captured = captured_by_backward(mode, shape)
     read = sum(n * dtype.size for _, dtype, n in captured if n and n > len(shape))
     assert read == declared, (captured, layer.kept_tensors(shape))
+
+
+# ---------------------------------------------------------------- NaN and empty batches
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_surfaces_as_in_keras_batch_norm(mode):
+    y = np.random.default_rng(0).normal(size=(4, 3, 3, 2)).astype("float32")
+    y[0, 1, 1, 0] = np.nan
+    masks = []
+    for layer in (BinaryBatchNorm(mode=mode), tf.keras.layers.BatchNormalization(scale=False)):
+        x = tf.constant(y)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, training=True)
+        dy, dbeta = tape.gradient(out, [x, layer.beta], output_gradients=tf.constant(y * 0 + 1))
+        masks.append([np.isnan(np.asarray(t)) for t in (out, dy, dbeta, layer.moving_mean)])
+    for name, ours, keras in zip(("output", "dy", "dbeta", "moving_mean"), *masks):
+        np.testing.assert_array_equal(ours, keras, err_msg=name)
+    assert masks[0][0].any() and masks[0][1].any()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_keeps_the_moving_statistics(mode):
+    layer = BinaryBatchNorm(mode=mode, momentum=0.5)
+    y = tf.random.normal((4, 3, 3, 2))
+    layer(y, training=True)
+    before = [v.numpy() for v in (layer.moving_mean, layer.moving_psi)]
+    out = layer(tf.zeros((0, 3, 3, 2)), training=True)
+    assert out.shape == (0, 3, 3, 2)
+    for variable, value in zip((layer.moving_mean, layer.moving_psi), before):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    layer(y, training=True)  # a real batch still updates them
+    assert not np.array_equal(layer.moving_mean.numpy(), before[0])

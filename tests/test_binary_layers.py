@@ -301,7 +301,9 @@ def test_magnitude_backward_runs_low_memory_with_stated_error(quantizer, kind):
     passthrough = low_cls(input_quantizer="pcpp_bc", **common, **extra)  # B' = 1: g
     for layer in [*layers.values(), passthrough]:
         layer.build(shape)
-        layer.set_weights(standard.get_weights())
+        # Kernel and bias (BNN+'s beta is a weight of its quantizer; BC has none).
+        for mine, theirs in zip(layer.trainable_weights, standard.trainable_weights, strict=True):
+            mine.assign(theirs)
         assert layer.low_memory
     x = _inputs(shape)
     want = _gradients(standard, x)
@@ -650,3 +652,146 @@ def test_float_input_is_kept_in_saved_dtype(kind, saved_dtype, rtol):
     for g, w, r in zip(got[2:], want[2:], at_rounded[2:], strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(g, w, rtol=rtol * 8, atol=rtol * np.abs(w).max())
+
+
+# ------------------------------------------------------- NaN, dtypes, scope, what runs
+
+
+def _twins(kind, input_quantizer, kernel_quantizer="ste_sign", **options):
+    """A low-memory layer and larq's, built with the same weights."""
+    if kind == "conv":
+        args, shape = (4, 3), (3, 5, 5, 3)
+        ours = lqp_layers.QuantConv2D(*args, input_quantizer=input_quantizer,
+                                      kernel_quantizer=kernel_quantizer, backward_chunks=2,
+                                      **options)
+        theirs = lq.layers.QuantConv2D(*args, input_quantizer=input_quantizer,
+                                       kernel_quantizer=kernel_quantizer, **options)
+    else:
+        args, shape = (4,), (3, 6)
+        ours = lqp_layers.QuantDense(*args, input_quantizer=input_quantizer,
+                                     kernel_quantizer=kernel_quantizer, **options)
+        theirs = lq.layers.QuantDense(*args, input_quantizer=input_quantizer,
+                                      kernel_quantizer=kernel_quantizer, **options)
+    ours.build(shape)
+    theirs.build(shape)
+    theirs.set_weights(ours.get_weights())
+    return ours, theirs, shape
+
+
+def _nan_masks(layer, x):
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+    dx, dkernel = tape.gradient(y, [x, layer.kernel])
+    return [np.isnan(np.asarray(t)) for t in (y, dx, dkernel)]
+
+
+@pytest.mark.parametrize("where", ["input", "kernel"])
+@pytest.mark.parametrize("input_quantizer", ["ste_sign", "pcpp_bc", "swish_sign"])
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_nan_reaches_outputs_and_gradients_as_in_larq(kind, input_quantizer, where):
+    ours, theirs, shape = _twins(kind, input_quantizer, use_bias=False)
+    assert ours.low_memory
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    if where == "input":
+        x.reshape(-1)[x.size // 2] = np.nan  # one element of sample 1
+    else:
+        kernel = ours.get_weights()[0]
+        kernel.reshape(-1)[0] = np.nan
+        ours.set_weights([kernel])
+        theirs.set_weights([kernel])
+    for name, mine, reference in zip(("output", "dx", "dkernel"),
+                                     _nan_masks(ours, x), _nan_masks(theirs, x)):
+        # Every NaN of larq's is a NaN here (NaN bits are carried as a flag:
+        # a NaN may spread further, never get lost).
+        assert mine[reference].all(), name
+        assert reference.any() <= mine.any(), name
+    # The forward is exact: NaN only in the sample that holds one.
+    np.testing.assert_array_equal(_nan_masks(ours, x)[0], _nan_masks(theirs, x)[0])
+
+
+def test_nan_input_gives_nan_loss_and_gradients_in_fit():
+    model = tf.keras.Sequential([
+        tf.keras.Input((6,)),
+        lqp_layers.QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                              kernel_constraint="weight_clip"),
+    ])
+    model.compile(tf.keras.optimizers.legacy.SGD(0.1), "mse")
+    x = np.ones((4, 6), np.float32)
+    x[2, 3] = np.nan
+    history = model.fit(x, np.zeros((4, 4)), batch_size=4, verbose=0)
+    assert np.isnan(history.history["loss"][0])
+    assert np.isnan(model.layers[0].get_weights()[0]).any()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("quantizer", ["ste_sign", "pcpp_bnn", "pcpp_bnn_plus_plus"])
+def test_conv_in_a_dtype_trains_and_infers(dtype, quantizer):
+    layer = lqp_layers.QuantConv2D(4, 3, input_quantizer=quantizer, kernel_quantizer=quantizer,
+                                   kernel_constraint="weight_clip", dtype=dtype)
+    reference = lq.layers.QuantConv2D(4, 3, input_quantizer=quantizer, kernel_quantizer=quantizer,
+                                      kernel_constraint="weight_clip")
+    x = _inputs((2, 5, 5, 3))
+    layer.build(x.shape)
+    reference.build(x.shape)
+    reference.set_weights(layer.get_weights())
+    for training in (True, False):
+        y = layer(tf.cast(x, dtype), training=training)
+        assert y.dtype == dtype
+        expected = reference(tf.cast(tf.cast(x, dtype), tf.float32), training=training)
+        # Sums of 27 products +-1 * +-1 are exact in any of these dtypes; BNN++'s
+        # training forward (SignSwish) rounds in the dtype.
+        smooth = training and quantizer == "pcpp_bnn_plus_plus"
+        np.testing.assert_allclose(tf.cast(y, tf.float32), expected, atol=0.1 if smooth else 0)
+
+
+class _Failing(lq.quantizers.Quantizer):
+    """A kernel quantizer that raises, to leave larq's quantized scope by an exception."""
+
+    precision = 1
+
+    def call(self, inputs):
+        raise RuntimeError("quantizer failed")
+
+
+def test_exception_in_the_call_does_not_leave_the_quantized_scope_on():
+    layer = lqp_layers.QuantDense(3, input_quantizer="ste_sign", kernel_quantizer=_Failing())
+    layer.build((2, 4))
+    assert layer.low_memory
+    latent = layer.kernel.latent_variable.numpy()
+    with pytest.raises(RuntimeError, match="quantizer failed"):
+        layer(tf.ones((2, 4)), training=True)
+    assert not lq.context.should_quantize()
+    np.testing.assert_array_equal(layer.get_weights()[0], latent)  # not +-1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lqp_layers.QuantConv2D(4, 3, groups=1, input_quantizer="ste_sign",
+                                   kernel_quantizer="ste_sign"),
+    lambda: lqp_layers.QuantConv2D(4, 3, groups=2, input_quantizer="ste_sign",
+                                   kernel_quantizer="ste_sign"),
+    lambda: lqp_layers.QuantConv2D(4, 3, data_format="channels_first",
+                                   input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
+    lambda: lqp_layers.QuantConv2D(4, 3, input_quantizer="pcpp_pc", kernel_quantizer="ste_sign"),
+    lambda: lqp_layers.QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
+    lambda: lqp_layers.QuantDense(4, input_quantizer="pcpp_bnn_plus_plus"),
+    lambda: lqp_layers.MaxPool2D(2),
+    lambda: lqp_layers.MaxPool2D(2, data_format="channels_first"),
+])
+def test_low_memory_says_what_runs(make):
+    """low_memory is True exactly when the training graph holds the bit-packing op."""
+    layer = make()
+    shape = (2, 4) if isinstance(layer, tf.keras.layers.Dense) else (2, 4, 6, 6)
+    claimed = layer.low_memory
+
+    @tf.function
+    def step(x):
+        return layer(x, training=True)
+
+    ops = {op.type for op in step.get_concrete_function(
+        tf.TensorSpec(shape, tf.float32)).graph.get_operations()}
+    # The ops pack bits with a uint64 multiply (bitpack.pack_bits); larq's and
+    # Keras' computations never bitcast.
+    assert ("Bitcast" in ops) == claimed
+    assert layer.low_memory == claimed

@@ -54,3 +54,16 @@ def test_signs_round_trip_with_dynamic_batch_and_odd_channels(channels):
     half = bitpack.unpack_signs(bitpack.pack_signs(x), x.shape, tf.float16)
     assert half.dtype == tf.float16
     np.testing.assert_array_equal(half.numpy(), np.where(x >= 0, 1.0, -1.0))
+
+
+def test_nan_flag_makes_unpacked_signs_nan():
+    x = np.random.randn(2, 3, 5).astype("float32")
+    x[1, 2, 4] = np.nan
+    rows = bitpack.nan_rows(tf.constant(x))
+    np.testing.assert_array_equal(np.ravel(rows), [False, True])
+    assert rows.shape == (2, 1, 1)
+    packed = bitpack.pack_signs(tf.constant(x))
+    signs = bitpack.unpack_signs(packed, x.shape, nan=tf.reduce_any(rows))
+    assert np.isnan(signs).all()
+    clean = bitpack.unpack_signs(packed, x.shape, nan=tf.constant(False))
+    np.testing.assert_array_equal(clean, np.where(x >= 0, 1.0, -1.0))

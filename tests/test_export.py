@@ -187,3 +187,63 @@ def test_cli_export(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "mlp.h5"), str(out)]) == 0
     text = capsys.readouterr().out
     assert "LceBconv2d 4" in text and out.exists()
+
+
+# ------------------------------------------------------------ functional graphs
+
+
+def _binary_dense(units):
+    return lqp.layers.QuantDense(units, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                                 kernel_constraint="weight_clip")
+
+
+def _functional(case: str) -> tuple[tf.keras.Model, int]:
+    """A functional model of one kind, and its number of binary dense layers."""
+    inp = tf.keras.Input((8,))
+    if case == "dense_then_softmax":  # the issue's reproduction (hung)
+        return tf.keras.Model(inp, tf.keras.layers.Activation("softmax")(_binary_dense(3)(inp))), 1
+    if case == "dense_last":  # raised TypeError in Keras' clone
+        return tf.keras.Model(inp, _binary_dense(3)(inp)), 1
+    if case == "residual":
+        hidden = _binary_dense(8)(inp)
+        return tf.keras.Model(inp, _binary_dense(4)(tf.keras.layers.Add()([hidden, inp]))), 2
+    if case == "shared":
+        shared = _binary_dense(8)
+        hidden = shared(inp)
+        return tf.keras.Model(inp, tf.keras.layers.Concatenate()([hidden, shared(hidden)])), 1
+    inner = tf.keras.Sequential([tf.keras.Input((8,)), _binary_dense(8),
+                                 tf.keras.layers.Activation("tanh")])
+    return tf.keras.Model(inp, _binary_dense(2)(inner(inp))), 2
+
+
+CASES = ["dense_then_softmax", "dense_last", "residual", "shared", "nested"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inference_copy_of_any_functional_graph(case):
+    model, denses = _functional(case)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 8)).astype("float32")
+    copy, notes = export.inference_model(model)
+    assert sum("1x1 QuantConv2D" in note for note in notes) == denses
+    assert not any(isinstance(layer, lq.layers.QuantDense) for layer in copy.submodules)
+    with lqp.quantizers.hard_mode():
+        np.testing.assert_array_equal(copy(x), model(x, training=False))
+
+
+@pytest.mark.parametrize("case", ["dense_then_softmax", "residual"])
+def test_functional_binary_dense_exports_to_bconv(case):
+    model, denses = _functional(case)
+    report = export.to_lce(model, None)
+    assert report.bconv == report.binary_layers == denses
+    assert report.max_abs_diff < 1e-5
+
+
+def test_a_step_that_runs_too_long_is_an_error(monkeypatch):
+    """Every in-process step is bounded (the clone once looped forever)."""
+    import time
+
+    monkeypatch.setattr(export, "_CLONE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(lqp.models, "map_layers", lambda model, function: time.sleep(5))
+    model, _ = _functional("dense_last")
+    with pytest.raises(export.ExportError, match="did not finish within 0.5 s"):
+        export.inference_model(model)

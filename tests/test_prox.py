@@ -98,3 +98,28 @@ def test_prox_linear_rejects_bad_parameters(rho, varrho):
 
 def test_clip_derivative_is_ste_mask():
     np.testing.assert_array_equal(prox.clip_derivative(tf.constant(X), 1.0), (np.abs(X) <= 1).astype(float))
+
+
+def test_infinite_inputs_give_the_limits():
+    x = tf.constant([-np.inf, -1e30, 1e30, np.inf, np.nan])
+    np.testing.assert_array_equal(prox.signswish(x, 5.0)[:4], [-1, -1, 1, 1])
+    np.testing.assert_array_equal(prox.signswish_derivative(x, 5.0)[:4], [0, 0, 0, 0])
+    np.testing.assert_array_equal(prox.prox_linear(x, 0.0, 1.0)[:4], [-1, -1, 1, 1])
+    np.testing.assert_array_equal(prox.prox_linear(x, 0.0, 0.0)[:4], [-1, -1, 1, 1])
+    np.testing.assert_allclose(prox.prox_linear(x, 0.5, 1.0)[:4],
+                               [-np.inf, -5e29, 5e29, np.inf], rtol=1e-6)
+    # NaN stays NaN.
+    for value in (prox.signswish(x)[4], prox.signswish_derivative(x)[4],
+                  prox.prox_linear(x, 0.0, 1.0)[4], prox.prox_linear(x, 0.0, 0.0)[4]):
+        assert np.isnan(value)
+    # Autodiff of SignSwish at +-inf is 0, not inf * 0 (ForwardBackward differentiates it).
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = prox.signswish(x)
+    np.testing.assert_array_equal(tape.gradient(y, x)[:4], [0, 0, 0, 0])
+
+
+def test_signswish_rewrite_matches_the_formula():
+    x = np.linspace(-3, 3, 61)
+    np.testing.assert_allclose(prox.signswish(tf.constant(x), 5.0), np_signswish(x, 5.0),
+                               atol=1e-12)

@@ -117,3 +117,73 @@ def test_apply_to_selects_kernel_or_input_quantizers(apply_to, kernel_beta, inpu
     assert len(kernels) == 2 and second.input_quantizer not in kernels
     with pytest.raises(ValueError, match="apply_to"):
         lqp.callbacks.QuantizerSchedule("beta", 1.0, 2.0, apply_to="weights")
+
+
+@pytest.mark.parametrize("parameter, bad, good, error, match", [
+    ("beta", 0.0, 5.0, ValueError, "`beta` must be > 0"),
+    ("beta", float("inf"), 5.0, ValueError, "`beta` must be finite"),
+    ("beta", "5", 5.0, TypeError, "`beta` must be a real number"),
+    ("rho", 1.5, 0.0, ValueError, "`rho` must be in \\[0, 1\\]"),
+    ("varrho", -0.5, 1.0, ValueError, "`varrho` must be >= 0"),
+])
+def test_targets_the_quantizers_refuse_are_refused_with_their_message(
+        parameter, bad, good, error, match):
+    for start, end in ((bad, good), (good, bad)):
+        with pytest.raises(error, match=match):
+            lqp.callbacks.QuantizerSchedule(parameter, start, end)
+    # The quantizers' constructors give the same message for that value.
+    quantizer = lqp.quantizers.BNNPlusPlus if parameter == "beta" else lqp.quantizers.PC
+    with pytest.raises(error, match=match):
+        quantizer(**{parameter: bad})
+
+
+def _step_model():
+    model = _model("pcpp_bnn_plus_plus")
+    model.compile(tf.keras.optimizers.legacy.SGD(0.05), "mse")  # no slots: weights are the state
+    return model
+
+
+def _betas(model):
+    return [float(q.beta) for q in lqp.callbacks.find_quantizers(model)]
+
+
+@pytest.mark.parametrize("weights_file", ["weights.h5", "ckpt/weights"])
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, weights_file):
+    x, y = _data(32)
+
+    def schedule():
+        return lqp.callbacks.QuantizerSchedule("beta", 1.0, 8.0, unit="step")
+
+    def fit(model, initial_epoch, stop=None):
+        values = []
+
+        class Record(tf.keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                values.append(_betas(model)[0])
+
+            def on_epoch_end(self, epoch, logs=None):
+                model.stop_training = epoch + 1 == stop  # the interruption
+
+        model.fit(x, y, batch_size=8, epochs=4, initial_epoch=initial_epoch, shuffle=False,
+                  verbose=0, callbacks=[schedule(), Record()])
+        return values
+
+    whole = _step_model()
+    start = whole.get_weights()
+    uninterrupted = fit(whole, 0)
+
+    first = _step_model()
+    first.set_weights(start)
+    before = fit(first, 0, stop=2)
+    path = str(tmp_path / weights_file)
+    first.save_weights(path)
+    resumed = _step_model()
+    resumed.load_weights(path)
+    # The annealed beta is restored with the weights (not the constructor's 5.0).
+    assert _betas(resumed) == _betas(first) == [before[-1]] * 3
+    after = fit(resumed, 2)
+
+    np.testing.assert_allclose(uninterrupted, 1.0 + 7.0 * np.arange(16) / 15, rtol=1e-6)
+    assert before + after == uninterrupted
+    for a, b in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(a, b)

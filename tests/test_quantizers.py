@@ -127,11 +127,58 @@ def test_config_round_trip_keeps_current_schedule_values():
         (lambda: quantizers.BNN(clip_value=0.0), "clip_value"),
         (lambda: quantizers.ForwardBackward(forward=3), "forward"),
         (lambda: quantizers.ForwardBackward(backward="nope"), "backward"),
+        (lambda: quantizers.BNNPlus(beta="5"), "`beta` must be a real number"),
+        (lambda: quantizers.BNNPlus(beta=None), "`beta` must be a real number"),
+        (lambda: quantizers.BNNPlusPlus(beta=float("inf")), "`beta` must be finite"),
+        (lambda: quantizers.PC(rho=float("nan")), "`rho` must be finite"),
+        (lambda: quantizers.RPC(varrho=float("inf")), "`varrho` must be finite"),
+        (lambda: quantizers.PC(rho="0.5"), "`rho` must be a real number"),
+        (lambda: quantizers.BNN(clip_value=True), "`clip_value` must be a real number"),
     ],
 )
 def test_bad_arguments_name_the_argument(make, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_numpy_and_integer_parameters_are_accepted():
+    assert float(quantizers.BNNPlus(beta=np.float32(2.0)).beta) == 2.0
+    assert float(quantizers.PC(rho=0, varrho=np.int64(1)).varrho) == 1.0
+
+
+def test_base_backward_derivative_names_what_to_implement():
+    class Mine(quantizers.PCPPQuantizer):
+        pass
+
+    with pytest.raises(NotImplementedError, match="Mine must implement `backward_derivative"):
+        Mine().backward_derivative(X)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("alias", ALIASES)
+def test_output_keeps_the_input_dtype(alias, dtype):
+    x = tf.cast(X, dtype)
+    quantizer = lq.quantizers.get(alias)
+    for training in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = quantizer(x, training=training)
+        assert y.dtype == dtype and tape.gradient(y, x).dtype == dtype
+        expected, _ = value_and_grad(lq.quantizers.get(alias), X, training)
+        np.testing.assert_allclose(tf.cast(y, tf.float32), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("alias", ["pcpp_bnn_plus_plus", "pcpp_pc"])
+def test_infinite_inputs_give_plus_minus_one(alias):
+    quantizer = lq.quantizers.get(alias)
+    if alias == "pcpp_pc":
+        quantizer = quantizers.PC(rho=0.0, varrho=1.0)
+    x = tf.constant([-np.inf, np.inf])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = quantizer(x, training=True)
+    np.testing.assert_array_equal(y, [-1.0, 1.0])
+    assert np.all(np.isfinite(tape.gradient(y, x)))
 
 
 def test_unknown_alias_lists_the_aliases():

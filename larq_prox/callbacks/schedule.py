@@ -58,9 +58,13 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
 
     # Arguments
         parameter: "beta" (BNN+, BNN++), "rho" or "varrho" (PC, rPC).
-        start, end: values at the first and the last epoch (or step).
+        start, end: values at the first and the last epoch (or step), checked as
+            the quantizers' constructors check them (`lqp.quantizers.check_parameter`:
+            beta > 0, rho in [0, 1], varrho >= 0, finite numbers).
         schedule: "linear", or "geometric" (start and end > 0).
-        unit: "epoch" (set at each epoch's start) or "step" (each batch).
+        unit: "epoch" (set at each epoch's start) or "step" (each batch). Both
+            continue from `fit(initial_epoch=...)`, and the current values are
+            quantizer weights, saved and restored by `save_weights`/`load_weights`.
         epochs: length of the schedule in epochs; defaults to `fit`'s `epochs`.
         quantizers: the quantizers to drive; default: all in the model that have
             `parameter` (restricted by `apply_to`).
@@ -96,6 +100,10 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
             raise ValueError(f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}.")
         if unit not in _UNITS:
             raise ValueError(f"`unit` must be one of {_UNITS}, got {unit!r}.")
+        # The quantizers' own checks (and messages): a value their constructor
+        # refuses must not be reachable by annealing either.
+        start = pcpp_quantizers.check_parameter(parameter, start)
+        end = pcpp_quantizers.check_parameter(parameter, end)
         if schedule == "geometric" and not (start > 0 and end > 0):
             raise ValueError(
                 f"A geometric schedule needs start > 0 and end > 0, got {start} and {end}; "
@@ -110,7 +118,7 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
         self.verbose = verbose
         self._quantizers = quantizers
         self._targets: list[tf.Variable] = []
-        self._step = 0
+        self._epoch = 0
         self.value = self.start
 
     def value_at(self, fraction: float) -> float:
@@ -134,7 +142,7 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
                 f"parameter in the model (PC++ quantizers found: {have}). 'beta' belongs "
                 "to BNNPlus/BNNPlusPlus, 'rho' and 'varrho' to PC/RPC."
             )
-        self._step = 0
+        self._epoch = 0
         self._length = self._schedule_length()
         self._set(self.value_at(0.0))
 
@@ -159,6 +167,8 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
             variable.assign(value)
 
     def on_epoch_begin(self, epoch, logs=None):
+        # `epoch` counts from fit's `initial_epoch`: a resumed fit continues the schedule.
+        self._epoch = epoch
         if self.unit == "epoch":
             self._set(self.value_at(self._fraction(epoch)))
         if self.verbose:
@@ -166,8 +176,8 @@ class QuantizerSchedule(tf.keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.unit == "step":
-            self._set(self.value_at(self._fraction(self._step)))
-            self._step += 1
+            step = self._epoch * self.params["steps"] + batch
+            self._set(self.value_at(self._fraction(step)))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

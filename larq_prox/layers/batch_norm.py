@@ -344,9 +344,12 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             mean, psi = tf.stop_gradient(mean), tf.stop_gradient(psi)
         x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes)
         decay = 1.0 - self.momentum
+        # An empty batch has no statistics (its mean is 0/0 = NaN): keep the moving ones.
+        nonempty = _count(y, self._reduction_axes) > 0
         for variable, value in ((self.moving_mean, mean), (self.moving_psi, psi)):
             value = tf.stop_gradient(tf.reshape(value, variable.shape))
-            variable.assign_sub((variable - value) * decay)
+            update = tf.where(nonempty, (variable - value) * decay, tf.zeros_like(variable))
+            variable.assign_sub(update)
         return x
 
     def _infer(self, y: tf.Tensor) -> tf.Tensor:

@@ -74,6 +74,7 @@ model.layers[0].kept_tensors()   # input signs 1 bit, input mask 1 bit, kernel s
 ```
 """
 
+import contextlib
 import logging
 
 import larq as lq
@@ -195,6 +196,12 @@ class _LowMemoryKernel(_WarnOnce):
     """Shared by conv and dense: read the input quantizer's declared backward once."""
 
     def _init_low_memory(self, backward_bits) -> None:
+        for quantizer in (self.input_quantizer, self.kernel_quantizer):
+            if isinstance(quantizer, tf.keras.layers.Layer):
+                # A quantizer layer (float32 by default) would cast a float16,
+                # bfloat16 or float64 input or kernel to float32, which the
+                # layer's conv then refuses to mix with its own dtype.
+                quantizer._autocast = False
         if backward_bits not in BACKWARD_BITS:
             raise ValueError(
                 f"`backward_bits` must be one of {BACKWARD_BITS} (bits of a stored B'(x) of "
@@ -259,7 +266,7 @@ class _LowMemoryKernel(_WarnOnce):
     def _quantized_kernel(self, inputs: tf.Tensor) -> tf.Tensor:
         # Quantize when the input arrives: graph mode would otherwise compute
         # every layer's sign(kernel) at the start of the step, all alive at once.
-        with tf.control_dependencies([inputs]), context.quantized_scope(True):
+        with tf.control_dependencies([inputs]), quantized_scope(True):
             return tf.convert_to_tensor(self.kernel)
 
     def _finish(self, outputs: tf.Tensor) -> tf.Tensor:
@@ -299,6 +306,30 @@ class _LowMemoryKernel(_WarnOnce):
                          shared=f"input:{self.saved_dtype}"),
                     *[kernel_kept(kernel_shape, False, bits) for _ in kernel]]
         return [Kept("input signs", per_sample, 1), *self._input_backward.kept(per_sample), *kernel]
+
+
+@contextlib.contextmanager
+def quantized_scope(quantize: bool):
+    """`larq.context.quantized_scope` that is restored when its body raises.
+
+    larq's context manager sets a thread-local flag before its `yield` and
+    restores it after, with no try/finally: an exception inside leaves the
+    flag on for the thread, and every later `get_weights()`/`save_weights()`
+    returns +-1 kernels instead of the latent weights. (Upstream fix: wrap
+    larq's `yield` in try/finally.)
+
+    ```python
+    with quantized_scope(True):
+        binary_kernel = tf.convert_to_tensor(layer.kernel)
+    ```
+    """
+    previous = context.should_quantize()
+    try:
+        with context.quantized_scope(quantize):
+            yield quantize
+    finally:
+        # larq's own restore is skipped on an exception: set its flag back here.
+        context._quantized_scope.should_quantize = previous
 
 
 def _input_shape(layer, input_shape=None) -> tf.TensorShape:

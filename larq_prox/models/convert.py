@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from larq_prox import quantizers as pcpp_quantizers
+from larq_prox.memory.census import quantizer_variable_ids
 from larq_prox.models.options import (
     _binary_batch_norm_class,
     _check_batch_norm,
@@ -249,9 +250,15 @@ def _short(reason: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _layer_weights(layer) -> list[tf.Variable]:
+    """`layer.weights` without its quantizers' (schedule parameters come with the config)."""
+    skip = quantizer_variable_ids(layer)
+    return [w for w in layer.weights if id(w) not in skip]
+
+
 def _weights_by_name(layer) -> dict[str, np.ndarray]:
     values = {}
-    for weight in layer.weights:
+    for weight in _layer_weights(layer):
         # 'model/bn1/moving_mean:0' -> 'moving_mean'
         key = weight.name.split("/")[-1].split(":")[0]
         values[key] = tf.keras.backend.get_value(weight)
@@ -259,7 +266,7 @@ def _weights_by_name(layer) -> dict[str, np.ndarray]:
 
 
 def _set_by_name(layer, values: dict[str, np.ndarray]) -> None:
-    for weight in layer.weights:
+    for weight in _layer_weights(layer):
         key = weight.name.split("/")[-1].split(":")[0]
         if key in values:
             weight.assign(np.asarray(values[key], dtype=weight.dtype.as_numpy_dtype))
@@ -269,9 +276,10 @@ def _copy_layer_weights(old, new) -> None:
     old_name, new_name = type(old).__name__, type(new).__name__
     batch_norm_swap = old_name != new_name and "BatchNorm" in old_name and "BatchNorm" in new_name
     if not batch_norm_swap:
-        old_values, new_weights = old.get_weights(), new.weights
+        old_weights, new_weights = _layer_weights(old), _layer_weights(new)
+        old_values = tf.keras.backend.batch_get_value(old_weights)
         if [v.shape for v in old_values] == [tuple(w.shape) for w in new_weights]:
-            new.set_weights(old_values)
+            tf.keras.backend.batch_set_value(list(zip(new_weights, old_values)))
             return
         # Low-memory layers may order their weights differently: match by name.
         old_named = _weights_by_name(old)

@@ -17,6 +17,12 @@ uniformly over its per-call range \([lo, hi]\): with \(b\) bits,
 \(|\widehat{B'} - B'| \le (hi - lo) / (2(2^b - 1))\) elementwise, so
 \(|dx - dx_{exact}| \le (hi - lo) / (2(2^b - 1)) \cdot |g|\).
 
+NaN: a NaN has no sign bit. A sample of x holding a NaN gets NaN signs (its
+outputs are NaN, as with larq's `ste_sign`), and one per-call flag (one
+reduction, no float copy) makes the backward's unpacked signs NaN, so dW is
+NaN; a NaN binary kernel is restored as NaN, so dx is NaN. NaN may so spread
+to more elements than in larq's computation, never fewer.
+
 ```python
 from larq_prox import ops, quantizers
 
@@ -50,9 +56,10 @@ BACKWARD_BITS = (8, 16, None)
 
 
 def sign(x: tf.Tensor) -> tf.Tensor:
-    """`larq.math.sign` (sign(0) = +1) with one bool temporary instead of two float ones."""
-    # Scalar branches: ones_like would fold into a constant of x's size.
-    return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
+    """`larq.math.sign` (sign(0) = +1, NaN stays NaN) with one bool and one float temporary."""
+    # A scalar branch: ones_like would fold into a constant of x's size.
+    # tf.sign(x) is -1 where x < 0 and NaN where x is NaN (x >= 0 is False there).
+    return tf.where(x >= 0, tf.constant(1, x.dtype), tf.sign(x))
 
 
 def _unit(bits: int | None) -> tf.DType:
@@ -218,15 +225,25 @@ class KernelSign:
 
 
 def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
-    """sign(x) and its packed bits, after what `backward` keeps of x (`kept`) exists."""
+    """sign(x), its packed bits and whether x holds a NaN, after `kept` (what `backward` keeps of x).
+
+    A NaN has no sign bit (NaN >= 0 is False): a sample holding one gets NaN
+    signs (so NaN outputs, as larq's `ste_sign` gives NaN there), and the
+    per-call flag makes the backward's unpacked signs NaN (so a NaN kernel
+    gradient, as larq's). One reduction, no float copy of x.
+    """
     positive = x >= 0
     packed_signs = bitpack.pack_bits(positive)
+    nan_rows = bitpack.nan_rows(x)
     # Only comparisons read x, and the signs come from their bool result once
     # the bits are packed: x is freed before sign(x) and the conv's output
     # are allocated (two float activations alive here, not three).
-    with tf.control_dependencies([packed_signs, *backward.tensors(kept)]):
-        signs = tf.where(positive, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
-    return signs, packed_signs
+    with tf.control_dependencies([packed_signs, nan_rows, *backward.tensors(kept)]):
+        nan = tf.constant(np.nan, x.dtype)
+        one = tf.where(nan_rows, nan, tf.constant(1, x.dtype))
+        minus_one = tf.where(nan_rows, nan, tf.constant(-1, x.dtype))
+        signs = tf.where(positive, one, minus_one)
+    return signs, packed_signs, tf.reduce_any(nan_rows)
 
 
 def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
@@ -244,11 +261,14 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
 
         return gated
     packed = bitpack.pack_signs(kernel)
+    # A NaN latent weight gives a NaN binary weight, which has no sign bit:
+    # the flag restores the kernel as NaN, so that dx is NaN as larq's is.
+    nan = tf.reduce_any(tf.math.is_nan(kernel))
     shape, dtype = kernel.shape.as_list(), kernel.dtype
 
     def restore(gate):
         with tf.control_dependencies([gate]):
-            return bitpack.unpack_signs(packed, shape, dtype)
+            return bitpack.unpack_signs(packed, shape, dtype, nan=nan)
 
     return restore
 
@@ -310,7 +330,7 @@ def binary_conv2d(
     @tf.custom_gradient
     def _op(x, kernel):
         shape = tf.shape(x)
-        signs, packed_signs = _binarize_and_pack(x, backward, kept)
+        signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
         outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
         kernel_shape = tf.shape(kernel)
         kept_kernel = _kept_kernel(kernel, binary_kernel)
@@ -333,7 +353,7 @@ def binary_conv2d(
             # TF's CPU Conv2DBackpropFilter/Input refuse dilations > 1 (without
             # oneDNN): differentiate tf.nn.convolution (space_to_batch) instead.
             with tf.control_dependencies([dy]):
-                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype, nan=nan)
             restored = kept_kernel(signs)
             with tf.GradientTape() as tape:
                 tape.watch([signs, restored])
@@ -356,7 +376,7 @@ def binary_conv2d(
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
                 with tf.control_dependencies([gate]):
                     bits = part(packed_signs, i, bytes_per_sample)
-                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype))
+                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype, nan=nan))
                 partial = tf.compat.v1.nn.conv2d_backprop_filter(
                     signs, kernel_shape, part(dy, i), strides, padding, dilations=dilations
                 )
@@ -439,7 +459,7 @@ def binary_dense(
     @tf.custom_gradient
     def _op(x, kernel):
         shape = tf.shape(x)
-        signs, packed_signs = _binarize_and_pack(x, backward, kept)
+        signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
         outputs = tf.matmul(signs, kernel)
         kept_kernel = _kept_kernel(kernel, binary_kernel)
 
@@ -448,7 +468,7 @@ def binary_dense(
             # is freed before dkernel, of the same size, is allocated.
             dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
             with tf.control_dependencies([dx]):
-                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype, nan=nan)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
             return backward.apply(dx, kept), dkernel
 
