@@ -10,6 +10,7 @@ vit = lqp.models.vit(dim=64, depth=4, heads=4, mlp_dim=128)      # float, DESIGN
 ```
 """
 
+from larq_prox.models.binarize import COMPONENTS, binarizable_layers, binarize
 from larq_prox.models.convert import (
     convert,
     l1_to_l2_batch_norm,
@@ -18,7 +19,8 @@ from larq_prox.models.convert import (
 )
 from larq_prox.models.options import BATCH_NORMS, SAVED_DTYPES, batch_norm_layer
 from larq_prox.models.paper import binarynet, cnv, mlp
-from larq_prox.models.vit import COMPONENTS, component_of, vit
+from larq_prox.models.vit import COMPONENTS as VIT_COMPONENTS
+from larq_prox.models.vit import component_of, vit
 
 __all__ = [
     "BATCH_NORMS",
@@ -26,7 +28,10 @@ __all__ = [
     "cnv",
     "binarynet",
     "vit",
+    "binarize",
+    "binarizable_layers",
     "COMPONENTS",
+    "VIT_COMPONENTS",
     "component_of",
     "convert",
     "SAVED_DTYPES",
