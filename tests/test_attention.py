@@ -149,3 +149,89 @@ def test_class_token_and_position_embedding():
         clone = type(layer).from_config(layer.get_config())
         assert clone.get_config() == layer.get_config()
         assert layer.kept_tensors((None, 3, 4)) == []
+
+
+# ---------------------------------------------------------------------------
+# The low-memory binary dense on rank-3 inputs (the projections' and the MLP's tokens)
+
+
+def _gradients(layer, x, r):
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * r)
+        return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+    y, grads = step(x)
+    return [y.numpy()] + [g.numpy() for g in grads]
+
+
+def _tokens(shape, seed=0):
+    x = np.random.default_rng(seed).normal(scale=1.2, size=shape).astype(np.float32)
+    x.reshape(-1)[::7] = 0.0  # sign(0) = +1
+    x.reshape(-1)[1::11] = 1.0  # |x| = clip edge
+    return tf.constant(x)
+
+
+@pytest.mark.parametrize("input_quantizer, kernel_quantizer", [
+    ("pcpp_bnn", "pcpp_bnn"), ("ste_sign", "ste_sign"), ("pcpp_bc", "pcpp_rpc"),
+    ("pcpp_rpc", None),
+])
+@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 3, 4, 8)])
+def test_rank3_binary_dense_gradients_equal_larq(input_quantizer, kernel_quantizer, shape):
+    kwargs = dict(units=6, input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+                  bias_initializer="random_normal")
+    import larq as lq
+
+    standard = lq.layers.QuantDense(**kwargs)
+    standard.build(shape)
+    low = lqp.layers.QuantDense.from_config(standard.get_config())
+    low.build(shape)
+    low.set_weights(standard.get_weights())
+    assert low.low_memory
+    x = _tokens(shape)
+    r = tf.constant(np.random.default_rng(1).normal(size=(*shape[:-1], 6)), tf.float32)
+    for got, want in zip(_gradients(low, x, r), _gradients(standard, x, r), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_rank3_binary_dense_keeps_only_bits():
+    """The traced backward of the low-memory op reads no float tensor of x's size."""
+    from op_kept_check import captured_by_backward
+    from test_binary_layers import _bytes_read_by_backward  # the binary layers' graph check
+
+    layer = lqp.layers.QuantDense(64, input_quantizer="pcpp_bnn", kernel_quantizer="pcpp_bnn")
+    shape = (8, 16, 32)
+    layer.build(shape)
+    captured = captured_by_backward(lambda x: layer(x, training=True), [tf.TensorSpec(shape)])
+    assert not [c for c in captured if c[0].is_floating and c[1] == 8 * 16 * 32], captured
+    declared = sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape))
+    # Sign and mask bits of x, sign bits of the kernel.
+    assert _bytes_read_by_backward(layer, shape) == declared == 2 * 8 * 16 * 32 // 8 + 32 * 64 // 8
+
+
+def test_attention_low_memory_gradients_equal_larq_projections():
+    """The attention layer trains with the low-memory op; gradients equal larq's layers'."""
+    import larq as lq
+
+    class LarqAttention(MultiHeadSelfAttention):
+        def _dense(self, units, name):
+            dense = super()._dense(units, name)
+            return lq.layers.QuantDense.from_config(
+                {k: v for k, v in dense.get_config().items()
+                 if k not in ("storage_dtype", "backward_bits", "saved_dtype")})
+
+    kwargs = dict(num_heads=2, input_quantizer="pcpp_bnn", kernel_quantizer="pcpp_bnn",
+                  bias_initializer="random_normal")
+    shape = (2, 5, 8)
+    low, standard = MultiHeadSelfAttention(**kwargs), LarqAttention(**kwargs)
+    low.build(shape)
+    standard.build(shape)
+    standard.set_weights(low.get_weights())
+    assert all(p.low_memory for p in (low.query, low.key, low.value, low.output_dense))
+    x = _tokens(shape, seed=3)
+    r = tf.constant(np.random.default_rng(4).normal(size=shape), tf.float32)
+    for got, want in zip(_gradients(low, x, r), _gradients(standard, x, r), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
