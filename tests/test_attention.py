@@ -235,3 +235,50 @@ def test_attention_low_memory_gradients_equal_larq_projections():
     r = tf.constant(np.random.default_rng(4).normal(size=shape), tf.float32)
     for got, want in zip(_gradients(low, x, r), _gradients(standard, x, r), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# What a training step keeps: the declaration against the traced graph
+
+
+@pytest.mark.parametrize("input_quantizer, kernel_quantizer", [
+    (None, None), (None, "ste_sign"), ("pcpp_bnn", "pcpp_bnn"), ("pcpp_bc", "pcpp_rpc"),
+])
+def test_backward_reads_what_kept_tensors_declares(input_quantizer, kernel_quantizer):
+    from kept_check import assert_kept_matches, captured_by_backward
+    from test_binary_layers import _bytes_read_by_backward
+
+    layer = MultiHeadSelfAttention(2, input_quantizer=input_quantizer,
+                                   kernel_quantizer=kernel_quantizer)
+    shape = (8, 16, 32)
+    layer.build(shape)
+    kept = layer.kept_tensors(shape)
+    # Float tensors one by one (Q, K, softmax, V and the float inputs)...
+    captured = captured_by_backward(lambda x: layer(x, training=True), [tf.TensorSpec(shape)],
+                                    lambda: layer.trainable_weights)
+    # (rPC's two B' values are scalars, not kept tensors)
+    captured = [c for c in captured if (c.elements or 0) > 1]
+    assert_kept_matches([k for k in kept if k.bits >= 16], captured, batch_size=8)
+    # ... and every kept byte, packed bits included.
+    assert _bytes_read_by_backward(layer, shape) == sum(k.bytes(8) for k in kept)
+    roles = [k.role for k in kept]
+    assert roles.count("attention softmax") == 1
+    assert ("input signs" in roles) == (input_quantizer is not None)
+
+
+def test_memory_model_counts_attention_layer_norm_and_gelu():
+    model = lqp.models.vit(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32,
+                           kernel_quantizer="pcpp_bnn", input_quantizer="pcpp_bnn")
+    report = lqp.memory.estimate(model, 10, tf.keras.optimizers.legacy.Adam(), "from_model")
+    parts = report.breakdown("kept")
+    softmax = [v for k, v in parts.items() if "attention softmax" in k]
+    assert softmax and softmax[0] == pytest.approx(10 * 2 * 17 * 17 * 4 / 2**20, abs=1e-6)
+    assert any("LayerNormalization" in k for k in parts)
+    assert any("gelu" in k for k in parts)
+    # The float ViT keeps one copy of each attention input, not three.
+    float_vit = lqp.models.vit(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
+    parts = lqp.memory.estimate(float_vit, 10, tf.keras.optimizers.legacy.Adam(),
+                                "from_model").breakdown("kept")
+    inputs = [v for k, v in parts.items() if k.endswith("MultiHeadSelfAttention: input")]
+    # q/k/v's shared input, and the output projection's input: 2 buffers of 17 x 16.
+    assert inputs and inputs[0] == pytest.approx(2 * 10 * 17 * 16 * 4 / 2**20, abs=1e-6)

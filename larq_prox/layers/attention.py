@@ -37,6 +37,7 @@ attention.kept_tensors((None, 16, 64))              # what training keeps per sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -233,7 +234,10 @@ class MultiHeadSelfAttention(tf.keras.layers.Layer):
         projected = per_sample(shape[:-1].concatenate([inner]), self.name)
         kept = []
         for layer in (self.query, self.key, self.value):
-            kept += layer.kept_tensors(shape)
+            # q, k and v read one input: a float input kept as it is is one buffer.
+            kept += [dataclasses.replace(k, shared=f"input:{self.compute_dtype}")
+                     if k.role == "input" and k.shared is None else k
+                     for k in layer.kept_tensors(shape)]
         kept += [
             Kept("queries Q", projected, float_bits(self)),
             Kept("keys K", projected, float_bits(self)),

@@ -286,7 +286,8 @@ class _LowMemoryKernel(_WarnOnce):
             kept = [Kept("input", per_sample, bits)]
             if self.input_quantizer is not None:
                 kept.append(Kept("quantized input", per_sample, bits))
-            kept.append(Kept("kernel", int(np.prod(kernel_shape)), bits, per_sample=False))
+            if self.kernel_quantizer is not None:  # else the variable itself is read
+                kept.append(Kept("kernel", int(np.prod(kernel_shape)), bits, per_sample=False))
             return kept
         # Without a kernel quantizer the op reads the variable itself (no copy).
         kernel = [kernel_kept(kernel_shape, self._binary_kernel, bits)]
