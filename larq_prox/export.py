@@ -16,7 +16,10 @@ into binary ops:
   as a `BatchNormalization` with equivalent statistics, which LCE folds into
   LceBconv2d's output transform;
 - binary `QuantDense` layers become reshape -> 1x1 binary `QuantConv2D` ->
-  reshape (LCE has no binary dense op);
+  reshape (LCE has no binary dense op), on (batch, features) and on a
+  transformer's (batch, tokens, features) inputs;
+- a layer that defines `lce_config(config)` (`MultiHeadSelfAttention`: its
+  q, k, v and output projections as 1x1 convs) is rebuilt from that config;
 - larq-prox's low-memory layers become their larq/Keras originals (same config).
 
 The inference copy is saved as a SavedModel with one signature (fast: Keras'
@@ -230,12 +233,16 @@ class _InferenceCopy:
                 config[key] = _hard_quantizer(config[key])
         if name == "QuantDense" and self._dense_as_conv(layer, config):
             return self._conv_block(layer, config)
+        if callable(getattr(cls, "lce_config", None)):
+            # A layer with inner binary projections says how LCE should see them.
+            self.notes.append(f"{layer.name}: {name} -> its LCE form (lce_config)")
+            config = cls.lce_config(config)
         return cls.from_config(config)
 
     def _dense_as_conv(self, layer, config) -> bool:
         if not (_binary(config.get("input_quantizer")) and _binary(config.get("kernel_quantizer"))):
             return False
-        if len(layer.input_shape) != 2:
+        if len(layer.input_shape) not in (2, 3):  # (batch, features), (batch, tokens, features)
             self.notes.append(
                 f"{layer.name}: binary QuantDense on a rank-{len(layer.input_shape)} input "
                 "kept as dense (no LceBconv2d)"
@@ -254,11 +261,14 @@ class _InferenceCopy:
             if key in config
         }
         self.notes.append(f"{layer.name}: binary QuantDense -> reshape + 1x1 QuantConv2D")
+        # Tokens (batch, tokens, features) become a (tokens, 1) image.
+        tokens = tuple(int(d) for d in layer.input_shape[1:-1])
         return tf.keras.Sequential(
             [
-                tf.keras.layers.Reshape((1, 1, inputs), input_shape=(inputs,)),
+                tf.keras.layers.Reshape((*(tokens or (1,)), 1, inputs),
+                                        input_shape=(*tokens, inputs)),
                 lq.layers.QuantConv2D(units, 1, name=f"{layer.name}_conv", **conv_config),
-                tf.keras.layers.Reshape((units,)),
+                tf.keras.layers.Reshape((*tokens, units)),
             ],
             name=layer.name,
         )
@@ -299,8 +309,11 @@ def inference_model(model: tf.keras.Model) -> tuple[tf.keras.Model, list[str]]:
 
 def _binary_layers(model: tf.keras.Model) -> int:
     count = 0
+    # Binary QuantDense layers left in the copy are projections computed as 1x1
+    # convs (lce_config) or denses the rewrite refused (then a note says so).
     for layer in model.submodules:
-        if isinstance(layer, (lq.layers.QuantConv2D,)) and not isinstance(layer, tf.keras.Model):
+        kinds = (lq.layers.QuantConv2D, lq.layers.QuantDense)
+        if isinstance(layer, kinds) and not isinstance(layer, tf.keras.Model):
             config = layer.get_config()
             if _binary(config.get("input_quantizer")) and _binary(config.get("kernel_quantizer")):
                 count += 1

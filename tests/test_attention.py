@@ -274,7 +274,7 @@ def test_memory_model_counts_attention_layer_norm_and_gelu():
     softmax = [v for k, v in parts.items() if "attention softmax" in k]
     assert softmax and softmax[0] == pytest.approx(10 * 2 * 17 * 17 * 4 / 2**20, abs=1e-6)
     assert any("LayerNormalization" in k for k in parts)
-    assert any("gelu" in k for k in parts)
+    assert any("TanhGELU" in k for k in parts)
     # The float ViT keeps one copy of each attention input, not three.
     float_vit = lqp.models.vit(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
     parts = lqp.memory.estimate(float_vit, 10, tf.keras.optimizers.legacy.Adam(),
@@ -282,3 +282,15 @@ def test_memory_model_counts_attention_layer_norm_and_gelu():
     inputs = [v for k, v in parts.items() if k.endswith("MultiHeadSelfAttention: input")]
     # q/k/v's shared input, and the output projection's input: 2 buffers of 17 x 16.
     assert inputs and inputs[0] == pytest.approx(2 * 10 * 17 * 16 * 4 / 2**20, abs=1e-6)
+
+
+def test_tanh_gelu_equals_the_formula_and_declares_its_graph():
+    from kept_check import assert_kept_matches, captured_by_backward
+
+    layer = lqp.layers.TanhGELU()
+    x = np.linspace(-4, 4, 2 * 5 * 8, dtype=np.float32).reshape(2, 5, 8)
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    captured = captured_by_backward(lambda t: layer(t), [tf.TensorSpec((2, 5, 8))])
+    assert_kept_matches(layer.kept_tensors((2, 5, 8)), captured, batch_size=2)
+    assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()

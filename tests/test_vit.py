@@ -111,3 +111,34 @@ def test_component_names():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         models.vit(**kwargs)
+
+
+def _export_case(binary):
+    pytest.importorskip("larq_compute_engine")
+    model = models.vit(patch_size=14, dim=16, depth=1, heads=2, mlp_dim=32,
+                       kernel_quantizer="pcpp_bnn_plus_plus", input_quantizer="pcpp_bnn",
+                       binary=binary)
+    rng = np.random.default_rng(5)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32)
+                       for w in model.get_weights()])
+    x = rng.uniform(-1, 1, (8, 28, 28, 1)).astype(np.float32)
+    return model, lqp.export.to_lce(model, sample_inputs=x)
+
+
+def test_binary_attention_exports_to_lce_with_binary_ops():
+    """The four rank-3 projections (tokens x features) become LceBconv2d; outputs agree."""
+    model, report = _export_case(("attention",))
+    assert report.binary_layers == 4 and report.bconv == 4, report
+    assert report.max_abs_diff < 1e-3 and report.argmax_agreement == 1.0, report
+    # The binary parameters (1 bit each in the flatbuffer) are most of the attention's.
+    binary = sum(int(np.prod(l.kernel.shape)) for l in _binary_dense(model))
+    assert binary == 4 * 16 * 16
+
+
+@pytest.mark.skip(reason="export's dense -> 1x1-conv rewrite hangs in clone_model for "
+                         "functional models (another branch fixes it); re-enable after merging")
+def test_binary_vit_exports_to_lce_with_binary_rank3_mlp():
+    """Every binary projection and MLP dense (rank-3 inputs) becomes an LceBconv2d."""
+    model, report = _export_case(("attention", "mlp"))
+    assert report.binary_layers == 4 + 2 and report.bconv == 6, report
+    assert report.max_abs_diff < 1e-3 and report.argmax_agreement == 1.0, report

@@ -12,7 +12,7 @@
   its input kept in 16 bits.
 - `MultiHeadSelfAttention` (attention.py): self-attention whose q, k, v and
   output projections are `QuantDense` layers; `ClassToken`, `PositionEmbedding`
-  (tokens.py): the other layers of a vision transformer.
+  (tokens.py), `TanhGELU` (gelu.py): the other layers of a vision transformer.
 
 Every layer declares what a training step keeps: `layer.kept_tensors()`.
 """
@@ -21,6 +21,7 @@ from larq_prox.layers.activations import Activation, PReLU, ReLU
 from larq_prox.layers.attention import MultiHeadSelfAttention
 from larq_prox.layers.batch_norm import BinaryBatchNorm
 from larq_prox.layers.binary import QuantConv2D, QuantDense
+from larq_prox.layers.gelu import TanhGELU
 from larq_prox.layers.float import BatchNormalization, Conv2D, Dense, DepthwiseConv2D
 from larq_prox.layers.pooling import MaxPool2D
 from larq_prox.layers.tokens import ClassToken, PositionEmbedding
@@ -40,4 +41,5 @@ __all__ = [
     "QuantConv2D",
     "QuantDense",
     "ReLU",
+    "TanhGELU",
 ]

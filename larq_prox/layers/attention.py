@@ -247,6 +247,11 @@ class MultiHeadSelfAttention(tf.keras.layers.Layer):
         kept += self.output_dense.kept_tensors(shape[:-1].concatenate([inner]))
         return kept
 
+    @classmethod
+    def lce_config(cls, config: dict) -> dict:
+        """The config of the twin LCE converts: projections as 1x1 convs (same weights)."""
+        return {**config, "projection": "conv1x1"}
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -15,7 +15,7 @@ position embedding, `depth` pre-norm encoder blocks, a final LayerNorm and the
 dense `head`. Block i:
 
     x = x + block{i}_attention(block{i}_norm_1(x))     # MultiHeadSelfAttention
-    x = x + block{i}_mlp_2(gelu(block{i}_mlp_1(block{i}_norm_2(x))))
+    x = x + block{i}_mlp_2(gelu(block{i}_mlp_1(block{i}_norm_2(x))))   # tanh GELU
 
 The layer names are the contract `binarize()` reads: `component_of(name)`
 gives a layer's (block, component), component one of `COMPONENTS`.
@@ -34,6 +34,7 @@ import tensorflow as tf
 from larq_prox import quantizers as pcpp_quantizers
 from larq_prox.layers.attention import MultiHeadSelfAttention
 from larq_prox.layers.binary import QuantConv2D, QuantDense
+from larq_prox.layers.gelu import TanhGELU
 from larq_prox.layers.tokens import ClassToken, PositionEmbedding
 
 __all__ = ["COMPONENTS", "POOLS", "component_of", "vit"]
@@ -143,7 +144,7 @@ def vit(
         x = tf.keras.layers.Add(name=f"block{i}_add_1")([x, y])
         y = tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm_2")(x)
         y = QuantDense(mlp_dim, name=f"block{i}_mlp_1", **quantizers("mlp"))(y)
-        y = tf.keras.layers.Activation("gelu", name=f"block{i}_gelu")(y)
+        y = TanhGELU(name=f"block{i}_gelu")(y)
         y = QuantDense(dim, name=f"block{i}_mlp_2", **quantizers("mlp"))(y)
         x = tf.keras.layers.Add(name=f"block{i}_add_2")([x, y])
     x = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
