@@ -174,6 +174,22 @@ def plot_heatmap(study, fp, path):
     fig.savefig(path, dpi=110)
 
 
+def merge(paths, out: pathlib.Path) -> int:
+    """One JSON and one curves PNG from runs of different architectures (separate budgets)."""
+    parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    result = {"meta": parts[0]["meta"], "args": parts[0]["args"], "architectures": {},
+              "budgets": {}, "seconds_total": sum(p.get("seconds_total", 0) for p in parts)}
+    for part in parts:
+        for arch, entry in part["architectures"].items():
+            result["architectures"][arch] = entry
+            result["budgets"][arch] = part["budget"]
+            entry["command"] = part["meta"]["command"]
+    out.write_text(json.dumps(result, indent=1))
+    plot_curves(result, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="vit,cnn", type=lambda s: s.split(","))
@@ -192,7 +208,12 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "vit_finetune.json"))
+    parser.add_argument("--merge", default=None, type=lambda s: s.split(","),
+                        help="combine these result JSONs (one per architecture) into --out "
+                             "and redraw the curves; runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, pathlib.Path(args.out))
     unknown = sorted(set(args.pairs) - set(PAIRS))
     if unknown:
         parser.error(f"unknown pairs {unknown}; choose from {PAIRS}")
