@@ -18,7 +18,10 @@ into binary ops:
 - binary `QuantDense` layers become reshape -> 1x1 binary `QuantConv2D` ->
   reshape, inside one layer (`DenseAsConv`) standing where the dense was, so
   that any functional graph (shared layers, residual adds, nested models)
-  clones as it is (LCE has no binary dense op);
+  clones as it is (LCE has no binary dense op), on (batch, features) and on a
+  transformer's (batch, tokens, features) inputs;
+- a layer that defines `lce_config(config)` (`MultiHeadSelfAttention`: its
+  q, k, v and output projections as 1x1 convs) is rebuilt from that config;
 - larq-prox's low-memory layers become their larq/Keras originals (same config).
 
 The inference copy is saved as a SavedModel with one signature (fast: Keras'
@@ -119,7 +122,8 @@ class DenseAsConv(tf.keras.layers.Layer):
     """A binary dense layer as LCE runs it: reshape -> 1x1 binary `QuantConv2D` -> reshape.
 
     One layer (not a nested model) so that it takes the dense layer's place in
-    any graph. The inputs are rank 2 `(batch, units_in)`.
+    any graph. The inputs are `(batch, units_in)`, or a transformer's
+    `(batch, tokens, units_in)`, which becomes a (tokens, 1) image.
 
     ```python
     layer = DenseAsConv(10, conv_config=dict(input_quantizer="ste_sign",
@@ -138,16 +142,20 @@ class DenseAsConv(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
-        if input_shape.rank != 2 or input_shape[-1] is None:
+        if input_shape.rank not in (2, 3) or None in input_shape[1:]:
             raise ValueError(
-                f"{self.name}: DenseAsConv needs inputs (batch, units_in), got {input_shape}."
+                f"{self.name}: DenseAsConv needs inputs (batch, units_in) or (batch, tokens, "
+                f"units_in) of known sizes, got {input_shape}."
             )
-        self.conv.build((None, 1, 1, int(input_shape[-1])))
+        self.tokens = 1 if input_shape.rank == 2 else int(input_shape[1])
+        self.conv.build((None, self.tokens, 1, int(input_shape[-1])))
         super().build(input_shape)
 
     def call(self, inputs):
-        outputs = self.conv(tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]]))
-        return tf.reshape(outputs, [-1, self.units])
+        image = tf.reshape(inputs, [-1, self.tokens, 1, inputs.shape[-1]])
+        outputs = self.conv(image)
+        shape = [-1, self.units] if inputs.shape.rank == 2 else [-1, self.tokens, self.units]
+        return tf.reshape(outputs, shape)
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.units])
@@ -313,12 +321,16 @@ class _InferenceCopy:
                 config[key] = _hard_quantizer(config[key])
         if name == "QuantDense" and self._dense_as_conv(layer, config):
             return self._conv_block(layer, config)
+        if callable(getattr(cls, "lce_config", None)):
+            # A layer with inner binary projections says how LCE should see them.
+            self.notes.append(f"{layer.name}: {name} -> its LCE form (lce_config)")
+            config = cls.lce_config(config)
         return cls.from_config(config)
 
     def _dense_as_conv(self, layer, config) -> bool:
         if not (_binary(config.get("input_quantizer")) and _binary(config.get("kernel_quantizer"))):
             return False
-        if len(layer.input_shape) != 2:
+        if len(layer.input_shape) not in (2, 3):  # (batch, features), (batch, tokens, features)
             self.notes.append(
                 f"{layer.name}: binary QuantDense on a rank-{len(layer.input_shape)} input "
                 "kept as dense (no LceBconv2d)"
@@ -338,7 +350,7 @@ class _InferenceCopy:
         }
         self.notes.append(f"{layer.name}: binary QuantDense -> reshape + 1x1 QuantConv2D")
         new = DenseAsConv(units, conv_config, name=layer.name)
-        new.build((None, inputs))
+        new.build(layer.input_shape)
         return new
 
     def copy_weights(self) -> None:
@@ -381,8 +393,11 @@ def inference_model(model: tf.keras.Model) -> tuple[tf.keras.Model, list[str]]:
 
 def _binary_layers(model: tf.keras.Model) -> int:
     count = 0
+    # Binary QuantDense layers left in the copy are projections computed as 1x1
+    # convs (lce_config) or denses the rewrite refused (then a note says so).
     for layer in model.submodules:
-        if isinstance(layer, (lq.layers.QuantConv2D,)) and not isinstance(layer, tf.keras.Model):
+        kinds = (lq.layers.QuantConv2D, lq.layers.QuantDense)
+        if isinstance(layer, kinds) and not isinstance(layer, tf.keras.Model):
             config = layer.get_config()
             if _binary(config.get("input_quantizer")) and _binary(config.get("kernel_quantizer")):
                 count += 1

@@ -10,26 +10,36 @@
 - `MaxPool2D` (pooling.py): Keras' max pool keeping only bits of the argmax.
 - `ReLU`, `Activation`, `PReLU` (activations.py): 1-bit ReLU masks, PReLU with
   its input kept in 16 bits.
+- `MultiHeadSelfAttention` (attention.py): self-attention whose q, k, v and
+  output projections are `QuantDense` layers; `ClassToken`, `PositionEmbedding`
+  (tokens.py), `TanhGELU` (gelu.py): the other layers of a vision transformer.
 
 Every layer declares what a training step keeps: `layer.kept_tensors()`.
 """
 
 from larq_prox.layers.activations import Activation, PReLU, ReLU
+from larq_prox.layers.attention import MultiHeadSelfAttention
 from larq_prox.layers.batch_norm import BinaryBatchNorm
 from larq_prox.layers.binary import QuantConv2D, QuantDense
+from larq_prox.layers.gelu import TanhGELU
 from larq_prox.layers.float import BatchNormalization, Conv2D, Dense, DepthwiseConv2D
 from larq_prox.layers.pooling import MaxPool2D
+from larq_prox.layers.tokens import ClassToken, PositionEmbedding
 
 __all__ = [
     "Activation",
     "BatchNormalization",
     "BinaryBatchNorm",
+    "ClassToken",
     "Conv2D",
     "Dense",
     "DepthwiseConv2D",
     "MaxPool2D",
+    "MultiHeadSelfAttention",
+    "PositionEmbedding",
     "PReLU",
     "QuantConv2D",
     "QuantDense",
     "ReLU",
+    "TanhGELU",
 ]

@@ -293,7 +293,8 @@ class _LowMemoryKernel(_WarnOnce):
             kept = [Kept("input", per_sample, bits)]
             if self.input_quantizer is not None:
                 kept.append(Kept("quantized input", per_sample, bits))
-            kept.append(Kept("kernel", int(np.prod(kernel_shape)), bits, per_sample=False))
+            if self.kernel_quantizer is not None:  # else the variable itself is read
+                kept.append(Kept("kernel", int(np.prod(kernel_shape)), bits, per_sample=False))
             return kept
         # Without a kernel quantizer the op reads the variable itself (no copy).
         kernel = [kernel_kept(kernel_shape, self._binary_kernel, bits)]
@@ -445,8 +446,8 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
     """larq's `QuantDense` whose training step keeps only the input's sign (and B') bits.
 
     Same arguments and config as `larq.layers.QuantDense`, plus `storage_dtype`
-    and `backward_bits` (as `QuantConv2D`); inputs of rank > 2 are flattened to
-    2-D around the op.
+    and `backward_bits` (as `QuantConv2D`); inputs of rank > 2 (a transformer's
+    tokens) run the low-memory op too, their leading axes flattened around it.
 
     ```python
     layer = lqp.layers.QuantDense(1024, input_quantizer="ste_sign",
@@ -473,13 +474,9 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
             kernel = self._quantized_kernel(inputs)
             if self._float_input:
                 return self._finish(saved_dense(inputs, kernel, self.saved_dtype))
-            options = dict(binary_kernel=self._binary_kernel, input_backward=self._input_backward)
-            if inputs.shape.rank == 2:
-                return self._finish(binary_dense(inputs, kernel, **options))
-            flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])
-            outputs = binary_dense(flat, kernel, **options)
-            shape = tf.concat([tf.shape(inputs)[:-1], [self.units]], 0)
-            return self._finish(tf.reshape(outputs, shape))
+            # Rank > 2 (tokens): binary_dense flattens the leading axes around the op.
+            return self._finish(binary_dense(inputs, kernel, binary_kernel=self._binary_kernel,
+                                             input_backward=self._input_backward))
 
         def standard():
             return super(QuantDense, self).call(inputs)

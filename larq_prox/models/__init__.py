@@ -1,4 +1,4 @@
-"""Models: the paper's binary models, and convert() for any Keras or larq-zoo model.
+"""Models: the paper's binary models, a small ViT, convert() and binarize().
 
 ```python
 import larq_prox as lqp
@@ -6,9 +6,11 @@ import larq_prox as lqp
 model = lqp.models.binarynet(batch_norm="proposed", low_memory=True)   # DESIGN section 11
 zoo = lqz.literature.BiRealNet(input_shape=(64, 64, 3), weights=None, num_classes=10)
 converted = lqp.models.convert(zoo, batch_norm="proposed", low_memory=True)
+vit = lqp.models.vit(dim=64, depth=4, heads=4, mlp_dim=128)      # float, DESIGN section 13
 ```
 """
 
+from larq_prox.models.binarize import COMPONENTS, binarizable_layers, binarize
 from larq_prox.models.convert import (
     convert,
     l1_to_l2_batch_norm,
@@ -17,12 +19,20 @@ from larq_prox.models.convert import (
 )
 from larq_prox.models.options import BATCH_NORMS, SAVED_DTYPES, batch_norm_layer
 from larq_prox.models.paper import binarynet, cnv, mlp
+from larq_prox.models.vit import COMPONENTS as VIT_COMPONENTS
+from larq_prox.models.vit import component_of, vit
 
 __all__ = [
     "BATCH_NORMS",
     "mlp",
     "cnv",
     "binarynet",
+    "vit",
+    "binarize",
+    "binarizable_layers",
+    "COMPONENTS",
+    "VIT_COMPONENTS",
+    "component_of",
     "convert",
     "SAVED_DTYPES",
     "map_layers",

@@ -446,12 +446,20 @@ def binary_dense(
     input_backward: InputBackward | None = None,
     binary_kernel: bool = False,
 ) -> tf.Tensor:
-    r"""`matmul(sign(x), kernel)` for 2-D x whose gradient keeps only the bits of x.
+    r"""`sign(x) @ kernel` over the last axis of x (rank >= 2) whose gradient keeps only bits of x.
+
+    Rank > 2 (a transformer's tokens): the leading axes are flattened around the op.
 
     ```python
     y = binary_dense(x, w, input_backward=InputBackward(needs))   # = ste_sign(x) @ w
     ```
     """
+    if x.shape.rank is not None and x.shape.rank > 2:
+        flat = tf.reshape(x, [-1, tf.shape(x)[-1]])
+        outputs = binary_dense(flat, kernel, input_backward, binary_kernel)
+        outputs = tf.reshape(outputs, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[-1:]], 0))
+        outputs.set_shape(x.shape[:-1].concatenate(kernel.shape[-1:]))
+        return outputs
     backward = input_backward or _passthrough()
 
     kept = backward.keep(x)  # outside the op, as in binary_conv2d
