@@ -47,11 +47,17 @@ def _import_tensorflow() -> None:
     factory", "computation placer already registered"); the first look at the
     devices adds "failed call to cuInit" on a machine without a GPU. File
     descriptor 2 is muted for the import and that first look only, when
-    TF_CPP_MIN_LOG_LEVEL is unset or 3 (`TF_CPP_MIN_LOG_LEVEL=0` shows them all).
+    TF_CPP_MIN_LOG_LEVEL is unset or 3; unset, it becomes 1 (no INFO lines such as
+    "Local rendezvous is aborting"). `TF_CPP_MIN_LOG_LEVEL=0` shows them all.
     Python exceptions of a failed import still print.
     """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3":
+    if "tensorflow" in sys.modules:
         return
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if level is None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    elif level != "3":
+        return  # the user chose what to see
     try:
         saved = os.dup(2)
     except OSError:  # no file descriptor 2 to mute

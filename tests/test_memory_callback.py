@@ -130,3 +130,21 @@ def test_bad_arguments():
         callbacks.MemoryModel(schemes=[{"dw": "bool"}])
     with pytest.raises(ValueError, match="empty"):
         callbacks.MemoryModel(schemes=[])
+
+
+def test_plot_says_which_configuration_was_measured(tmp_path, monkeypatch):
+    calls = []
+    plot_bars = memory.plot_bars
+
+    def recording(reports, path, **kwargs):
+        calls.append(kwargs)
+        return plot_bars(reports, path, **kwargs)
+
+    monkeypatch.setattr(memory, "plot_bars", recording)
+    model, (x, y) = small_bnn(), data(16)
+    callback = callbacks.MemoryModel(plot_path=str(tmp_path / "memory.png"), verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)
+    final = calls[-1]
+    assert final["measured_mib"] == max(callback.peaks)
+    label = final["measured_label"]
+    assert model.name in label and "batch 8" in label and callback.memory_source in label

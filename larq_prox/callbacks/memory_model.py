@@ -187,7 +187,10 @@ class MemoryModel(tf.keras.callbacks.Callback):
         self._flush()
         self._remove_probe()
         if self.plot_path and self.reports and self.peaks:
-            memory.plot_bars(self.reports, self.plot_path, measured_mib=max(self.peaks))
+            label = (f"measured peak: {self.model.name} as trained, batch {self.batch_size} "
+                     f"({self.memory_source})")
+            memory.plot_bars(self.reports, self.plot_path, measured_mib=max(self.peaks),
+                             measured_label=label)
 
     def get_config(self):
         return {
