@@ -25,7 +25,6 @@ REPEATS = 3
 
 
 def make_layer(mode):
-    import larq_prox  # noqa: F401  (legacy Keras before TensorFlow)
     import tensorflow as tf
 
     from larq_prox.layers import BinaryBatchNorm
@@ -83,6 +82,8 @@ def step_peak_bytes(mode) -> int:
 
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        import larq_prox  # noqa: F401  (legacy Keras before TensorFlow)
+
         mode = sys.argv[2]
         print(json.dumps({"kept": kept_bytes(mode), "peak": step_peak_bytes(mode)}))
         return
