@@ -19,6 +19,7 @@ files to put where. `max_examples=N` builds a small real subset (N per split).
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -213,10 +214,14 @@ def _quiet_tfds():
 
     shown = getattr(tqdm_utils, "_active", True)
     tqdm_utils.display_progress_bar(False)
+    absl = logging.getLogger("absl")  # "Splits capped at N examples max.": said above
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its messages
             yield
     finally:
+        absl.setLevel(level)
         tqdm_utils.display_progress_bar(shown)
 
 

@@ -60,6 +60,7 @@ def test_fashion_mnist_real_subset(tmp_path, monkeypatch, capfd):
     out, err = capfd.readouterr()
     assert f"building fashion_mnist from the local files in {FASHION}" in out
     assert "Downloading" not in out + err and "Dl Completed" not in out + err
+    assert "Splits capped" not in out + err
     # The second call reuses the prepared subset: it builds nothing.
     _no_builds(monkeypatch)
     data.prepare("fashion_mnist", data_dir=tmp_path, max_examples=n)
