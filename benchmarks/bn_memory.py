@@ -6,23 +6,18 @@ For y of shape 100x32x32x128 (float32, 50 MiB; BinaryNet's largest activation):
   keeps between forward and backward.
 - `step_peak_mib`: measured peak of TF's CPU allocator during one tf.function
   step (forward + backward of the layer alone), above the memory in use before.
-  One fresh process per measurement; `REPEATS` of them per mode, since the
-  executor's op order (so the peak) varies from run to run.
+  One fresh process per measurement (`harness.run_fresh`: TF's BFC allocator);
+  `REPEATS` of them per mode, since the executor's op order (so the peak)
+  varies from run to run.
 Writes benchmarks/results/bn_memory.json.
 
-    PYTHONPATH=. python benchmarks/bn_memory.py
+    python benchmarks/bn_memory.py
 """
 
-import larq_prox  # noqa: F401  (before tensorflow)
-
 import json
-import os
-import subprocess
 import sys
 
-import tensorflow as tf
-
-from larq_prox.layers import BinaryBatchNorm
+from harness import MIB, RESULTS, run_fresh
 
 SHAPE = (100, 32, 32, 128)
 MODES = ("proposed", "l1", "exact", "keras_batchnorm")
@@ -30,12 +25,18 @@ REPEATS = 3
 
 
 def make_layer(mode):
+    import tensorflow as tf
+
+    from larq_prox.layers import BinaryBatchNorm
+
     if mode == "keras_batchnorm":
         return tf.keras.layers.BatchNormalization()
     return BinaryBatchNorm(mode=mode)
 
 
 def step_function(layer):
+    import tensorflow as tf
+
     def step(y, dx):
         with tf.GradientTape() as tape:
             tape.watch(y)
@@ -46,6 +47,8 @@ def step_function(layer):
 
 
 def kept_bytes(mode) -> int:
+    import tensorflow as tf
+
     layer = make_layer(mode)
     layer.build((None, *SHAPE[1:]))
     spec = [tf.TensorSpec(SHAPE)] * 2
@@ -64,6 +67,8 @@ def kept_bytes(mode) -> int:
 
 
 def step_peak_bytes(mode) -> int:
+    import tensorflow as tf
+
     layer = make_layer(mode)
     step = tf.function(step_function(layer))
     y, dx = tf.random.normal(SHAPE), tf.random.normal(SHAPE)
@@ -77,6 +82,8 @@ def step_peak_bytes(mode) -> int:
 
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        import larq_prox  # noqa: F401  (legacy Keras before TensorFlow)
+
         mode = sys.argv[2]
         print(json.dumps({"kept": kept_bytes(mode), "peak": step_peak_bytes(mode)}))
         return
@@ -84,20 +91,18 @@ def main():
     for mode in MODES:
         runs = []
         for _ in range(REPEATS):
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", mode],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip().splitlines()[-1]
-            runs.append(json.loads(out))
-        peaks = [run["peak"] / 2**20 for run in runs]
-        results[mode] = {"kept_mib": runs[0]["kept"] / 2**20, "step_peak_mib": peaks}
+            run, error = run_fresh(__file__, ["--one", mode])
+            if run is None:
+                raise SystemExit(f"{mode} failed:\n{error}")
+            runs.append(run)
+        peaks = [run["peak"] / MIB for run in runs]
+        results[mode] = {"kept_mib": runs[0]["kept"] / MIB, "step_peak_mib": peaks}
         print(f"{mode:16s} kept {results[mode]['kept_mib']:8.2f} MiB   step peaks {peaks} MiB")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bn_memory.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = RESULTS / "bn_memory.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        report = {"shape": SHAPE, "dtype": "float32", "device": "CPU", "results": results}
+        report = {"shape": SHAPE, "dtype": "float32", "device": "CPU",
+                  "allocator": "BFC (TF_CPU_ALLOCATOR_USE_BFC=true)", "results": results}
         json.dump(report, f, indent=2)
     print("wrote", path)
 

@@ -11,8 +11,8 @@ standard vs proposed) for the paper's three models, with each modeled curve
 - proposed: `batch_norm="proposed"` (BinaryBatchNorm), `low_memory=True`
   (bit-packing conv/dense/pool), `storage_dtype="float16"` (binary kernels and
   their Adam slots in float16), `BinaryGradient(Adam 1e-3)`; modeled with
-  scheme "proposed". Setups live in `SETUPS`; `build()` is the one place that
-  turns a setup into a model and optimizer.
+  scheme "proposed". Setups live in `harness.SETUPS`; `harness.build()` is the
+  one place that turns a setup into a model and optimizer.
 
 Measured: every (model, setup, batch) point runs in a fresh subprocess with
 TensorFlow's BFC allocator on the CPU (`TF_CPU_ALLOCATOR_USE_BFC=true`): one warm
@@ -58,69 +58,35 @@ Writes benchmarks/results/memory_headroom.json and memory_headroom.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from step_memory import measure_steps  # benchmarks/ is this script's directory
+from harness import MIB, RESULTS, SETUPS, build, measure_steps, random_batch, run_fresh
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-MIB = 2.0**20
 PAIR = "pcpp_bnn"
-
-MODELS = {  # name: (builder in larq_prox.models, input shape, batch sweep)
-    "mlp": ("mlp", (28, 28, 1), (100, 200, 400, 800, 1600, 3200)),
-    "cnv": ("cnv", (32, 32, 3), (50, 100, 200, 400, 800)),
-    "binarynet": ("binarynet", (32, 32, 3), (25, 50, 100, 200, 400)),
+SWEEPS = {  # lqp.models builder (harness.MODELS) -> batch sizes measured
+    "mlp": (100, 200, 400, 800, 1600, 3200),
+    "cnv": (50, 100, 200, 400, 800),
+    "binarynet": (25, 50, 100, 200, 400),
 }
 _ROUND = {"mlp": 100, "cnv": 25, "binarynet": 25}  # the headroom check's batch granularity
-
-# One entry per setup. `model_kwargs` go to the larq_prox.models builder, so a
-# new storage option is one more key there (and a matching scheme).
-SETUPS = {
-    "standard": dict(model_kwargs=dict(batch_norm="standard", low_memory=False),
-                     binary_gradient=False, scheme="standard"),
-    "proposed": dict(model_kwargs=dict(batch_norm="proposed", low_memory=True,
-                                       storage_dtype="float16"),
-                     binary_gradient=True, scheme="proposed"),
-}
-
-
-def build(model_name: str, setup: str):
-    """The compiled model of `model_name` under `setup`, its optimizer and memory scheme."""
-    import larq_prox as lqp
-    import tensorflow as tf
-
-    builder_name, shape, _ = MODELS[model_name]
-    spec = SETUPS[setup]
-    model = getattr(lqp.models, builder_name)(
-        kernel_quantizer=PAIR, input_quantizer=PAIR, input_shape=shape, num_classes=10,
-        **spec["model_kwargs"],
-    )
-    optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
-    if spec["binary_gradient"]:
-        optimizer = lqp.optimizers.BinaryGradient(optimizer)
-    model.compile(optimizer, "sparse_categorical_crossentropy")
-    return model, optimizer, spec["scheme"]
+SETUP_NAMES = ("standard", "proposed")  # harness.SETUPS: larq's layers vs the full scheme
 
 
 def worker(model_name: str, setup: str, batch_size: int, steps: int) -> dict:
     """One point, in this (fresh) process: measured peak and modeled total."""
     import larq_prox as lqp
-    import numpy as np
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(0)
-    model, optimizer, scheme = build(model_name, setup)
-    shape = MODELS[model_name][1]
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, size=(batch_size, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, size=batch_size)
+    model, optimizer = build(model_name, setup, quantizer=PAIR)
+    scheme = SETUPS[setup].scheme
+    x, y = random_batch(model, batch_size)
     measured = measure_steps(model, x, y, steps)
     peak = measured["peak_bytes"]
     report = lqp.memory.estimate(model, batch_size, optimizer, scheme)
@@ -139,17 +105,12 @@ def worker(model_name: str, setup: str, batch_size: int, steps: int) -> dict:
 
 def measure(model_name: str, setup: str, batch_size: int, steps: int = 2) -> dict:
     """`worker` in a fresh subprocess with the BFC allocator; errors come back as a dict."""
-    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", model_name, setup, str(batch_size), str(steps)],
-        env=env, capture_output=True, text=True, check=False,
+    point, error = run_fresh(
+        __file__, ["--worker", model_name, setup, str(batch_size), str(steps)]
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
+    if point is None:
         return {"model": model_name, "setup": setup, "batch_size": batch_size,
-                "error": done.stderr[-1500:]}
-    point = json.loads(lines[-1])
+                "error": error[-1500:]}
     print(f"{model_name:9s} {setup:9s} B={batch_size:5d}: measured {point['measured_peak_mib']:8.1f}"
           f" MiB, modeled {point['modeled_total_mib']:8.1f} MiB "
           f"(x{point['ratio_measured_over_modeled']:.2f}), "
@@ -259,28 +220,29 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--models", default=",".join(MODELS), type=lambda s: s.split(","))
-    parser.add_argument("--setups", default=",".join(SETUPS), type=lambda s: s.split(","))
+    parser.add_argument("--models", default=",".join(SWEEPS), type=lambda s: s.split(","))
+    parser.add_argument("--setups", default=",".join(SETUP_NAMES), type=lambda s: s.split(","))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.worker:
         model_name, setup, batch, steps = args.worker
         print(json.dumps(worker(model_name, setup, int(batch), int(steps))))
         return 0
-    for name, known in (("models", MODELS), ("setups", SETUPS)):
+    for name, known in (("models", SWEEPS), ("setups", SETUP_NAMES)):
         bad = sorted(set(getattr(args, name)) - set(known))
         if bad:
             parser.error(f"unknown {name} {bad}; choose from {sorted(known)}")
 
     start = time.time()
     results = {"description": __doc__.split("\n\n")[0], "pair": PAIR,
-               "setups": SETUPS, "measured_steps": 2, "machine_cpus": os.cpu_count(),
+               "setups": {s: dataclasses.asdict(SETUPS[s]) for s in args.setups},
+               "measured_steps": 2, "machine_cpus": os.cpu_count(),
                "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for model_name in args.models:
-        entry = {"batch_sizes": list(MODELS[model_name][2]), "points": {}, "fits": {}}
+        entry = {"batch_sizes": list(SWEEPS[model_name]), "points": {}, "fits": {}}
         for setup in args.setups:
-            points = [measure(model_name, setup, b) for b in MODELS[model_name][2]]
+            points = [measure(model_name, setup, b) for b in SWEEPS[model_name]]
             failed = [p for p in points if "error" in p]
             for p in failed:
                 print(f"{model_name} {setup} B={p['batch_size']} failed:\n{p['error']}")

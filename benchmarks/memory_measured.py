@@ -11,9 +11,10 @@ the step-time ratios compare runs made under the same machine load.
     python benchmarks/memory_measured.py           # ~30 minutes on 2 busy cores
     python benchmarks/memory_measured.py --quick   # ~8 minutes
 
-Configurations (all built by `larq_prox.models.binarynet` with larq's `ste_sign`
-as input and kernel quantizer; the first conv sees the float image and is larq's
-layer in every configuration):
+Configurations (`harness.SETUPS`, all built by `harness.build`, that is
+`larq_prox.models.binarynet` with larq's `ste_sign` as input and kernel
+quantizer; the first conv sees the float image and is larq's layer in every
+configuration):
 - standard: larq QuantConv2D / QuantDense, tf.keras BatchNormalization and
   MaxPool2D, Adam.
 - lowmem_layers: larq_prox.layers QuantConv2D / QuantDense / MaxPool2D, the
@@ -37,17 +38,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from step_memory import measure_steps  # benchmarks/ is this script's directory
+from harness import MIB, RESULTS, ROOT, build, measure_steps, random_batch, run_fresh
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-MIB = 2.0**20
-CONFIGS = ("standard", "lowmem_layers", "lowmem_full", "lowmem_full_f16")
+CONFIGS = ("standard", "lowmem_layers", "lowmem_full", "lowmem_full_f16")  # harness.SETUPS
 
 
 def _extension_source() -> str | None:
@@ -60,47 +56,15 @@ def _extension_source() -> str | None:
     return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-SETUPS = {  # config -> (batch_norm, low_memory, BinaryGradient, storage_dtype)
-    "standard": ("standard", False, False, None),
-    "lowmem_layers": ("standard", True, False, None),
-    "lowmem_full": ("proposed", True, True, None),
-    "lowmem_full_f16": ("proposed", True, True, "float16"),
-}
-
-
-def compiled_model(config: str):
-    """The configuration's BinaryNet (`larq_prox.models.binarynet`), compiled with Adam."""
-    import tensorflow as tf
-
-    import larq_prox as lqp
-
-    batch_norm, low_memory, binary_gradient, storage_dtype = SETUPS[config]
-    model = lqp.models.binarynet(
-        kernel_quantizer="ste_sign",  # larq's own quantizer: what larq users train with
-        input_quantizer="ste_sign",
-        batch_norm=batch_norm,
-        low_memory=low_memory,
-        storage_dtype=storage_dtype,
-    )
-    optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
-    if binary_gradient:
-        optimizer = lqp.optimizers.BinaryGradient(optimizer)
-    model.compile(optimizer, "sparse_categorical_crossentropy")
-    return model
-
-
 def worker(config: str, batch_size: int, steps: int) -> dict:
     """One configuration in this (fresh) process; returns the measurements."""
     import larq_prox  # noqa: F401  (legacy Keras before TensorFlow)
-    import numpy as np
     import tensorflow as tf
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tf.keras.utils.set_random_seed(0)
-    model = compiled_model(config)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, size=(batch_size, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, size=batch_size)
+    model, _ = build("binarynet", config)
+    x, y = random_batch(model, batch_size)
 
     measured = measure_steps(model, x, y, steps)
     return {
@@ -122,16 +86,13 @@ def timing_worker(configs: list[str], batch_size: int, rounds: int) -> dict:
     machine load, which separate processes on a shared CPU do not.
     """
     import larq_prox  # noqa: F401
-    import numpy as np
     import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, size=(batch_size, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, size=batch_size)
     models = {}
     for config in configs:
         tf.keras.utils.set_random_seed(0)
-        model = compiled_model(config)
+        model, _ = build("binarynet", config)
+        x, y = random_batch(model, batch_size)
         model.train_on_batch(x, y)
         models[config] = model
     times = {config: [] for config in configs}
@@ -143,24 +104,9 @@ def timing_worker(configs: list[str], batch_size: int, rounds: int) -> dict:
     return {"batch_size": batch_size, "rounds": rounds, "step_seconds": times}
 
 
-def _subprocess(args: list[str]) -> tuple[dict | None, str]:
-    env = dict(
-        os.environ,
-        TF_CPU_ALLOCATOR_USE_BFC="true",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    )
-    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
-                          text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return None, done.stderr[-2000:]
-    return json.loads(lines[-1]), ""
-
-
 def run_config(config: str, batch_size: int, steps: int) -> dict:
-    result, error = _subprocess(["--worker", config, "--batch", str(batch_size),
-                                 "--steps", str(steps)])
+    result, error = run_fresh(__file__, ["--worker", config, "--batch", str(batch_size),
+                                         "--steps", str(steps)])
     return result or {"config": config, "batch_size": batch_size, "error": error}
 
 
@@ -205,11 +151,6 @@ def main(argv=None) -> None:
     if args.timing:
         print(json.dumps(timing_worker(args.timing, args.batch, args.steps)))
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-    sys.path.insert(0, str(ROOT))
-    import larq_prox  # noqa: F401
-
     configs = list(CONFIGS)
     reps, steps = (1, 2) if args.quick else (3, 3)
     runs = {c: [] for c in configs}
@@ -223,7 +164,8 @@ def main(argv=None) -> None:
                   f"step {statistics.median(result['step_seconds']):.2f} s", flush=True)
     summary = {c: summarize(r) for c, r in runs.items()}
     rounds = 3 if args.quick else 6
-    timing, error = _subprocess(["--timing", *configs, "--batch", "100", "--steps", str(rounds)])
+    timing, error = run_fresh(__file__, ["--timing", *configs, "--batch", "100",
+                                         "--steps", str(rounds)])
     if timing is None:
         raise SystemExit(f"timing run failed:\n{error}")
     for config in configs:

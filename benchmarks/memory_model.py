@@ -7,17 +7,13 @@ PYTHONPATH=. python benchmarks/memory_model.py
 Writes benchmarks/results/memory_model_binarynet.json (both schemes' reports, the
 paper's figures and the differences), memory_model_binarynet.png (stacked bars)
 and memory_model_binarynet_sweep.png (total versus batch size). The model is the
-paper's BinaryNet: `larq_prox.models.binarynet()` where it exists, else the same
-architecture built here from larq layers.
+paper's BinaryNet, `larq_prox.models.binarynet()`.
 """
 
-import larq_prox  # noqa: F401  (selects legacy Keras before TensorFlow loads)
+import larq_prox  # selects legacy Keras before TensorFlow loads
 
 import json
 import os
-
-import larq as lq
-import tensorflow as tf
 
 from larq_prox import memory
 
@@ -33,34 +29,9 @@ PAPER = {
 }  # fmt: skip
 
 
-def binarynet() -> tf.keras.Model:
-    try:
-        from larq_prox import models
-
-        return models.binarynet()
-    except (ImportError, AttributeError):
-        pass
-    binary = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False)
-    layers = [tf.keras.Input((32, 32, 3))]
-    for i, (filters, pool) in enumerate(
-        [(128, False), (128, True), (256, False), (256, True), (512, False), (512, True)]
-    ):
-        quantizer = None if i == 0 else "ste_sign"
-        layers.append(lq.layers.QuantConv2D(filters, 3, padding="same", input_quantizer=quantizer, **binary))
-        if pool:
-            layers.append(tf.keras.layers.MaxPool2D(2))
-        layers.append(tf.keras.layers.BatchNormalization(scale=False))
-    layers.append(tf.keras.layers.Flatten())
-    for units in (1024, 1024, 10):
-        layers.append(lq.layers.QuantDense(units, input_quantizer="ste_sign", **binary))
-        layers.append(tf.keras.layers.BatchNormalization(scale=False))
-    layers.append(tf.keras.layers.Activation("softmax"))
-    return tf.keras.Sequential(layers, name="binarynet")
-
-
 def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
-    model = binarynet()
+    model = larq_prox.models.binarynet()  # Keras BN without scale, as the paper counts
     reports = {s: memory.estimate(model, 100, "adam", s) for s in ("standard", "proposed", "proposed_strict")}
     result = {"model": model.name, "batch_size": 100, "optimizer": "adam", "schemes": {}}
     for name, report in reports.items():

@@ -1,7 +1,7 @@
 """Measured training memory of larq-zoo models: standard larq versus the low-memory conversion.
 
 Each (model, configuration, batch size) runs in a fresh process with TF's BFC
-CPU allocator (`step_memory.run_fresh`): peak bytes over two warm
+CPU allocator (`harness.run_fresh`): peak bytes over two warm
 `train_on_batch` steps on random data, Adam, graph mode; plus the memory
 model's estimate (`lqp.memory.estimate`, the layers' declarations where the
 installation has `scheme="from_model"`) and the step time.
@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from step_memory import measure_steps, run_fresh  # benchmarks/ is this script's directory
+from harness import measure_steps, run_fresh  # benchmarks/ is this script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

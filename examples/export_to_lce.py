@@ -8,14 +8,19 @@ input is the float image, stays a float FULLY_CONNECTED. The report compares the
 Keras model (hard sign, inference mode) with LCE's Interpreter on test images.
 """
 
-import larq_prox as lqp  # noqa: I001  (selects legacy Keras before TensorFlow loads)
-
-import argparse
-import json
 import os
+import sys
 
-import numpy as np
-import tensorflow as tf
+if "--verbose" not in sys.argv:  # TensorFlow's log lines, before TensorFlow loads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import larq_prox as lqp  # noqa: E402,I001  (selects legacy Keras before TensorFlow loads)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,7 +32,10 @@ def main(argv=None) -> int:
     parser.add_argument("--manual-dir", default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's log lines too")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        tf.get_logger().setLevel("ERROR")
 
     load = dict(batch_size=100, max_examples=args.subset or None,
                 manual_dir=args.manual_dir, data_dir=args.data_dir)

@@ -14,8 +14,10 @@ Data: the real Fashion-MNIST files of the Debian package dataset-fashion-mnist
 """
 
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+if "--verbose" not in sys.argv:  # TensorFlow's log lines, before TensorFlow loads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TF's BFC allocator on CPU counts every tensor, so MemoryModel's measured peak is complete.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
@@ -39,11 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--manual-dir", default=None, help="folder with the original files")
     parser.add_argument("--data-dir", default=None, help="TFDS data_dir")
     parser.add_argument("--out", default="larq_prox_demo", help="folder for the plots")
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's log lines too")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.verbose:
+        tf.get_logger().setLevel("ERROR")
     os.makedirs(args.out, exist_ok=True)
     subset = args.subset or None
     train = lqp.data.load("fashion_mnist", "train", batch_size=args.batch_size,

@@ -39,7 +39,45 @@ def _select_legacy_keras() -> None:
         raise ImportError(_KERAS3_FIX.format(version=version))
 
 
+def _import_tensorflow() -> None:
+    """Import TensorFlow without its start-up lines, unless the environment asks for them.
+
+    TensorFlow's C++ libraries log while they load, before absl logging is set up,
+    and those lines ignore TF_CPP_MIN_LOG_LEVEL ("Unable to register cuDNN
+    factory", "computation placer already registered"); the first look at the
+    devices adds "failed call to cuInit" on a machine without a GPU. File
+    descriptor 2 is muted for the import and that first look only, when
+    TF_CPP_MIN_LOG_LEVEL is unset or 3; unset, it becomes 1 (no INFO lines such as
+    "Local rendezvous is aborting"). `TF_CPP_MIN_LOG_LEVEL=0` shows them all.
+    Python exceptions of a failed import still print.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if level is None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    elif level != "3":
+        return  # the user chose what to see
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to mute
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(null, 2)
+    try:
+        import tensorflow as tf
+
+        # Lists the physical devices only: logical devices can still be configured.
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 _select_legacy_keras()
+_import_tensorflow()
 
 # Modules that register Keras objects are imported eagerly so that string
 # aliases such as "pcpp_bnn" resolve right after `import larq_prox`.

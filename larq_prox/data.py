@@ -16,7 +16,10 @@ the files are there, `load` fails at once with `DataUnavailableError` naming the
 files to put where. `max_examples=N` builds a small real subset (N per split).
 """
 
+import contextlib
 import dataclasses
+import io
+import logging
 import os
 import shutil
 import tempfile
@@ -123,7 +126,7 @@ def _unavailable(name: str, data_dir: str, manual_dir: str | None) -> DataUnavai
         lines.append(f"Missing from manual_dir={manual_dir}: {', '.join(missing)}.")
     lines.append(
         "Put these files, with exactly these names, in one folder and pass it as "
-        f"`manual_dir` (CLI: --manual-dir):\n{listing}"
+        f"`manual_dir` (examples/train_fashion_mnist.py: --manual-dir):\n{listing}"
     )
     if name in DEBIAN_DIRS:
         lines.append(
@@ -191,10 +194,35 @@ def prepare(
     # Extracted copies of the sources are only needed while building.
     download_dir = tempfile.mkdtemp(prefix=f"larq_prox_{name}_")
     try:
-        builder.download_and_prepare(download_dir=download_dir, download_config=config)
+        if has_files:
+            subset = "" if max_examples is None else f", the first {int(max_examples)} per split"
+            print(f"larq_prox.data: building {name} from the local files in {manual}"
+                  f"{subset}, into {builder.data_dir} (once)", flush=True)
+            with _quiet_tfds():
+                builder.download_and_prepare(download_dir=download_dir, download_config=config)
+        else:
+            builder.download_and_prepare(download_dir=download_dir, download_config=config)
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """No "Downloading and preparing" line nor download bars: nothing is downloaded."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    shown = getattr(tqdm_utils, "_active", True)
+    tqdm_utils.display_progress_bar(False)
+    absl = logging.getLogger("absl")  # "Splits capped at N examples max.": said above
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its messages
+            yield
+    finally:
+        absl.setLevel(level)
+        tqdm_utils.display_progress_bar(shown)
 
 
 def scale(image: tf.Tensor) -> tf.Tensor:
@@ -260,8 +288,13 @@ def load(
     builder = prepare(name, data_dir, manual_dir, max_examples, download)
     if shuffle is None:
         shuffle = split.startswith("train")
+    sliced = max_examples is not None and "[" not in split
+    if sliced:
+        # A TFDS slice, not dataset.take: take stops reading before the end of its
+        # input, and tf.data then warns that the cache below was not fully read.
+        split = f"{split}[:{int(max_examples)}]"
     dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=bool(shuffle))
-    if max_examples is not None:
+    if max_examples is not None and not sliced:
         dataset = dataset.take(int(max_examples))
     if cache:
         dataset = dataset.cache()

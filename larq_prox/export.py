@@ -339,7 +339,7 @@ class _InferenceCopy:
         return True
 
     def _conv_block(self, layer, config):
-        units, inputs = config["units"], int(layer.input_shape[-1])
+        units = config["units"]
         conv_config = {
             key: config[key]
             for key in (

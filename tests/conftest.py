@@ -10,6 +10,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 FASHION_MNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+# Project-local (git-ignored), not ~/tensorflow_datasets: tests never write into the
+# home directory, and a later session reuses what an earlier one built.
+TEST_DATA_DIR = os.environ.get(
+    "LARQ_PROX_TEST_DATA_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".tfds")
+)
 
 
 @pytest.fixture(autouse=True)
@@ -25,18 +30,17 @@ def _clean_keras_state():
 def fashion_mnist():
     """Real Fashion-MNIST as NumPy: `(x_train, y_train, x_test, y_test)`, images in [-1, 1].
 
-    TFDS builds its stock `fashion_mnist` from the original IDX files in
-    `FASHION_MNIST_DIR` (the `manual_dir` route: nothing is downloaded) into its
-    usual data directory (`TFDS_DATA_DIR`), once; later sessions only read it.
-    Tests take slices of the returned arrays.
+    `lqp.data.prepare` builds a real 10,000-example subset per split from the
+    original IDX files in `FASHION_MNIST_DIR` (the `manual_dir` route: nothing is
+    downloaded) into `TEST_DATA_DIR`, once; later sessions only read it. Tests
+    take slices of the returned arrays.
     """
     import tensorflow_datasets as tfds
 
     if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR} (run `make data`).")
-    builder = tfds.builder("fashion_mnist")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=FASHION_MNIST_DIR)
+    builder = larq_prox.data.prepare(
+        "fashion_mnist", data_dir=TEST_DATA_DIR, manual_dir=FASHION_MNIST_DIR, max_examples=10_000
     )
     arrays = []
     for split in ("train[:10000]", "test[:2000]"):

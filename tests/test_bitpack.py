@@ -12,7 +12,8 @@ def test_pack_equals_numpy_packbits_and_round_trips(shape):
     x = np.random.randn(*shape).astype("float32")
     x.ravel()[0] = 0.0  # sign(0) = +1
     packed = bitpack.pack_signs(tf.constant(x))
-    assert packed.dtype == tf.uint8 and packed.shape == (bitpack.packed_size(x.size),)
+    assert packed.dtype == tf.uint8 and packed.shape == ((x.size + 7) // 8,)  # ceil(n / 8)
+    assert bitpack.packed_size(x.size) == (x.size + 7) // 8
     np.testing.assert_array_equal(packed, np.packbits((x >= 0).ravel()))
     signs = bitpack.unpack_signs(packed, x.shape)
     np.testing.assert_array_equal(signs, np.where(x >= 0, 1.0, -1.0))
@@ -36,9 +37,13 @@ def test_dynamic_batch_in_tf_function():
     assert round_trip.experimental_get_tracing_count() == 1
 
 
-def test_packed_bytes_are_one_thirty_second_of_float32():
-    x = tf.random.normal((4, 8, 8, 32))
-    assert bitpack.pack_signs(x).numpy().nbytes * 32 == x.numpy().nbytes
+@pytest.mark.parametrize("shape", [(4, 8, 8, 32), (3, 5, 7)])
+def test_packed_bytes_are_one_bit_per_element(shape):
+    # One bit per element, rounded up to whole bytes: 1/32 of float32 for a multiple of 8.
+    x = tf.random.normal(shape)
+    elements = int(np.prod(shape))
+    assert bitpack.pack_signs(x).numpy().nbytes == -(-elements // 8)
+    assert bitpack.pack_bits(x >= 0).numpy().nbytes == -(-elements // 8)
 
 
 @pytest.mark.parametrize("channels", [8, 5])

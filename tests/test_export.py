@@ -168,7 +168,29 @@ def test_bad_input(tmp_path):
         export.to_lce("model.h5")
 
 
-def test_op_counts_and_unsupported_ops():
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
+def test_op_counts_match_the_tflite_interpreter():
+    # A flatbuffer from TensorFlow's own converter; the reference is the TFLite
+    # Interpreter's list of the operators it runs.
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    def graph(x):
+        y = tf.tanh(tf.matmul(x, tf.ones([4, 3])))
+        return tf.concat([y, tf.exp(y), tf.exp(-y)], axis=-1)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [graph.get_concrete_function()], graph
+    )
+    flatbuffer = converter.convert()
+    ops = tf.lite.Interpreter(model_content=flatbuffer)._get_ops_details()
+    expected: dict[str, int] = {}
+    for op in ops:
+        expected[op["op_name"]] = expected.get(op["op_name"], 0) + 1
+    counts = export.op_counts(flatbuffer)
+    assert counts == expected
+    assert counts.get("EXP") == 2 and counts.get("TANH") == 1
+
+
+def test_unsupported_ops():
     assert export.unsupported_ops({"LceBconv2d": 2, "CONV_2D": 1, "MatrixInverse": 1}) == [
         "MatrixInverse"
     ]

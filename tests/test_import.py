@@ -47,3 +47,17 @@ def test_unknown_attribute_is_attribute_error():
 
     with pytest.raises(AttributeError, match="no_such_thing"):
         larq_prox.no_such_thing
+
+
+def test_import_keeps_tensorflow_start_up_lines_out_unless_asked():
+    # Unset TF_CPP_MIN_LOG_LEVEL: no loading-time lines (CUDA plugins, cuInit), no INFO.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS",
+                                                             "TF_CPP_MIN_LOG_LEVEL")}
+    code = ("import os, larq_prox, tensorflow as tf\n"
+            "tf.constant(1.0) + 1.0\n"
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"  # INFO lines off; warnings and errors still show
+    assert result.stderr == ""

@@ -16,29 +16,10 @@ MIB = 2**20
 BINARY = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
 
 
-def binarynet(input_shape=(32, 32, 3), classes=10):
-    """BinaryNet (Courbariaux & Bengio) as the paper counts it: 'same' padding, pooling
-    before BN, BN (no scale: it is meaningless before sign) after every weight layer,
-    binary kernels everywhere, no biases, the float image entering the first layer."""
-    layers = [tf.keras.Input(input_shape)]
-    for i, (filters, pool) in enumerate(
-        [(128, False), (128, True), (256, False), (256, True), (512, False), (512, True)]
-    ):
-        layers.append(
-            lq.layers.QuantConv2D(
-                filters, 3, padding="same", use_bias=False,
-                input_quantizer=None if i == 0 else "ste_sign", **BINARY,
-            )
-        )  # fmt: skip
-        if pool:
-            layers.append(tf.keras.layers.MaxPool2D(2))
-        layers.append(tf.keras.layers.BatchNormalization(scale=False))
-    layers.append(tf.keras.layers.Flatten())
-    for units in (1024, 1024, classes):
-        layers.append(lq.layers.QuantDense(units, use_bias=False, input_quantizer="ste_sign", **BINARY))
-        layers.append(tf.keras.layers.BatchNormalization(scale=False))
-    layers.append(tf.keras.layers.Activation("softmax"))
-    return tf.keras.Sequential(layers, name="binarynet")
+def binarynet():
+    """BinaryNet (Courbariaux & Bengio) as `lqp.models.binarynet` builds it, with Keras'
+    BatchNormalization: no scale (meaningless before sign), as the paper counts it."""
+    return larq_prox.models.binarynet(batch_norm="standard")
 
 
 # The paper's table (BinaryNet, CIFAR-10, Adam, batch 100): count, standard MiB, proposed MiB.
@@ -75,6 +56,8 @@ def test_binarynet_reproduces_the_paper_table(bnet):
     assert proposed.rows["stats"].count == 3 * 3_850
     assert standard.total_mib == pytest.approx(512.81, abs=0.05)
     assert proposed.total_mib == pytest.approx(138.15, abs=0.05)
+    # What the README quotes (and `larq-prox memory --model binarynet` prints).
+    assert f"{standard.total_mib:.2f} {proposed.total_mib:.2f}" == "512.85 138.16"
     assert standard.compare(proposed)["total"] == pytest.approx(512.81 / 138.15, abs=0.01)
     assert all(p.dtype == "bool" for p in proposed.rows["X"].parts)  # the paper's convention
 
@@ -203,16 +186,8 @@ def test_unknown_layer_raises_or_warns_with_its_name_and_class():
     assert report.rows["W"].count == 8 + 8 * 4 + 4  # the gate counted as weights
 
 
-def test_binary_batch_norm_is_recognised_by_class_name():
-    class BinaryBatchNorm(tf.keras.layers.Layer):  # stands in for larq_prox.layers'
-        def build(self, input_shape):
-            channels = input_shape[-1:]
-            self.beta = self.add_weight(name="beta", shape=channels)
-            self.moving_mean = self.add_weight(name="moving_mean", shape=channels, trainable=False)
-            self.moving_psi = self.add_weight(name="moving_psi", shape=channels, trainable=False)
-
-        def call(self, x):
-            return x + self.beta
+def test_binary_batch_norm_rows():
+    from larq_prox.layers import BinaryBatchNorm
 
     inputs = tf.keras.Input((4, 4, 2))
     x = lq.layers.QuantConv2D(6, 3, **BINARY)(inputs)
@@ -290,18 +265,14 @@ def test_bop_keeps_no_latent_weights_for_binary_kernels():
 
 
 def test_wrappers_are_unwrapped():
-    class Wrapper:  # the shape of larq_prox.optimizers.BinaryGradient
-        def __init__(self, optimizer):
-            self.optimizer = optimizer
-
-        def apply_gradients(self, grads_and_vars):
-            return self.optimizer.apply_gradients(grads_and_vars)
+    from larq_prox.optimizers import BinaryGradient
 
     model = weight_only_model()
     expected = memory.estimate(model, 2, "adam").rows["momenta"].count
     for optimizer in (
-        Wrapper(LEGACY.Adam()),
+        BinaryGradient(LEGACY.Adam()),
         tf.keras.mixed_precision.LossScaleOptimizer(LEGACY.Adam()),
+        tf.keras.mixed_precision.LossScaleOptimizer(BinaryGradient(LEGACY.Adam())),
     ):
         assert memory.estimate(model, 2, optimizer).rows["momenta"].count == expected
 

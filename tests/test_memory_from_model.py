@@ -405,7 +405,7 @@ sys.path.insert(0, "benchmarks")
 import larq_prox as lqp
 import numpy as np
 import tensorflow as tf
-from step_memory import measure_steps
+from harness import measure_steps
 
 tf.keras.utils.set_random_seed(0)
 model = lqp.models.mlp(batch_norm="proposed", low_memory=True, storage_dtype="float16")

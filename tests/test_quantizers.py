@@ -264,7 +264,15 @@ def test_quantizer_string_and_instance_work_in_every_quant_layer():
             y = layer(x, training=True)
         grads = tape.gradient(y, layer.trainable_weights)
         assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
-        assert lq.models.summary is not None
+        # Strings and instances resolve to the PC++ classes, and survive get_config.
+        clone = type(layer).from_config(layer.get_config())
+        roles = ("input_quantizer", "kernel_quantizer", "depthwise_quantizer",
+                 "pointwise_quantizer")
+        set_roles = [r for r in roles if getattr(layer, r, None) is not None]
+        assert set_roles
+        for role in set_roles:
+            assert isinstance(getattr(layer, role), quantizers.PCPPQuantizer), role
+            assert type(getattr(clone, role)) is type(getattr(layer, role)), role
 
 
 @pytest.mark.parametrize("alias", ["pcpp_bnn_plus_plus", "pcpp_pc", "pcpp_rpc"])

@@ -46,7 +46,7 @@ class MemoryModel(tf.keras.callbacks.Callback):
 
     # Arguments
         batch_size: samples per step and device; inferred from the first batch
-            when None (the tables are then printed after the first step).
+            when None (the tables are then printed after the first epoch).
         schemes: a scheme or a sequence of them: names ("standard", "proposed",
             "from_model") or dicts (see `larq_prox.memory`), which are named
             `custom0`, ... in the logs; or a dict of name to scheme. None:
@@ -83,11 +83,14 @@ class MemoryModel(tf.keras.callbacks.Callback):
         self.peaks: list[float] = []
         self._probe: tf.Variable | None = None
         self._train_step = None
+        self._seen_batch_size: int | None = None
+        self._pending: list[str] = []  # printed after Keras' progress bar line
 
     # -- the model ---------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        self.reports, self.peaks = {}, []
+        self.reports, self.peaks, self._pending = {}, [], []
+        self._seen_batch_size = None
         if self.measure:
             self.memory_source = _memory_source()
             if self.verbose:
@@ -124,9 +127,10 @@ class MemoryModel(tf.keras.callbacks.Callback):
             self._train_step = None
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self.reports and self._probe is not None:
-            # Not into this batch's logs: the progress bar would average them in.
-            self._model_memory(int(self._probe.numpy()))
+        if self._seen_batch_size is None and self._probe is not None:
+            # Only read here (cheap): estimating takes longer than a step, which
+            # would make Keras warn that this hook is slow; the epoch's end does it.
+            self._seen_batch_size = int(self._probe.numpy())
 
     def _model_memory(self, batch_size: int, logs=None) -> None:
         self.batch_size = batch_size
@@ -137,14 +141,12 @@ class MemoryModel(tf.keras.callbacks.Callback):
                 self.model, batch_size, self.model.optimizer or "adam", scheme
             )
         if self.verbose:
-            print()
-            for report in self.reports.values():
-                print(report.table(), end="\n\n")
+            lines = [report.table() + "\n" for report in self.reports.values()]
             names = list(self.reports)
             for other in names[1:]:
                 ratio = self.reports[names[0]].compare(self.reports[other])["total"]
-                print(f"MemoryModel: {names[0]} / {other} = {ratio:.2f}x")
-            sys.stdout.flush()
+                lines.append(f"MemoryModel: {names[0]} / {other} = {ratio:.2f}x")
+            self._pending += lines
         if self.plot_path:
             memory.plot_bars(self.reports, self.plot_path)
         if logs is not None:
@@ -155,25 +157,40 @@ class MemoryModel(tf.keras.callbacks.Callback):
 
     # -- the measurement ---------------------------------------------------
 
+    def _flush(self) -> None:
+        # Keras' ProgbarLogger runs after this callback, so what an epoch's end has to
+        # say waits for the next epoch's start (or the end of training): below the bar.
+        if self._pending:
+            print("\n".join(self._pending))
+            sys.stdout.flush()
+            self._pending = []
+
     def on_epoch_begin(self, epoch, logs=None):
+        self._flush()
         if self.measure and self.memory_source != "rss":
             tf.config.experimental.reset_memory_stats(self.memory_source)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
+        if not self.reports and self._seen_batch_size is not None:
+            self._model_memory(self._seen_batch_size)
         logs.update(self._model_logs())
         if self.measure:
             peak = _peak_mib(self.memory_source)
             self.peaks.append(peak)
             logs["memory_peak_mib"] = peak
             if self.verbose:
-                print(f"MemoryModel: epoch {epoch + 1} measured peak {peak:.1f} MiB")
+                self._pending.append(f"MemoryModel: epoch {epoch + 1} measured peak {peak:.1f} MiB")
 
     def on_train_end(self, logs=None):
+        self._flush()
         self._remove_probe()
         if self.plot_path and self.reports and self.peaks:
-            memory.plot_bars(self.reports, self.plot_path, measured_mib=max(self.peaks))
+            label = (f"measured peak: {self.model.name} as trained, batch {self.batch_size} "
+                     f"({self.memory_source})")
+            memory.plot_bars(self.reports, self.plot_path, measured_mib=max(self.peaks),
+                             measured_label=label)
 
     def get_config(self):
         return {

@@ -35,7 +35,7 @@ less the one a layer keeps.
 
 Calibration: TF allocator peak (BFC, `get_memory_info("CPU:0")["peak"]`)
 over warm `train_on_batch` steps, one fresh process per point
-(benchmarks/step_memory.py), Adam, TF 2.19 CPU (2 shared cores), larq's
+(benchmarks/harness.py), Adam, TF 2.19 CPU (2 shared cores), larq's
 `ste_sign` as input and kernel quantizer. Configurations as in
 benchmarks/memory_measured.py: standard larq layers; low-memory layers
 (bit-packing conv/dense/pool); + BinaryBatchNorm and BinaryGradient; + float16

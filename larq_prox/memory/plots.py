@@ -36,10 +36,13 @@ def plot_bars(
     path: str,
     title: str | None = None,
     measured_mib: float | None = None,
+    measured_label: str = "measured peak",
 ) -> str:
     """A PNG with one stacked bar per scheme, one segment per variable; returns `path`.
 
-    `measured_mib` (a measured peak) is drawn as a dashed line across the bars.
+    `measured_mib` (a measured peak) is drawn as a dashed line across the bars,
+    labelled `measured_label`: say there which configuration was measured (the
+    bars are models of one network under several schemes; a measurement is of one).
 
     ```python
     lqp.memory.plot_bars({"standard": standard, "proposed": proposed}, "memory.png")
@@ -65,7 +68,7 @@ def plot_bars(
     for x, total in enumerate(bottoms):
         ax.text(x, total, f"{total:.1f}", ha="center", va="bottom")
     if measured_mib is not None:
-        ax.axhline(measured_mib, color="black", linestyle="--", label="measured peak")
+        ax.axhline(measured_mib, color="black", linestyle="--", label=measured_label)
     first = next(iter(reports.values()))
     ax.set_ylabel("MiB")
     ax.set_title(title or f"{first.model_name}: batch {first.batch_size}, {first.optimizer}")

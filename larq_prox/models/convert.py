@@ -16,19 +16,13 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
+from larq_prox import layers as lqp_layers
 from larq_prox import quantizers as pcpp_quantizers
 from larq_prox.memory.census import quantizer_variable_ids
-from larq_prox.models.options import (
-    _binary_batch_norm_class,
-    _check_batch_norm,
-    _check_low_memory_options,
-    _check_storage,
-    _low_memory_class,
-)
+from larq_prox.models.options import _check_batch_norm, _check_low_memory_options, _check_storage
 
 
 # Layer class name -> (larq_prox.layers twin, the twin's options that convert() sets).
-# A twin missing from this installation's larq_prox.layers leaves the layer as it is.
 _LOW_MEMORY_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "QuantConv2D": ("QuantConv2D", ("storage_dtype", "backward_bits", "saved_dtype")),
     "QuantDense": ("QuantDense", ("storage_dtype", "backward_bits", "saved_dtype")),
@@ -42,7 +36,6 @@ _LOW_MEMORY_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Activation": ("Activation", ()),
     "PReLU": ("PReLU", ("saved_dtype",)),
 }
-_REQUIRED_TWINS = ("QuantConv2D", "QuantDense", "MaxPool2D")
 
 # Layers whose backward keeps nothing of their own (shapes at most): convert()
 # has nothing to make low-memory there and does not report them.
@@ -123,11 +116,6 @@ class _Conversion:
         self.specs = _quantizer_specs(quantizer)
         self.batch_norm = batch_norm
         self.low_memory = bool(low_memory)
-        if self.low_memory:
-            for name in _REQUIRED_TWINS:
-                _low_memory_class(name)  # fail once, up front, if the layers are missing
-        if batch_norm in ("l1", "proposed"):
-            _binary_batch_norm_class()
         self.skipped: list[tuple[str, str, str]] = []  # (layer name, kind, reason)
         self.converted: list[str] = []
         self.copies: list[tuple[tf.keras.layers.Layer, tf.keras.layers.Layer]] = []
@@ -174,7 +162,7 @@ class _Conversion:
             # QuantDepthwiseConv2D stem), so it gets the float layer's low-memory twin.
             name, config = name[len("Quant"):], keras_config
         entry = _LOW_MEMORY_TWINS.get(name)
-        twin_cls = entry and _low_memory_class(entry[0], required=False)
+        twin_cls = entry and getattr(lqp_layers, entry[0])
         if twin_cls is None:
             # A layer that declares what it keeps is low-memory already.
             keeps_nothing = name in _KEEP_NOTHING or config.get("function") in _KEEP_NOTHING_OPS
@@ -212,7 +200,7 @@ class _Conversion:
             return None if is_keras_bn else tf.keras.layers.BatchNormalization
         if name == "BinaryBatchNorm" and getattr(layer, "mode", None) == self.batch_norm:
             return None
-        return _binary_batch_norm_class()
+        return lqp_layers.BinaryBatchNorm
 
     def _batch_norm(self, layer, bn_cls):
         config = layer.get_config()

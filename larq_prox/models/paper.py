@@ -21,14 +21,9 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
+from larq_prox import layers as lqp_layers
 from larq_prox import quantizers as pcpp_quantizers
-from larq_prox.models.options import (
-    _binary_batch_norm_class,
-    _check_batch_norm,
-    _check_storage,
-    _low_memory_class,
-    batch_norm_layer,
-)
+from larq_prox.models.options import _check_batch_norm, _check_storage, batch_norm_layer
 
 
 class _Builder:
@@ -61,14 +56,11 @@ class _Builder:
         self.kernel_quantizer, self.input_quantizer = kernel_quantizer, input_quantizer
         self.batch_norm, self.momentum = batch_norm, momentum
         if low_memory:
-            self.conv_cls = _low_memory_class("QuantConv2D")
-            self.dense_cls = _low_memory_class("QuantDense")
-            self.pool_cls = _low_memory_class("MaxPool2D")
+            self.conv_cls, self.dense_cls = lqp_layers.QuantConv2D, lqp_layers.QuantDense
+            self.pool_cls = lqp_layers.MaxPool2D
         else:
             self.conv_cls, self.dense_cls = lq.layers.QuantConv2D, lq.layers.QuantDense
             self.pool_cls = tf.keras.layers.MaxPool2D
-        if batch_norm != "standard":
-            _binary_batch_norm_class()
         self.layers: list[tf.keras.layers.Layer] = [tf.keras.Input(input_shape)]
         self.shape = input_shape
         self.weight_layers = 0
