@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
-from larq_prox import bitpack
+from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
 from larq_prox.quantizers import BackwardNeeds
 
@@ -118,7 +118,7 @@ class InputBackward:
                 tf.cast(self.needs.from_mask(tf.constant(bit), x.dtype), x.dtype)
                 for bit in (True, False)
             )
-            return dict(bits=bitpack.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
+            return dict(bits=kernels.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
         derivative = tf.reshape(tf.cast(self.needs.derivative(x), x.dtype), [-1])
         if self.backward_bits is None:
             return dict(values=derivative)
@@ -150,11 +150,9 @@ class InputBackward:
         with tf.control_dependencies([dx]):
             if kind == "mask":
                 packed = rows(kept["bits"], None if start is None else per_sample // 8)
-                mask = bitpack.unpack_bits(packed, tf.shape(dx))
                 inside, outside = kept["inside"], kept["outside"]
-                if _is_constant(inside, 1) and _is_constant(outside, 0):
-                    return tf.where(mask, dx, tf.constant(0, dx.dtype))
-                return dx * tf.where(mask, inside, outside)
+                select = _is_constant(inside, 1) and _is_constant(outside, 0)
+                return kernels.apply_mask(dx, packed, inside, outside, select)
             if "values" in kept:
                 derivative = rows(kept["values"], per_sample)
             else:
@@ -219,6 +217,9 @@ class KernelSign:
 
 def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     """sign(x) and its packed bits, after what `backward` keeps of x (`kept`) exists."""
+    if kernels.use(x):  # one fused pass; below, the pure-TF reference
+        with tf.control_dependencies(backward.tensors(kept)):
+            return kernels.sign_and_pack(x)
     positive = x >= 0
     packed_signs = bitpack.pack_bits(positive)
     # Only comparisons read x, and the signs come from their bool result once
@@ -243,12 +244,12 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
                 return tf.identity(kernel)
 
         return gated
-    packed = bitpack.pack_signs(kernel)
+    packed = kernels.pack_signs(kernel)
     shape, dtype = kernel.shape.as_list(), kernel.dtype
 
     def restore(gate):
         with tf.control_dependencies([gate]):
-            return bitpack.unpack_signs(packed, shape, dtype)
+            return kernels.unpack_signs(packed, shape, dtype)
 
     return restore
 
@@ -333,7 +334,7 @@ def binary_conv2d(
             # TF's CPU Conv2DBackpropFilter/Input refuse dilations > 1 (without
             # oneDNN): differentiate tf.nn.convolution (space_to_batch) instead.
             with tf.control_dependencies([dy]):
-                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+                signs = kernels.unpack_signs(packed_signs, shape, dy.dtype)
             restored = kept_kernel(signs)
             with tf.GradientTape() as tape:
                 tape.watch([signs, restored])
@@ -356,7 +357,7 @@ def binary_conv2d(
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
                 with tf.control_dependencies([gate]):
                     bits = part(packed_signs, i, bytes_per_sample)
-                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype))
+                    signs = _padded(kernels.unpack_signs(bits, rows, dy.dtype))
                 partial = tf.compat.v1.nn.conv2d_backprop_filter(
                     signs, kernel_shape, part(dy, i), strides, padding, dilations=dilations
                 )
@@ -448,7 +449,7 @@ def binary_dense(
             # is freed before dkernel, of the same size, is allocated.
             dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
             with tf.control_dependencies([dx]):
-                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype)
+                signs = kernels.unpack_signs(packed_signs, shape, dy.dtype)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
             return backward.apply(dx, kept), dkernel
 
