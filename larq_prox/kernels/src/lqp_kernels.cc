@@ -516,7 +516,20 @@ REGISTER_OP("LqpFirstMaxBits")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("pool: list(int)")
     .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+      std::vector<int> pool;
+      TF_RETURN_IF_ERROR(c->GetAttr("pool", &pool));
+      int64_t n = 1;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t d = c->Value(c->Dim(x, i));
+        if (d < 0 || pool.size() != 2) {
+          c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
+          return tensorflow::OkStatus();
+        }
+        n *= (i == 1 || i == 2) ? d / pool[i - 1] * pool[i - 1] : d;
+      }
+      c->set_output(0, c->Vector((n + 7) / 8));
       return tensorflow::OkStatus();
     })
     .Doc("Bits over the windows [B, Ho, p, Wo, q, C] of an NHWC 'VALID' pool with strides = "
