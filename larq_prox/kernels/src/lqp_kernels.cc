@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -54,7 +55,58 @@ int64_t block_rows(int64_t channels) {
   return std::max<int64_t>(8, (rows + 7) / 8 * 8);
 }
 
-inline bool get_bit(const uint8_t* bits, int64_t e) { return (bits[e >> 3] >> (7 - (e & 7))) & 1; }
+inline uint8_t get_bit(const uint8_t* bits, int64_t e) { return (bits[e >> 3] >> (7 - (e & 7))) & 1; }
+
+// m[j] = bit of element e0 + j (0 or 1) for j < len. Whole bytes at a time: a
+// per-element `bit ? a : b` on random bits is a mispredicted branch each
+// (10x slower); loops over m[] below compile to vector blends instead.
+inline void expand_bits(const uint8_t* bits, int64_t e0, int64_t len, uint8_t* m) {
+  int64_t j = 0;
+  for (; j < len && ((e0 + j) & 7); ++j) m[j] = get_bit(bits, e0 + j);
+  for (; j + 8 <= len; j += 8) {
+    const unsigned byte = bits[(e0 + j) >> 3];
+    for (int i = 0; i < 8; ++i) m[j + i] = (byte >> (7 - i)) & 1;
+  }
+  for (; j < len; ++j) m[j] = get_bit(bits, e0 + j);
+}
+
+// Bytes [k0, k1) of the packed m (m[0] is element 8 * k0); n elements in all.
+inline void pack_bytes(const uint8_t* m, int64_t k0, int64_t k1, int64_t n, uint8_t* bits) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint8_t* v = m + 8 * (k - k0);
+    uint8_t byte = 0;
+    const int64_t count = std::min<int64_t>(8, n - 8 * k);
+    if (count == 8) {
+      for (int i = 0; i < 8; ++i) byte |= static_cast<uint8_t>(v[i] << (7 - i));
+    } else {
+      for (int64_t i = 0; i < count; ++i) byte |= static_cast<uint8_t>(v[i] << (7 - i));
+    }
+    bits[k] = byte;
+  }
+}
+
+// m ? a : b (m is 0 or 1) by bit masks: no branch, so the loops vectorize
+// (a branch on random bits mispredicts half the time), and exact for any value.
+template <typename T>
+inline T blend(uint8_t m, T a, T b) {
+  using U = typename std::conditional<sizeof(T) == 1, uint8_t,
+            typename std::conditional<sizeof(T) == 2, uint16_t,
+            typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type>::type>::type;
+  static_assert(sizeof(U) == sizeof(T), "blend: unsupported element size");
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U mask = static_cast<U>(U(0) - static_cast<U>(m));
+  const U r = static_cast<U>((ua & mask) | (ub & static_cast<U>(~mask)));
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+template <>
+inline bool blend<bool>(uint8_t m, bool a, bool b) { return m ? a : b; }
+
+constexpr int64_t kChunkBytes = 512;  // elementwise kernels: 4096 elements per step
 
 // Packs pred(i) for elements [8*byte_begin, min(8*byte_end, n)) into bits.
 template <typename Pred>
@@ -297,16 +349,17 @@ class BinaryBatchNormGradOp : public OpKernel {
     // Sweep 1: sum(dx) and sum(dx * s) per channel.
     parallel_for(ctx, blocks, per_block * channels * 4, [&](int64_t b0, int64_t b1) {
       std::vector<T> sum(channels), corr(channels);
+      std::vector<uint8_t> m(channels);
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(sum.begin(), sum.end(), T(0));
         std::fill(corr.begin(), corr.end(), T(0));
         const int64_t r1 = std::min(rows, (b + 1) * per_block);
         for (int64_t r = b * per_block; r < r1; ++r) {
           const T* g = dx + r * channels;
-          const int64_t e0 = r * channels;
+          expand_bits(bits, r * channels, channels, m.data());
           for (int64_t c = 0; c < channels; ++c) {
             sum[c] += g[c];
-            corr[c] += get_bit(bits, e0 + c) ? g[c] : -g[c];
+            corr[c] += blend(m[c], g[c], static_cast<T>(-g[c]));
           }
         }
         double* out = partial.data() + 2 * b * channels;
@@ -332,13 +385,19 @@ class BinaryBatchNormGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &dy_t));
     T* dy = dy_t->flat<T>().data();
     // Sweep 2: dy, in the reference's order of operations.
+    std::vector<T> plus(channels), minus(channels);  // the shift for s = +1 and s = -1
+    for (int64_t c = 0; c < channels; ++c) {
+      plus[c] = k[c] + centre[c];
+      minus[c] = -k[c] + centre[c];
+    }
     parallel_for(ctx, rows, channels * 4, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> m(channels);
       for (int64_t r = r0; r < r1; ++r) {
         const T* g = dx + r * channels;
         T* out = dy + r * channels;
-        const int64_t e0 = r * channels;
+        expand_bits(bits, r * channels, channels, m.data());
         for (int64_t c = 0; c < channels; ++c) {
-          const T shift = (get_bit(bits, e0 + c) ? k[c] : -k[c]) + centre[c];
+          const T shift = blend(m[c], plus[c], minus[c]);
           out[c] = (g[c] - shift) / psi[c];
         }
       }
@@ -374,16 +433,20 @@ class SignAndPackOp : public OpKernel {
     const T* x = x_t.flat<T>().data();
     uint8_t* bits = bits_t->flat<uint8_t>().data();
     const int64_t bytes = (n + 7) / 8;
-    // Bits first, then the signs may overwrite x's buffer in place.
-    parallel_for(ctx, bytes, 16, [&](int64_t k0, int64_t k1) {
-      pack_range(bits, k0, k1, n, [x](int64_t e) { return to_float(x[e]) >= 0.0f; });
-    });
+    // The signs may overwrite x's buffer in place: each chunk reads its x first.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_t.shape(), &signs_t));
     T* signs = signs_t->flat<T>().data();
     const T plus(1.0f), minus(-1.0f);
-    parallel_for(ctx, bytes, 16, [&](int64_t k0, int64_t k1) {
-      const int64_t e1 = std::min(n, 8 * k1);
-      for (int64_t e = 8 * k0; e < e1; ++e) signs[e] = get_bit(bits, e) ? plus : minus;
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 40,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
+        const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
+        for (int64_t j = 0; j < len; ++j) m[j] = to_float(x[e0 + j]) >= 0.0f;
+        pack_bytes(m, k0, k1, n, bits);
+        for (int64_t j = 0; j < len; ++j) signs[e0 + j] = blend(m[j], plus, minus);
+      }
     });
   }
 };
@@ -410,8 +473,13 @@ class PackBitsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
     const bool* mask = mask_t.flat<bool>().data();
     uint8_t* bits = bits_t->flat<uint8_t>().data();
-    parallel_for(ctx, (n + 7) / 8, 16, [&](int64_t k0, int64_t k1) {
-      pack_range(bits, k0, k1, n, [mask](int64_t e) { return mask[e]; });
+    const int64_t bytes = (n + 7) / 8;
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 16,
+                 [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
+        pack_bytes(reinterpret_cast<const uint8_t*>(mask) + 8 * k0, k0, k1, n, bits);
+      }
     });
   }
 };
@@ -451,9 +519,16 @@ class UnpackBitsOp : public OpKernel {
     const uint8_t* bits = bits_t.flat<uint8_t>().data();
     const T on = ctx->input(2).flat<T>()(0), off = ctx->input(3).flat<T>()(0);
     T* out = out_t->flat<T>().data();
-    parallel_for(ctx, (n + 7) / 8, 16, [&](int64_t k0, int64_t k1) {
-      const int64_t e1 = std::min(n, 8 * k1);
-      for (int64_t e = 8 * k0; e < e1; ++e) out[e] = get_bit(bits, e) ? on : off;
+    const int64_t bytes = (n + 7) / 8;
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 24,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t e0 = 8 * chunk * kChunkBytes;
+        const int64_t len = std::min(n, e0 + 8 * kChunkBytes) - e0;
+        expand_bits(bits, e0, len, m);
+        for (int64_t j = 0; j < len; ++j) out[e0 + j] = blend(m[j], on, off);
+      }
     });
   }
 };
@@ -494,12 +569,22 @@ class ApplyMaskOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &out_t));
     T* out = out_t->flat<T>().data();
     const bool select = select_;
-    parallel_for(ctx, (n + 7) / 8, 16, [&](int64_t k0, int64_t k1) {
-      const int64_t e1 = std::min(n, 8 * k1);
-      if (select) {
-        for (int64_t e = 8 * k0; e < e1; ++e) out[e] = get_bit(bits, e) ? dx[e] : T(0.0f);
-      } else {
-        for (int64_t e = 8 * k0; e < e1; ++e) out[e] = dx[e] * (get_bit(bits, e) ? inside : outside);
+    const int64_t bytes = (n + 7) / 8;
+    const T zero(0.0f);
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 32,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t e0 = 8 * chunk * kChunkBytes;
+        const int64_t len = std::min(n, e0 + 8 * kChunkBytes) - e0;
+        expand_bits(bits, e0, len, m);
+        const T* g = dx + e0;
+        T* o = out + e0;
+        if (select) {
+          for (int64_t j = 0; j < len; ++j) o[j] = blend(m[j], g[j], zero);
+        } else {
+          for (int64_t j = 0; j < len; ++j) o[j] = g[j] * blend(m[j], inside, outside);
+        }
       }
     });
   }
@@ -657,6 +742,7 @@ class UnpoolBitsOp : public OpKernel {
     T* dx = dx_t->flat<T>().data();
     const int64_t cropped_w = wo * q;
     parallel_for(ctx, batch * height, width * channels * 2, [&](int64_t u0, int64_t u1) {
+      std::vector<uint8_t> m(cropped_w * channels);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / height, h = u % height;
         T* out = dx + u * width * channels;
@@ -666,11 +752,13 @@ class UnpoolBitsOp : public OpKernel {
         }
         const T* g = dy + (b * ho + h / p) * wo * channels;
         const int64_t e0 = (b * ho * p + h) * cropped_w * channels;
+        expand_bits(bits, e0, cropped_w * channels, m.data());
+        const T zero(0.0f);
         for (int64_t w = 0; w < cropped_w; ++w) {
           const T* gw = g + (w / q) * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            out[w * channels + c] = get_bit(bits, e0 + w * channels + c) ? gw[c] : T(0.0f);
-          }
+          const uint8_t* mw = m.data() + w * channels;
+          T* o = out + w * channels;
+          for (int64_t c = 0; c < channels; ++c) o[c] = blend(mw[c], gw[c], zero);
         }
         std::fill(out + cropped_w * channels, out + width * channels, T(0.0f));
       }
