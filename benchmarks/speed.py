@@ -242,6 +242,8 @@ def plot(steps: list[dict], memory: list[dict], path: pathlib.Path) -> None:
 
     graph = [r for r in steps if r["mode"] == "graph"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    if not graph:
+        axes[0].set_visible(False)
     labels = [f"{r['model']}\n{r['storage']}" for r in graph]
     positions = np.arange(len(graph))
     for k, (setup, color) in enumerate((("kernels", "tab:green"), ("fallback", "tab:orange"))):
@@ -286,24 +288,43 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--op-repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--parts", default="ops,steps,memory", type=lambda s: s.split(","),
+                        help="what to measure: ops, steps, memory")
+    parser.add_argument("--memory-models", default=None, type=lambda s: s.split(","),
+                        help="models whose memory is measured (default: --models)")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = parser.parse_args(argv)
 
     if lqp.kernels.library() is None:
         print(f"kernels unavailable ({lqp.kernels.reason()}): 'kernels' rows are the fallback")
     storages = [None if s == "float32" else s for s in args.storages]
-    steps = [time_steps(m, st, mode == "jit", args.steps, args.warmup, args.batch_size)
-             for m in args.models for mode in args.modes for st in storages
-             if not (mode == "jit" and st is not None)]
-    ops = op_timings(args.op_repeats)
-    memory = [] if args.no_memory else memory_rows(args.models, storages, args.batch_size)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"tensorflow": tf.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
             "kernels_loaded": lqp.kernels.library() is not None, "args": vars(args)}
-    out.write_text(json.dumps({"meta": meta, "steps": steps, "ops": ops, "memory": memory},
-                              indent=1))
-    plot(steps, memory, out.with_suffix(".png"))
+    result = {"meta": meta, "steps": [], "ops": [], "memory": []}
+
+    def save():  # after every part: a long run that is stopped keeps what it measured
+        out.write_text(json.dumps(result, indent=1))
+
+    if "ops" in args.parts:
+        result["ops"] = op_timings(args.op_repeats)
+        save()
+    if "steps" in args.parts:
+        for m in args.models:
+            for mode in args.modes:
+                for st in storages:
+                    if not (mode == "jit" and st is not None):
+                        result["steps"].append(
+                            time_steps(m, st, mode == "jit", args.steps, args.warmup,
+                                       args.batch_size))
+                        save()
+    if "memory" in args.parts and not args.no_memory:
+        result["memory"] = memory_rows(args.memory_models or args.models, storages,
+                                       args.batch_size)
+        save()
+    plot(result["steps"], result["memory"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

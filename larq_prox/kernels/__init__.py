@@ -68,6 +68,12 @@ ENV = "LARQ_PROX_KERNELS"
 """Environment variable: `0` forces the pure-TF ops (read at every graph build)."""
 
 _log = logging.getLogger("larq_prox.kernels")
+
+_XLA = (
+    "inside an XLA cluster (jit_compile=True): XLA gives speed, not the memory saving; "
+    "its scheduler ignores the low-memory ordering (BinaryNet B=100: 600 MiB peak vs 254 MiB "
+    "in graph mode, standard larq 907 MiB); drop jit_compile for the saving"
+)
 _state: dict = {"tried": False, "library": None, "reason": None}
 _said: set = set()
 
@@ -118,7 +124,7 @@ def use(*tensors: tf.Tensor, dtypes=_FLOAT_DTYPES) -> bool:
     if any(t.dtype not in dtypes for t in tensors):
         return False  # a dtype without a kernel: quietly the reference
     if _in_xla_context():
-        _say_once("inside an XLA cluster (jit_compile=True)")
+        _say_once(_XLA)
         return False
     devices = [t.device for t in tensors if getattr(t, "device", "")]
     if any("GPU" in d.upper() for d in devices) or (
