@@ -1,8 +1,8 @@
 # Two commands for a newcomer on a fresh machine (see README.md):
 #   make demo   installs the real Fashion-MNIST data (Debian package) and the
 #               package into .venv, then trains the main demo.
-#   make test   installs the package with its test extra into .venv and runs
-#               the test suite.
+#   make test   installs the package with its test extra into .venv, builds the
+#               fused kernels, and runs the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The fused C++ kernels (larq_prox/kernels), compiled against the installed
+# TensorFlow and cached per TF version and source hash (~1 min once; without a
+# compiler the pure-TF ops run). `pip install .` builds them on first use.
 install: $(VENV)/.installed
+	$(PY) -m larq_prox.kernels.build
 
 # Real Fashion-MNIST IDX files, installed offline from Debian's archive.
 data:

@@ -1,22 +1,29 @@
-"""Training step time: standard larq vs larq-prox proposed, and the cost of bit packing.
+"""Training step time: standard larq vs the low-memory path, with the fused kernels and without.
 
 For the paper's MLP, CNV and BinaryNet shapes (random data, batch 100), one
-process builds both sides and times `train_on_batch` steps after warm-up,
-alternating standard and proposed steps so that load on the machine hits both
-alike. Reported: median step time of each side and their ratio, in graph mode
-and with `jit_compile=True`; and the median time of packing and unpacking the
-sign bits of a 100x32x32x128 activation next to that activation's conv.
+process builds every setup and times `train_on_batch` steps after warm-up,
+alternating the setups step by step so that load on the machine hits all alike:
 
 - standard: QuantConv2D/QuantDense + BatchNormalization + MaxPool2D, Adam
-- proposed: low-memory layers + BinaryBatchNorm(proposed) + BinaryGradient(Adam)
+- kernels: low-memory layers + BinaryBatchNorm(proposed) + BinaryGradient(Adam),
+  with larq_prox.kernels (the fused C++ ops) loaded
+- fallback: the same model traced with LARQ_PROX_KERNELS=0 (the pure-TF ops)
 
-    python benchmarks/speed.py             # all models, both modes
-    python benchmarks/speed.py --models mlp --steps 5
+in graph mode, for float32 and float16 kernel storage (`storage_dtype`), and
+with `jit_compile=True` (where the kernels do not apply: XLA clusters run the
+pure-TF ops). Next to it, the measured peak memory of a training step of each
+setup, one fresh process each (`step_memory.run_fresh`, TF's BFC allocator);
+and a per-op table: each kernel against the pure-TF ops it replaces, on a
+100x32x32x128 activation (graph mode, median of repeats).
+
+    python benchmarks/speed.py                     # everything (about 15 min on 2 cores)
+    python benchmarks/speed.py --models mlp --steps 5 --no-memory
 
 Writes benchmarks/results/speed.json and speed.png.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -25,114 +32,299 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import larq_prox as lqp  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from step_memory import measure_steps, run_fresh  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SHAPES = {"mlp": (28, 28, 1), "cnv": (32, 32, 3), "binarynet": (32, 32, 3)}
+SETUPS = ("standard", "kernels", "fallback")
 
 
-def build(model_name: str, setup: str, jit: bool) -> tf.keras.Model:
-    proposed = setup == "proposed"
+@contextlib.contextmanager
+def kernels_off(off: bool):
+    """LARQ_PROX_KERNELS=0 while building/tracing (the switch is read at trace time)."""
+    previous = os.environ.get(lqp.kernels.ENV)
+    if off:
+        os.environ[lqp.kernels.ENV] = "0"
+    try:
+        yield
+    finally:
+        if off:
+            if previous is None:
+                del os.environ[lqp.kernels.ENV]
+            else:
+                os.environ[lqp.kernels.ENV] = previous
+
+
+def build(model_name: str, setup: str, jit: bool, storage: str | None) -> tf.keras.Model:
+    low_memory = setup != "standard"
     model = getattr(lqp.models, model_name)(
         kernel_quantizer="pcpp_bnn", input_quantizer="pcpp_bnn",
-        batch_norm="proposed" if proposed else "standard", low_memory=proposed,
-        input_shape=SHAPES[model_name], num_classes=10)
+        batch_norm="proposed" if low_memory else "standard", low_memory=low_memory,
+        input_shape=SHAPES[model_name], num_classes=10,
+        storage_dtype=storage if low_memory else None)
     adam = tf.keras.optimizers.legacy.Adam(1e-3)
-    model.compile(lqp.optimizers.BinaryGradient(adam) if proposed else adam,
+    model.compile(lqp.optimizers.BinaryGradient(adam) if low_memory else adam,
                   "sparse_categorical_crossentropy", jit_compile=jit)
     return model
 
 
-def time_steps(model_name: str, jit: bool, steps: int, warmup: int, batch: int) -> dict:
+def _data(model_name: str, batch: int):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (batch, *SHAPES[model_name])).astype("float32")
+    return x, rng.integers(0, 10, batch)
+
+
+def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warmup: int,
+               batch: int) -> dict:
+    """Median step time of each setup, alternating; ratios to standard."""
     tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(0)
-    x = np.random.uniform(-1, 1, (batch, *SHAPES[model_name])).astype("float32")
-    y = np.random.randint(0, 10, batch)
-    models = {setup: build(model_name, setup, jit) for setup in ("standard", "proposed")}
-    for model in models.values():
-        for _ in range(warmup):
-            model.train_on_batch(x, y)
+    x, y = _data(model_name, batch)
+    # Under XLA the kernels never run: one low-memory setup (the pure-TF ops).
+    setups = ("standard", "fallback") if jit else SETUPS
+    models = {}
+    for setup in setups:
+        with kernels_off(setup == "fallback"):
+            models[setup] = build(model_name, setup, jit, storage)
+            for _ in range(warmup):  # traces here, with the switch as set
+                models[setup].train_on_batch(x, y)
     times = {setup: [] for setup in models}
     for _ in range(steps):
         for setup, model in models.items():
             start = time.perf_counter()
             model.train_on_batch(x, y)
             times[setup].append(time.perf_counter() - start)
-    result = {setup: float(np.median(t)) for setup, t in times.items()}
-    result["ratio"] = result["proposed"] / result["standard"]
+    median = {setup: float(np.median(t)) for setup, t in times.items()}
     mode = "jit" if jit else "graph"
-    print(f"{model_name:9s} {mode:5s} standard {1e3 * result['standard']:8.1f} ms  proposed "
-          f"{1e3 * result['proposed']:8.1f} ms  ratio {result['ratio']:.2f}", flush=True)
-    return {"model": model_name, "mode": mode, "batch": batch, "steps": steps,
-            "standard_s": result["standard"], "proposed_s": result["proposed"],
-            "ratio": result["ratio"]}
+    row = {"model": model_name, "mode": mode, "storage": storage or "float32", "batch": batch,
+           "steps": steps, **{f"{s}_s": median[s] for s in setups}}
+    for setup in setups[1:]:
+        row[f"ratio_{setup}"] = median[setup] / median["standard"]
+    print(f"{model_name:9s} {mode:5s} {row['storage']:7s} "
+          + "  ".join(f"{s} {1e3 * median[s]:7.1f} ms" for s in setups)
+          + "  ratios " + " ".join(f"{s} {row[f'ratio_{s}']:.2f}" for s in setups[1:]), flush=True)
+    return row
 
 
-def packing_cost(repeats: int) -> dict:
-    x = tf.random.normal((100, 32, 32, 128))
-    kernel = tf.sign(tf.random.normal((3, 3, 128, 128)))
-    shape = tf.shape(x)
-    pack = tf.function(lqp.bitpack.pack_signs)
-    packed = pack(x)
-    unpack = tf.function(lambda p: lqp.bitpack.unpack_signs(p, shape))
-    conv = tf.function(lambda x: tf.nn.conv2d(x, kernel, 1, "SAME"))
+def memory_worker(model_name: str, setup: str, storage: str | None, batch: int,
+                  jit: bool = False) -> dict:
+    """One setup in this (fresh) process: BFC peak of warm training steps."""
+    if setup == "fallback":
+        os.environ[lqp.kernels.ENV] = "0"
+    tf.keras.utils.set_random_seed(0)
+    model = build(model_name, setup, jit, storage)
+    x, y = _data(model_name, batch)
+    measured = measure_steps(model, x, y, steps=2)
+    return {"model": model_name, "setup": setup, "storage": storage or "float32",
+            "mode": "jit" if jit else "graph", "peak_bytes": measured["peak_bytes"],
+            "step_peak_above_resident_bytes": measured["peak_bytes"]
+            - measured["resident_before_step_bytes"],
+            "kernels_used": lqp.kernels.use(tf.constant(0.0)) if setup == "kernels" else False}
+
+
+def memory_rows(models, storages, batch: int, jit_models=("binarynet",)) -> list[dict]:
+    """Peaks per setup; for `jit_models` also standard and low-memory under jit_compile=True."""
+    rows = []
+    for model_name in models:
+        runs = [("standard", None, "graph")] + [
+            (s, st, "graph") for st in storages for s in ("kernels", "fallback")]
+        if model_name in jit_models:
+            runs += [("standard", None, "jit"), ("fallback", None, "jit")]
+        for setup, storage, mode in runs:
+            result, error = run_fresh(__file__, ["--memory-worker", model_name, setup,
+                                                 storage or "float32", str(batch), mode],
+                                      timeout=900)
+            if result is None:
+                print(f"memory {model_name} {setup} {storage}: failed: {error[-300:]}")
+                continue
+            rows.append(result)
+            print(f"memory {model_name:9s} {mode:5s} {setup:8s} {result['storage']:7s} peak "
+                  f"{result['peak_bytes'] / 2**20:7.1f} MiB (step above resident "
+                  f"{result['step_peak_above_resident_bytes'] / 2**20:7.1f} MiB)", flush=True)
+    return rows
+
+
+def op_timings(repeats: int, shape=(100, 32, 32, 128)) -> list[dict]:
+    """Each kernel vs the pure-TF ops it replaces (forward and backward where it has one)."""
+    from larq_prox.layers.batch_norm import BinaryBatchNorm
+    from larq_prox.ops import binary, pooling
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=shape).astype(np.float32))
+    dx = tf.constant(rng.normal(size=shape).astype(np.float32))
+    pooled_dy = tf.constant(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+                            .astype(np.float32))
+    bits = lqp.bitpack.pack_signs(x)
+    size = tf.shape(x)
+    bn = BinaryBatchNorm()
+    bn.build(shape)
+    backward = binary.InputBackward(lqp.quantizers.backward_needs("ste_sign"))
+    kept = backward.keep(x)
+    offset = tf.Variable(tf.zeros(shape[-1]))
+
+    def bn_forward(y):
+        return bn(y, training=True)
+
+    def bn_forward_backward(y):
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            out = bn(y, training=True)
+        return tape.gradient(out, y, output_gradients=dx)
+
+    def keras_fused_bn(y):  # Keras' fused BN, forward + backward, for scale
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            out = tf.compat.v1.nn.fused_batch_norm(y, tf.ones(shape[-1]), offset, is_training=True)[0]
+        return tape.gradient(out, y, output_gradients=dx)
+
+    def pool_forward_backward(y):
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            out = pooling.bitmask_max_pool2d(y, (2, 2))
+        return tape.gradient(out, y, output_gradients=pooled_dy)
+
+    cases = {
+        "BinaryBatchNorm forward (moments, x, omega, bits)": (bn_forward, x),
+        "BinaryBatchNorm forward + backward": (bn_forward_backward, x),
+        "sign + pack of a binary input": (lambda y: lqp.kernels.sign_and_pack(y), x),
+        "unpack signs": (lambda b: lqp.kernels.unpack_signs(b, size), bits),
+        "STE mask pack (forward) + apply (backward)": (
+            lambda g: backward.apply(g, backward.keep(g)), dx),
+        "bit-mask max pool 2x2 forward + backward": (pool_forward_backward, x),
+    }
+    del kept
 
     def median_ms(fn, arg):
         fn(arg)
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
-            fn(arg).numpy()
+            tf.nest.map_structure(lambda t: t.numpy(), fn(arg))
             samples.append(time.perf_counter() - start)
         return 1e3 * float(np.median(samples))
 
-    result = {"pack_ms": median_ms(pack, x), "unpack_ms": median_ms(unpack, packed),
-              "conv_forward_ms": median_ms(conv, x), "shape": [100, 32, 32, 128]}
-    print(f"bit packing of 100x32x32x128: pack {result['pack_ms']:.1f} ms, unpack "
-          f"{result['unpack_ms']:.1f} ms, the conv's forward {result['conv_forward_ms']:.1f} ms")
-    return result
+    rows = []
+    for name, (fn, arg) in cases.items():
+        compiled = {}
+        for setup in ("kernels", "fallback"):
+            with kernels_off(setup == "fallback"):
+                compiled[setup] = tf.function(fn)
+                compiled[setup](arg)  # trace with the switch as set
+        # Alternate the two, several rounds, so that load hits both alike.
+        samples = {setup: [] for setup in compiled}
+        for _ in range(3):
+            for setup, function in compiled.items():
+                samples[setup].append(median_ms(function, arg))
+        row = {"op": name, "shape": list(shape),
+               **{f"{s}_ms": float(np.median(v)) for s, v in samples.items()}}
+        row["speedup"] = row["fallback_ms"] / row["kernels_ms"]
+        rows.append(row)
+        print(f"{name:52s} kernel {row['kernels_ms']:7.1f} ms  pure TF {row['fallback_ms']:7.1f} ms"
+              f"  {row['speedup']:.1f}x", flush=True)
+    fused = tf.function(keras_fused_bn)
+    rows.append({"op": "Keras fused BatchNormalization forward + backward (for scale)",
+                 "shape": list(shape), "tf_ms": median_ms(fused, x)})
+    print(f"{rows[-1]['op']:52s} {rows[-1]['tf_ms']:7.1f} ms", flush=True)
+    return rows
 
 
-def plot(results: list[dict], path: pathlib.Path) -> None:
+def plot(steps: list[dict], memory: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['mode']}" for r in results]
-    ratios = [r["ratio"] for r in results]
-    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 3.5))
-    ax.bar(labels, ratios, color=["tab:orange" if r > 1.2 else "tab:green" for r in ratios])
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.axhline(1.2, color="tab:red", ls="--", lw=0.8, label="target 1.2x")
-    ax.set_ylabel("step time proposed / standard")
-    ax.legend()
+    graph = [r for r in steps if r["mode"] == "graph"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    if not graph:
+        axes[0].set_visible(False)
+    labels = [f"{r['model']}\n{r['storage']}" for r in graph]
+    positions = np.arange(len(graph))
+    for k, (setup, color) in enumerate((("kernels", "tab:green"), ("fallback", "tab:orange"))):
+        axes[0].bar(positions + (k - 0.5) * 0.4, [r[f"ratio_{setup}"] for r in graph], 0.4,
+                    color=color, label=f"low-memory, {setup}")
+    axes[0].axhline(1.0, color="black", lw=0.8, label="standard larq")
+    axes[0].set_xticks(positions, labels)
+    axes[0].set_ylabel("step time / standard larq (graph mode)")
+    axes[0].legend(fontsize=8)
+    if memory:
+        memory = [m for m in memory if m["mode"] == "graph"]
+        keys = sorted({(m["model"], m["storage"]) for m in memory if m["setup"] != "standard"})
+        mpos = np.arange(len(keys))
+        for k, (setup, color) in enumerate((("standard", "tab:gray"), ("kernels", "tab:green"),
+                                            ("fallback", "tab:orange"))):
+            values = []
+            for model_name, storage in keys:
+                match = [m for m in memory if m["model"] == model_name and m["setup"] == setup
+                         and (setup == "standard" or m["storage"] == storage)]
+                values.append(match[0]["peak_bytes"] / 2**20 if match else 0)
+            axes[1].bar(mpos + (k - 1) * 0.27, values, 0.27, color=color, label=setup)
+        axes[1].set_xticks(mpos, [f"{m}\n{s}" for m, s in keys])
+        axes[1].set_ylabel("training step peak (MiB, BFC)")
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-worker"]:
+        model_name, setup, storage, batch, mode = argv[1:6]
+        storage = None if storage == "float32" else storage
+        print(json.dumps(memory_worker(model_name, setup, storage, int(batch), mode == "jit")))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,cnv,binarynet", type=lambda s: s.split(","))
+    parser.add_argument("--storages", default="float32,float16", type=lambda s: s.split(","))
     parser.add_argument("--modes", default="graph,jit", type=lambda s: s.split(","))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--op-repeats", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--parts", default="ops,steps,memory", type=lambda s: s.split(","),
+                        help="what to measure: ops, steps, memory")
+    parser.add_argument("--memory-models", default=None, type=lambda s: s.split(","),
+                        help="models whose memory is measured (default: --models)")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = parser.parse_args(argv)
 
-    results = [time_steps(m, mode == "jit", args.steps, args.warmup, args.batch_size)
-               for m in args.models for mode in args.modes]
-    packing = packing_cost(repeats=20)
+    if lqp.kernels.library() is None:
+        print(f"kernels unavailable ({lqp.kernels.reason()}): 'kernels' rows are the fallback")
+    storages = [None if s == "float32" else s for s in args.storages]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"tensorflow": tf.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-            "args": vars(args)}
-    out.write_text(json.dumps({"meta": meta, "steps": results, "packing": packing}, indent=1))
-    plot(results, out.with_suffix(".png"))
+            "load_average_at_start": os.getloadavg(),
+            "kernels_loaded": lqp.kernels.library() is not None, "args": vars(args)}
+    result = {"meta": meta, "steps": [], "ops": [], "memory": []}
+
+    def save():  # after every part: a long run that is stopped keeps what it measured
+        out.write_text(json.dumps(result, indent=1))
+
+    if "ops" in args.parts:
+        result["ops"] = op_timings(args.op_repeats)
+        save()
+    if "steps" in args.parts:
+        for m in args.models:
+            for mode in args.modes:
+                for st in storages:
+                    if not (mode == "jit" and st is not None):
+                        result["steps"].append(
+                            time_steps(m, st, mode == "jit", args.steps, args.warmup,
+                                       args.batch_size))
+                        save()
+    if "memory" in args.parts and not args.no_memory:
+        result["memory"] = memory_rows(args.memory_models or args.models, storages,
+                                       args.batch_size)
+        save()
+    plot(result["steps"], result["memory"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

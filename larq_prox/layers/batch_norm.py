@@ -48,7 +48,7 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
-from larq_prox import bitpack
+from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
 
 __all__ = ["BinaryBatchNorm", "MODES", "l1_moments", "proposed_gradient", "l1_gradient"]
@@ -138,6 +138,9 @@ _CHUNKS = 4
 
 
 def _normalize_proposed(y, beta, mean, psi, axes):
+    if kernels.bn_usable(y, axes):  # the fused kernel; the code below is its reference
+        return kernels.normalize_proposed(y, beta, mean, psi)
+
     @tf.custom_gradient
     def normalize(y, beta, mean, psi):
         # After psi: then this is y's last reader and may overwrite y in place.
@@ -336,7 +339,11 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
 
     def _train(self, y: tf.Tensor) -> tf.Tensor:
         chunks = _CHUNKS if self.mode == "proposed" else 1
-        mean, psi = l1_moments(y, self._reduction_axes, self.epsilon, chunks)
+        if self.mode != "exact" and kernels.bn_usable(y, self._reduction_axes):
+            mean, psi = (tf.reshape(v, self._broadcast_shape)
+                         for v in kernels.l1_moments(y, self.epsilon))
+        else:
+            mean, psi = l1_moments(y, self._reduction_axes, self.epsilon, chunks)
         beta = tf.reshape(self._beta(), self._broadcast_shape)
         if self.mode != "exact":
             # The custom backward is the whole gradient of y; the moments are

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from larq_prox import bitpack
+from larq_prox import kernels
 from larq_prox.ops.saved import SAVED_DTYPES, check_saved_dtype
 
 __all__ = ["SAVED_DTYPES", "check_saved_dtype", "masked_relu", "saved_prelu"]
@@ -54,7 +54,7 @@ def masked_relu(x: tf.Tensor) -> tf.Tensor:
     @tf.custom_gradient
     def _op(x):
         shape = tf.shape(x)
-        packed = bitpack.pack_bits(x > 0)
+        packed = kernels.pack_bits(x > 0)
         # The output waits for the bits: graph mode would otherwise pack late and
         # keep x alive meanwhile.
         with tf.control_dependencies([packed]):
@@ -63,7 +63,7 @@ def masked_relu(x: tf.Tensor) -> tf.Tensor:
         def grad(dy):
             with tf.control_dependencies([dy]):
                 # 0 / 1 in dy's dtype straight from the bits: no boolean temporary.
-                mask = bitpack.unpack_bits(packed, shape, dy.dtype)
+                mask = kernels.unpack_bits(packed, shape, dy.dtype)
             # ReluGrad's product (not a select, which would save the float mask
             # but give 0 for NaN/inf dy and +0 for negative dy where x <= 0).
             return dy * mask

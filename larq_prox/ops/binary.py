@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
-from larq_prox import bitpack
+from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
 from larq_prox.quantizers import BackwardNeeds
 
@@ -125,7 +125,7 @@ class InputBackward:
                 tf.cast(self.needs.from_mask(tf.constant(bit), x.dtype), x.dtype)
                 for bit in (True, False)
             )
-            return dict(bits=bitpack.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
+            return dict(bits=kernels.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
         derivative = tf.reshape(tf.cast(self.needs.derivative(x), x.dtype), [-1])
         if self.backward_bits is None:
             return dict(values=derivative)
@@ -157,11 +157,9 @@ class InputBackward:
         with tf.control_dependencies([dx]):
             if kind == "mask":
                 packed = rows(kept["bits"], None if start is None else per_sample // 8)
-                mask = bitpack.unpack_bits(packed, tf.shape(dx))
                 inside, outside = kept["inside"], kept["outside"]
-                if _is_constant(inside, 1) and _is_constant(outside, 0):
-                    return tf.where(mask, dx, tf.constant(0, dx.dtype))
-                return dx * tf.where(mask, inside, outside)
+                select = _is_constant(inside, 1) and _is_constant(outside, 0)
+                return kernels.apply_mask(dx, packed, inside, outside, select)
             if "values" in kept:
                 derivative = rows(kept["values"], per_sample)
             else:
@@ -230,7 +228,8 @@ def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     A NaN has no sign bit (NaN >= 0 is False): a sample holding one gets NaN
     signs (so NaN outputs, as larq's `ste_sign` gives NaN there), and the
     per-call flag makes the backward's unpacked signs NaN (so a NaN kernel
-    gradient, as larq's). One reduction, no float copy of x.
+    gradient, as larq's). One reduction, no float copy of x. Pure TF: the
+    fused `kernels.sign_and_pack` has no per-sample NaN flag yet.
     """
     positive = x >= 0
     packed_signs = bitpack.pack_bits(positive)
@@ -260,7 +259,7 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
                 return tf.identity(kernel)
 
         return gated
-    packed = bitpack.pack_signs(kernel)
+    packed = kernels.pack_signs(kernel)
     # A NaN latent weight gives a NaN binary weight, which has no sign bit:
     # the flag restores the kernel as NaN, so that dx is NaN as larq's is.
     nan = tf.reduce_any(tf.math.is_nan(kernel))

@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
-from larq_prox import bitpack
+from larq_prox import bitpack, kernels
 
 __all__ = ["argmax_bits", "argmax_max_pool2d", "bitmask_max_pool2d", "pool_geometry"]
 
@@ -116,6 +116,8 @@ def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
     ```
     """
     p, q = pool_size
+    if kernels.use(x):  # fused mask and scatter; below, their pure-TF reference
+        return _bitmask_max_pool2d_kernel(x, pool_size)
 
     @tf.custom_gradient
     def _op(x):
@@ -145,6 +147,25 @@ def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
             ):
                 return dx
             return tf.pad(dx, [[0, 0], [0, missing[1]], [0, missing[2]], [0, 0]])
+
+        return outputs, grad
+
+    return _op(x)
+
+
+def _bitmask_max_pool2d_kernel(x: tf.Tensor, pool_size) -> tf.Tensor:
+    """`bitmask_max_pool2d` by the fused kernels (`larq_prox.kernels`): the same bits and dx."""
+
+    @tf.custom_gradient
+    def _op(x):
+        shape = tf.shape(x)
+        outputs = tf.nn.max_pool2d(x, pool_size, pool_size, "VALID")
+        packed = kernels.first_max_bits(x, outputs, pool_size)
+        with tf.control_dependencies([packed]):  # as in the reference: x dies early
+            outputs = tf.identity(outputs)
+
+        def grad(dy):
+            return kernels.unpool_bits(dy, packed, shape, pool_size)
 
         return outputs, grad
 

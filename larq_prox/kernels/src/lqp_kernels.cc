@@ -1,0 +1,812 @@
+// Fused CPU kernels of larq-prox's low-memory path (see larq_prox/kernels/__init__.py).
+//
+// Portable C++17: plain loops the compiler vectorizes (-O3), no intrinsics.
+// Threads come from TensorFlow's CPU device pool. Bits are packed as
+// larq_prox/bitpack.py packs them: element 8k+i of the flattened tensor is bit
+// 7-i (most significant first) of byte k; padding bits of the last byte are 0.
+// Reductions run over fixed blocks chosen from the shape alone and are summed
+// in block order (in double), so results do not depend on the thread count.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_util.h"
+#include "tensorflow/core/lib/core/threadpool.h"
+
+namespace larq_prox {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Status;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+using tensorflow::shape_inference::DimensionHandle;
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+namespace {
+
+// Runs fn(begin, end) over [0, total) on the device's worker threads.
+template <typename Fn>
+void parallel_for(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit, Fn fn) {
+  if (total <= 0) return;
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  pool->ParallelFor(total, cost_per_unit, [&fn](int64_t begin, int64_t end) { fn(begin, end); });
+}
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+// Rows per reduction block: a multiple of 8 (so that a block's bits start on a
+// byte) of about 16K elements. Depends on the shape only.
+int64_t block_rows(int64_t channels) {
+  int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, channels));
+  return std::max<int64_t>(8, (rows + 7) / 8 * 8);
+}
+
+inline uint8_t get_bit(const uint8_t* bits, int64_t e) { return (bits[e >> 3] >> (7 - (e & 7))) & 1; }
+
+// m[j] = bit of element e0 + j (0 or 1) for j < len. Whole bytes at a time: a
+// per-element `bit ? a : b` on random bits is a mispredicted branch each
+// (10x slower); loops over m[] below compile to vector blends instead.
+inline void expand_bits(const uint8_t* bits, int64_t e0, int64_t len, uint8_t* m) {
+  int64_t j = 0;
+  for (; j < len && ((e0 + j) & 7); ++j) m[j] = get_bit(bits, e0 + j);
+  for (; j + 8 <= len; j += 8) {
+    const unsigned byte = bits[(e0 + j) >> 3];
+    for (int i = 0; i < 8; ++i) m[j + i] = (byte >> (7 - i)) & 1;
+  }
+  for (; j < len; ++j) m[j] = get_bit(bits, e0 + j);
+}
+
+// Bytes [k0, k1) of the packed m (m[0] is element 8 * k0); n elements in all.
+inline void pack_bytes(const uint8_t* m, int64_t k0, int64_t k1, int64_t n, uint8_t* bits) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint8_t* v = m + 8 * (k - k0);
+    uint8_t byte = 0;
+    const int64_t count = std::min<int64_t>(8, n - 8 * k);
+    if (count == 8) {
+      for (int i = 0; i < 8; ++i) byte |= static_cast<uint8_t>(v[i] << (7 - i));
+    } else {
+      for (int64_t i = 0; i < count; ++i) byte |= static_cast<uint8_t>(v[i] << (7 - i));
+    }
+    bits[k] = byte;
+  }
+}
+
+// m ? a : b (m is 0 or 1) by bit masks: no branch, so the loops vectorize
+// (a branch on random bits mispredicts half the time), and exact for any value.
+template <typename T>
+inline T blend(uint8_t m, T a, T b) {
+  using U = typename std::conditional<sizeof(T) == 1, uint8_t,
+            typename std::conditional<sizeof(T) == 2, uint16_t,
+            typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type>::type>::type;
+  static_assert(sizeof(U) == sizeof(T), "blend: unsupported element size");
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U mask = static_cast<U>(U(0) - static_cast<U>(m));
+  const U r = static_cast<U>((ua & mask) | (ub & static_cast<U>(~mask)));
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+template <>
+inline bool blend<bool>(uint8_t m, bool a, bool b) { return m ? a : b; }
+
+constexpr int64_t kChunkBytes = 512;  // elementwise kernels: 4096 elements per step
+
+// Packs pred(i) for elements [8*byte_begin, min(8*byte_end, n)) into bits.
+template <typename Pred>
+inline void pack_range(uint8_t* bits, int64_t byte_begin, int64_t byte_end, int64_t n, Pred pred) {
+  for (int64_t k = byte_begin; k < byte_end; ++k) {
+    const int64_t base = 8 * k;
+    uint8_t byte = 0;
+    if (base + 8 <= n) {
+      for (int i = 0; i < 8; ++i) byte |= static_cast<uint8_t>(pred(base + i)) << (7 - i);
+    } else {
+      for (int64_t i = 0; base + i < n; ++i) byte |= static_cast<uint8_t>(pred(base + i)) << (7 - i);
+    }
+    bits[k] = byte;
+  }
+}
+
+Status channels_last(InferenceContext* c, ShapeHandle* y, DimensionHandle* channels) {
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, y));
+  *channels = c->Dim(*y, -1);
+  return tensorflow::OkStatus();
+}
+
+Status packed_shape(InferenceContext* c, ShapeHandle shape, ShapeHandle* out) {
+  DimensionHandle n = c->NumElements(shape);
+  if (!c->ValueKnown(n)) {
+    *out = c->Vector(InferenceContext::kUnknownDim);
+  } else {
+    *out = c->Vector((c->Value(n) + 7) / 8);
+  }
+  return tensorflow::OkStatus();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- l1 moments
+REGISTER_OP("LqpL1Moments")
+    .Input("y: T")
+    .Output("mean: T")
+    .Output("psi: T")
+    .Attr("T: {float, double}")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle y;
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(channels_last(c, &y, &channels));
+      c->set_output(0, c->Vector(channels));
+      c->set_output(1, c->Vector(channels));
+      return tensorflow::OkStatus();
+    })
+    .Doc("Per-channel mean(y) and mean|y - mean| + epsilon over all axes but the last.");
+
+template <typename T>
+class L1MomentsOp : public OpKernel {
+ public:
+  explicit L1MomentsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_t = ctx->input(0);
+    OP_REQUIRES(ctx, y_t.dims() >= 1, InvalidArgument("LqpL1Moments: y needs rank >= 1"));
+    const int64_t channels = y_t.dim_size(y_t.dims() - 1);
+    const int64_t rows = channels ? y_t.NumElements() / channels : 0;
+    Tensor *mean_t, *psi_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({channels}), &mean_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &psi_t));
+    const T* y = y_t.flat<T>().data();
+    T* mean = mean_t->flat<T>().data();
+    T* psi = psi_t->flat<T>().data();
+    const int64_t per_block = block_rows(channels);
+    const int64_t blocks = (rows + per_block - 1) / per_block;
+    std::vector<double> partial(static_cast<size_t>(blocks * channels));
+    // Sweep 1: mean. Sweep 2: mean |y - mean| (exact: needs the mean first).
+    for (int sweep = 0; sweep < 2; ++sweep) {
+      parallel_for(ctx, blocks, per_block * channels * 2, [&](int64_t b0, int64_t b1) {
+        std::vector<T> acc(channels);
+        for (int64_t b = b0; b < b1; ++b) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          const int64_t r1 = std::min(rows, (b + 1) * per_block);
+          for (int64_t r = b * per_block; r < r1; ++r) {
+            const T* row = y + r * channels;
+            if (sweep == 0) {
+              for (int64_t c = 0; c < channels; ++c) acc[c] += row[c];
+            } else {
+              for (int64_t c = 0; c < channels; ++c) acc[c] += std::abs(row[c] - mean[c]);
+            }
+          }
+          double* out = partial.data() + b * channels;
+          for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<double>(acc[c]);
+        }
+      });
+      for (int64_t c = 0; c < channels; ++c) {
+        double total = 0.0;
+        for (int64_t b = 0; b < blocks; ++b) total += partial[b * channels + c];
+        const T average = static_cast<T>(total / static_cast<double>(rows));
+        if (sweep == 0) {
+          mean[c] = rows ? average : T(NAN);
+        } else {
+          psi[c] = (rows ? average : T(NAN)) + static_cast<T>(epsilon_);
+        }
+      }
+    }
+  }
+
+ private:
+  float epsilon_;
+};
+
+// ------------------------------------------------ BinaryBatchNorm(proposed)
+REGISTER_OP("LqpBinaryBatchNormForward")
+    .Input("y: T")
+    .Input("beta: T")
+    .Input("mean: T")
+    .Input("psi: T")
+    .Output("x: T")
+    .Output("omega: T")
+    .Output("bits: uint8")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle y, bits;
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(channels_last(c, &y, &channels));
+      c->set_output(0, y);
+      c->set_output(1, c->Vector(channels));
+      TF_RETURN_IF_ERROR(packed_shape(c, y, &bits));
+      c->set_output(2, bits);
+      return tensorflow::OkStatus();
+    })
+    .Doc("x = (y - mean) / psi + beta, omega = mean|x| and the packed bits of x >= 0, one sweep.");
+
+template <typename T>
+class BinaryBatchNormForwardOp : public OpKernel {
+ public:
+  explicit BinaryBatchNormForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_t = ctx->input(0);
+    OP_REQUIRES(ctx, y_t.dims() >= 1, InvalidArgument("LqpBinaryBatchNormForward: y needs rank >= 1"));
+    const int64_t channels = y_t.dim_size(y_t.dims() - 1);
+    for (int i = 1; i < 4; ++i) {
+      OP_REQUIRES(ctx, ctx->input(i).NumElements() == channels,
+                  InvalidArgument("LqpBinaryBatchNormForward: beta, mean, psi need ", channels,
+                                  " elements (the last axis of y)"));
+    }
+    const int64_t n = y_t.NumElements();
+    const int64_t rows = channels ? n / channels : 0;
+    Tensor* x_t = nullptr;
+    // x may take y's buffer: the normalization is y's last reader.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, y_t.shape(), &x_t));
+    Tensor *omega_t, *bits_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &omega_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({(n + 7) / 8}), &bits_t));
+    const T* y = y_t.flat<T>().data();
+    const T* beta = ctx->input(1).flat<T>().data();
+    const T* mean = ctx->input(2).flat<T>().data();
+    const T* psi = ctx->input(3).flat<T>().data();
+    T* x = x_t->flat<T>().data();
+    T* omega = omega_t->flat<T>().data();
+    uint8_t* bits = bits_t->flat<uint8_t>().data();
+    const int64_t per_block = block_rows(channels);
+    const int64_t blocks = (rows + per_block - 1) / per_block;
+    std::vector<double> partial(static_cast<size_t>(blocks * channels));
+    parallel_for(ctx, blocks, per_block * channels * 6, [&](int64_t b0, int64_t b1) {
+      std::vector<T> acc(channels);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        const int64_t r0 = b * per_block, r1 = std::min(rows, (b + 1) * per_block);
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* in = y + r * channels;
+          T* out = x + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const T v = (in[c] - mean[c]) / psi[c] + beta[c];
+            out[c] = v;
+            acc[c] += std::abs(v);
+          }
+        }
+        // This block's elements start on a byte (r0 is a multiple of 8); the
+        // byte it shares with the next block is written by the next block.
+        const int64_t e0 = r0 * channels, e1 = r1 * channels;
+        const int64_t k1 = (r1 == rows) ? (n + 7) / 8 : e1 / 8;
+        pack_range(bits, e0 / 8, k1, n, [x](int64_t e) { return x[e] >= T(0); });
+        double* sums = partial.data() + b * channels;
+        for (int64_t c = 0; c < channels; ++c) sums[c] = static_cast<double>(acc[c]);
+      }
+    });
+    for (int64_t c = 0; c < channels; ++c) {
+      double total = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) total += partial[b * channels + c];
+      omega[c] = rows ? static_cast<T>(total / static_cast<double>(rows)) : T(NAN);
+    }
+  }
+};
+
+REGISTER_OP("LqpBinaryBatchNormGrad")
+    .Input("dx: T")
+    .Input("bits: uint8")
+    .Input("psi: T")
+    .Input("omega: T")
+    .Output("dy: T")
+    .Output("dbeta: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle y;
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(channels_last(c, &y, &channels));
+      c->set_output(0, y);
+      c->set_output(1, c->Vector(channels));
+      return tensorflow::OkStatus();
+    })
+    .Doc("dy = (dx - mean(dx) - omega mean(dx s) s) / psi with s = +-1 from bits; dbeta = sum(dx).");
+
+template <typename T>
+class BinaryBatchNormGradOp : public OpKernel {
+ public:
+  explicit BinaryBatchNormGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dx_t = ctx->input(0);
+    OP_REQUIRES(ctx, dx_t.dims() >= 1, InvalidArgument("LqpBinaryBatchNormGrad: dx needs rank >= 1"));
+    const int64_t channels = dx_t.dim_size(dx_t.dims() - 1);
+    const int64_t n = dx_t.NumElements();
+    const int64_t rows = channels ? n / channels : 0;
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == (n + 7) / 8,
+                InvalidArgument("LqpBinaryBatchNormGrad: bits need ", (n + 7) / 8, " bytes, got ",
+                                ctx->input(1).NumElements()));
+    for (int i = 2; i < 4; ++i) {
+      OP_REQUIRES(ctx, ctx->input(i).NumElements() == channels,
+                  InvalidArgument("LqpBinaryBatchNormGrad: psi, omega need ", channels, " elements"));
+    }
+    const T* dx = dx_t.flat<T>().data();
+    const uint8_t* bits = ctx->input(1).flat<uint8_t>().data();
+    const T* psi = ctx->input(2).flat<T>().data();
+    const T* omega = ctx->input(3).flat<T>().data();
+    Tensor *dy_t = nullptr, *dbeta_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &dbeta_t));
+    T* dbeta = dbeta_t->flat<T>().data();
+    const int64_t per_block = block_rows(channels);
+    const int64_t blocks = (rows + per_block - 1) / per_block;
+    std::vector<double> partial(static_cast<size_t>(2 * blocks * channels));
+    // Sweep 1: sum(dx) and sum(dx * s) per channel.
+    parallel_for(ctx, blocks, per_block * channels * 4, [&](int64_t b0, int64_t b1) {
+      std::vector<T> sum(channels), corr(channels);
+      std::vector<uint8_t> m(channels);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(sum.begin(), sum.end(), T(0));
+        std::fill(corr.begin(), corr.end(), T(0));
+        const int64_t r1 = std::min(rows, (b + 1) * per_block);
+        for (int64_t r = b * per_block; r < r1; ++r) {
+          const T* g = dx + r * channels;
+          expand_bits(bits, r * channels, channels, m.data());
+          for (int64_t c = 0; c < channels; ++c) {
+            sum[c] += g[c];
+            corr[c] += blend(m[c], g[c], static_cast<T>(-g[c]));
+          }
+        }
+        double* out = partial.data() + 2 * b * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          out[c] = static_cast<double>(sum[c]);
+          out[channels + c] = static_cast<double>(corr[c]);
+        }
+      }
+    });
+    std::vector<T> centre(channels), k(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      double s = 0.0, q = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        s += partial[2 * b * channels + c];
+        q += partial[2 * b * channels + channels + c];
+      }
+      const T count = static_cast<T>(rows);
+      dbeta[c] = static_cast<T>(s);
+      centre[c] = static_cast<T>(s) / count;
+      k[c] = omega[c] * static_cast<T>(q) / count;
+    }
+    // dy may take dx's buffer.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &dy_t));
+    T* dy = dy_t->flat<T>().data();
+    // Sweep 2: dy, in the reference's order of operations.
+    std::vector<T> plus(channels), minus(channels);  // the shift for s = +1 and s = -1
+    for (int64_t c = 0; c < channels; ++c) {
+      plus[c] = k[c] + centre[c];
+      minus[c] = -k[c] + centre[c];
+    }
+    parallel_for(ctx, rows, channels * 4, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> m(channels);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* g = dx + r * channels;
+        T* out = dy + r * channels;
+        expand_bits(bits, r * channels, channels, m.data());
+        for (int64_t c = 0; c < channels; ++c) {
+          const T shift = blend(m[c], plus[c], minus[c]);
+          out[c] = (g[c] - shift) / psi[c];
+        }
+      }
+    });
+  }
+};
+
+// ------------------------------------------------------------- bit packing
+REGISTER_OP("LqpSignAndPack")
+    .Input("x: T")
+    .Output("signs: T")
+    .Output("bits: uint8")
+    .Attr("T: {half, bfloat16, float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle bits;
+      c->set_output(0, c->input(0));
+      TF_RETURN_IF_ERROR(packed_shape(c, c->input(0), &bits));
+      c->set_output(1, bits);
+      return tensorflow::OkStatus();
+    })
+    .Doc("sign(x) (+1 where x >= 0, -1 elsewhere, NaN included) and the packed bits of x >= 0.");
+
+template <typename T>
+class SignAndPackOp : public OpKernel {
+ public:
+  explicit SignAndPackOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x_t = ctx->input(0);
+    const int64_t n = x_t.NumElements();
+    Tensor *signs_t = nullptr, *bits_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({(n + 7) / 8}), &bits_t));
+    const T* x = x_t.flat<T>().data();
+    uint8_t* bits = bits_t->flat<uint8_t>().data();
+    const int64_t bytes = (n + 7) / 8;
+    // The signs may overwrite x's buffer in place: each chunk reads its x first.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_t.shape(), &signs_t));
+    T* signs = signs_t->flat<T>().data();
+    const T plus(1.0f), minus(-1.0f);
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 40,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
+        const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
+        for (int64_t j = 0; j < len; ++j) m[j] = to_float(x[e0 + j]) >= 0.0f;
+        pack_bytes(m, k0, k1, n, bits);
+        for (int64_t j = 0; j < len; ++j) signs[e0 + j] = blend(m[j], plus, minus);
+      }
+    });
+  }
+};
+
+REGISTER_OP("LqpPackBits")
+    .Input("mask: bool")
+    .Output("bits: uint8")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle bits;
+      TF_RETURN_IF_ERROR(packed_shape(c, c->input(0), &bits));
+      c->set_output(0, bits);
+      return tensorflow::OkStatus();
+    })
+    .Doc("Packs a boolean tensor into ceil(n / 8) bytes.");
+
+class PackBitsOp : public OpKernel {
+ public:
+  explicit PackBitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& mask_t = ctx->input(0);
+    const int64_t n = mask_t.NumElements();
+    Tensor* bits_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
+    const bool* mask = mask_t.flat<bool>().data();
+    uint8_t* bits = bits_t->flat<uint8_t>().data();
+    const int64_t bytes = (n + 7) / 8;
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 16,
+                 [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
+        pack_bytes(reinterpret_cast<const uint8_t*>(mask) + 8 * k0, k0, k1, n, bits);
+      }
+    });
+  }
+};
+
+REGISTER_OP("LqpUnpackBits")
+    .Input("bits: uint8")
+    .Input("shape: int32")
+    .Input("on: T")
+    .Input("off: T")
+    .Output("values: T")
+    .Attr("T: {bool, uint8, int32, half, bfloat16, float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(1, &out));
+      c->set_output(0, out);
+      return tensorflow::OkStatus();
+    })
+    .Doc("A tensor of `shape`: `on` where the bit is set, `off` elsewhere.");
+
+template <typename T>
+class UnpackBitsOp : public OpKernel {
+ public:
+  explicit UnpackBitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& bits_t = ctx->input(0);
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, tensorflow::tensor::MakeShape(ctx->input(1), &shape));
+    const int64_t n = shape.num_elements();
+    OP_REQUIRES(ctx, bits_t.NumElements() * 8 >= n,
+                InvalidArgument("LqpUnpackBits: ", bits_t.NumElements(), " bytes hold fewer than ",
+                                n, " bits"));
+    OP_REQUIRES(ctx, ctx->input(2).NumElements() == 1 && ctx->input(3).NumElements() == 1,
+                InvalidArgument("LqpUnpackBits: on and off must be scalars"));
+    Tensor* out_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &out_t));
+    const uint8_t* bits = bits_t.flat<uint8_t>().data();
+    const T on = ctx->input(2).flat<T>()(0), off = ctx->input(3).flat<T>()(0);
+    T* out = out_t->flat<T>().data();
+    const int64_t bytes = (n + 7) / 8;
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 24,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t e0 = 8 * chunk * kChunkBytes;
+        const int64_t len = std::min(n, e0 + 8 * kChunkBytes) - e0;
+        expand_bits(bits, e0, len, m);
+        for (int64_t j = 0; j < len; ++j) out[e0 + j] = blend(m[j], on, off);
+      }
+    });
+  }
+};
+
+REGISTER_OP("LqpApplyMask")
+    .Input("dx: T")
+    .Input("bits: uint8")
+    .Input("inside: T")
+    .Input("outside: T")
+    .Output("out: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("select: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return tensorflow::OkStatus();
+    })
+    .Doc("dx * (bit ? inside : outside); with select, bit ? dx : 0 (no NaN from dx outside).");
+
+template <typename T>
+class ApplyMaskOp : public OpKernel {
+ public:
+  explicit ApplyMaskOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("select", &select_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dx_t = ctx->input(0);
+    const int64_t n = dx_t.NumElements();
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == (n + 7) / 8,
+                InvalidArgument("LqpApplyMask: bits need ", (n + 7) / 8, " bytes, got ",
+                                ctx->input(1).NumElements()));
+    OP_REQUIRES(ctx, ctx->input(2).NumElements() == 1 && ctx->input(3).NumElements() == 1,
+                InvalidArgument("LqpApplyMask: inside and outside must be scalars"));
+    const T* dx = dx_t.flat<T>().data();
+    const uint8_t* bits = ctx->input(1).flat<uint8_t>().data();
+    const T inside = ctx->input(2).flat<T>()(0), outside = ctx->input(3).flat<T>()(0);
+    Tensor* out_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &out_t));
+    T* out = out_t->flat<T>().data();
+    const bool select = select_;
+    const int64_t bytes = (n + 7) / 8;
+    const T zero(0.0f);
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 32,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t e0 = 8 * chunk * kChunkBytes;
+        const int64_t len = std::min(n, e0 + 8 * kChunkBytes) - e0;
+        expand_bits(bits, e0, len, m);
+        const T* g = dx + e0;
+        T* o = out + e0;
+        if (select) {
+          for (int64_t j = 0; j < len; ++j) o[j] = blend(m[j], g[j], zero);
+        } else {
+          for (int64_t j = 0; j < len; ++j) o[j] = g[j] * blend(m[j], inside, outside);
+        }
+      }
+    });
+  }
+
+ private:
+  bool select_;
+};
+
+// ------------------------------------------------------- bit-mask max pool
+REGISTER_OP("LqpFirstMaxBits")
+    .Input("x: T")
+    .Input("y: T")
+    .Output("bits: uint8")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("pool: list(int)")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+      std::vector<int> pool;
+      TF_RETURN_IF_ERROR(c->GetAttr("pool", &pool));
+      int64_t n = 1;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t d = c->Value(c->Dim(x, i));
+        if (d < 0 || pool.size() != 2) {
+          c->set_output(0, c->Vector(InferenceContext::kUnknownDim));
+          return tensorflow::OkStatus();
+        }
+        n *= (i == 1 || i == 2) ? d / pool[i - 1] * pool[i - 1] : d;
+      }
+      c->set_output(0, c->Vector((n + 7) / 8));
+      return tensorflow::OkStatus();
+    })
+    .Doc("Bits over the windows [B, Ho, p, Wo, q, C] of an NHWC 'VALID' pool with strides = "
+         "pool: set at each window's first element equal to y, or at its first element when "
+         "that is NaN or when none equals y (MaxPoolGrad's choice).");
+
+template <typename T>
+class FirstMaxBitsOp : public OpKernel {
+ public:
+  explicit FirstMaxBitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::vector<int> pool;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("pool", &pool));
+    OP_REQUIRES(ctx, pool.size() == 2 && pool[0] > 0 && pool[1] > 0,
+                InvalidArgument("LqpFirstMaxBits: pool must be two positive ints"));
+    p_ = pool[0];
+    q_ = pool[1];
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x_t = ctx->input(0);
+    const Tensor& y_t = ctx->input(1);
+    OP_REQUIRES(ctx, x_t.dims() == 4 && y_t.dims() == 4,
+                InvalidArgument("LqpFirstMaxBits: x and y must be NHWC"));
+    const int64_t batch = x_t.dim_size(0), height = x_t.dim_size(1), width = x_t.dim_size(2);
+    const int64_t channels = x_t.dim_size(3);
+    const int64_t ho = y_t.dim_size(1), wo = y_t.dim_size(2);
+    OP_REQUIRES(ctx, y_t.dim_size(0) == batch && y_t.dim_size(3) == channels && ho == height / p_ &&
+                         wo == width / q_,
+                InvalidArgument("LqpFirstMaxBits: y is not the pool of x"));
+    const int64_t p = p_, q = q_;
+    const int64_t row_elems = p * wo * q * channels;  // one output row of windows
+    const int64_t n = batch * ho * row_elems;
+    Tensor* bits_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
+    uint8_t* bits = bits_t->flat<uint8_t>().data();
+    std::memset(bits, 0, static_cast<size_t>((n + 7) / 8));
+    const T* x = x_t.flat<T>().data();
+    const T* y = y_t.flat<T>().data();
+    const int64_t units = batch * ho;
+    // A unit (an output row) owns its bytes when its bit count is a multiple of 8.
+    const bool aligned = row_elems % 8 == 0;
+    auto unit = [&](int64_t u) {
+      const int64_t b = u / ho, r = u % ho;
+      for (int64_t col = 0; col < wo; ++col) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const T target = y[((b * ho + r) * wo + col) * channels + c];
+          auto at = [&](int64_t i, int64_t j) {
+            return x[((b * height + r * p + i) * width + col * q + j) * channels + c];
+          };
+          int64_t best = 0;
+          if (!std::isnan(to_float(at(0, 0)))) {
+            for (int64_t k = 0; k < p * q; ++k) {
+              if (at(k / q, k % q) == target) {
+                best = k;
+                break;
+              }
+            }
+          }
+          const int64_t e = u * row_elems + ((best / q) * wo * q + col * q + best % q) * channels + c;
+          bits[e >> 3] |= static_cast<uint8_t>(1u << (7 - (e & 7)));
+        }
+      }
+    };
+    if (aligned) {
+      parallel_for(ctx, units, row_elems * 2, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) unit(u);
+      });
+    } else {
+      for (int64_t u = 0; u < units; ++u) unit(u);
+    }
+  }
+
+ private:
+  int p_, q_;
+};
+
+REGISTER_OP("LqpUnpoolBits")
+    .Input("dy: T")
+    .Input("bits: uint8")
+    .Input("input_shape: int32")
+    .Output("dx: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("pool: list(int)")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &out));
+      c->set_output(0, out);
+      return tensorflow::OkStatus();
+    })
+    .Doc("dx of the bit-mask max pool: dy at the set bits of each window, 0 elsewhere "
+         "(and in the rows and columns beyond the last full window).");
+
+template <typename T>
+class UnpoolBitsOp : public OpKernel {
+ public:
+  explicit UnpoolBitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::vector<int> pool;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("pool", &pool));
+    OP_REQUIRES(ctx, pool.size() == 2 && pool[0] > 0 && pool[1] > 0,
+                InvalidArgument("LqpUnpoolBits: pool must be two positive ints"));
+    p_ = pool[0];
+    q_ = pool[1];
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy_t = ctx->input(0);
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, tensorflow::tensor::MakeShape(ctx->input(2), &shape));
+    OP_REQUIRES(ctx, dy_t.dims() == 4 && shape.dims() == 4,
+                InvalidArgument("LqpUnpoolBits: dy and input_shape must be NHWC"));
+    const int64_t batch = shape.dim_size(0), height = shape.dim_size(1), width = shape.dim_size(2);
+    const int64_t channels = shape.dim_size(3);
+    const int64_t ho = dy_t.dim_size(1), wo = dy_t.dim_size(2);
+    const int64_t p = p_, q = q_;
+    OP_REQUIRES(ctx, dy_t.dim_size(0) == batch && dy_t.dim_size(3) == channels &&
+                         ho == height / p && wo == width / q,
+                InvalidArgument("LqpUnpoolBits: dy is not the pool of input_shape"));
+    const int64_t n = batch * ho * p * wo * q * channels;
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == (n + 7) / 8,
+                InvalidArgument("LqpUnpoolBits: bits need ", (n + 7) / 8, " bytes"));
+    Tensor* dx_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &dx_t));
+    const T* dy = dy_t.flat<T>().data();
+    const uint8_t* bits = ctx->input(1).flat<uint8_t>().data();
+    T* dx = dx_t->flat<T>().data();
+    const int64_t cropped_w = wo * q;
+    parallel_for(ctx, batch * height, width * channels * 2, [&](int64_t u0, int64_t u1) {
+      std::vector<uint8_t> m(cropped_w * channels);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / height, h = u % height;
+        T* out = dx + u * width * channels;
+        if (h >= ho * p) {
+          std::fill(out, out + width * channels, T(0.0f));
+          continue;
+        }
+        const T* g = dy + (b * ho + h / p) * wo * channels;
+        const int64_t e0 = (b * ho * p + h) * cropped_w * channels;
+        expand_bits(bits, e0, cropped_w * channels, m.data());
+        const T zero(0.0f);
+        for (int64_t w = 0; w < cropped_w; ++w) {
+          const T* gw = g + (w / q) * channels;
+          const uint8_t* mw = m.data() + w * channels;
+          T* o = out + w * channels;
+          for (int64_t c = 0; c < channels; ++c) o[c] = blend(mw[c], gw[c], zero);
+        }
+        std::fill(out + cropped_w * channels, out + width * channels, T(0.0f));
+      }
+    });
+  }
+
+ private:
+  int p_, q_;
+};
+
+// ------------------------------------------------------------ registration
+#define LQP_FLOATS(T)                                                                        \
+  REGISTER_KERNEL_BUILDER(Name("LqpL1Moments").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
+                          L1MomentsOp<T>);                                                   \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("LqpBinaryBatchNormForward").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
+      BinaryBatchNormForwardOp<T>);                                                          \
+  REGISTER_KERNEL_BUILDER(Name("LqpBinaryBatchNormGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          BinaryBatchNormGradOp<T>);
+LQP_FLOATS(float)
+LQP_FLOATS(double)
+
+#define LQP_ELEMENTWISE(T)                                                                   \
+  REGISTER_KERNEL_BUILDER(Name("LqpSignAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"),  \
+                          SignAndPackOp<T>);                                                 \
+  REGISTER_KERNEL_BUILDER(Name("LqpApplyMask").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
+                          ApplyMaskOp<T>);                                                   \
+  REGISTER_KERNEL_BUILDER(Name("LqpFirstMaxBits").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          FirstMaxBitsOp<T>);                                                \
+  REGISTER_KERNEL_BUILDER(Name("LqpUnpoolBits").Device(DEVICE_CPU).TypeConstraint<T>("T"),   \
+                          UnpoolBitsOp<T>);
+LQP_ELEMENTWISE(Eigen::half)
+LQP_ELEMENTWISE(Eigen::bfloat16)
+LQP_ELEMENTWISE(float)
+LQP_ELEMENTWISE(double)
+
+REGISTER_KERNEL_BUILDER(Name("LqpPackBits").Device(DEVICE_CPU), PackBitsOp);
+
+#define LQP_UNPACK(T)                                                                        \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("LqpUnpackBits").Device(DEVICE_CPU).TypeConstraint<T>("T").HostMemory("shape"),   \
+      UnpackBitsOp<T>);
+LQP_UNPACK(bool)
+LQP_UNPACK(uint8_t)
+LQP_UNPACK(int32_t)
+LQP_UNPACK(Eigen::half)
+LQP_UNPACK(Eigen::bfloat16)
+LQP_UNPACK(float)
+LQP_UNPACK(double)
+
+}  // namespace larq_prox

@@ -1,0 +1,351 @@
+"""Fused C++ kernels against their pure-TF references (the same public functions with
+LARQ_PROX_KERNELS=0): bits bit for bit, floats within rounding, gradients through fit.
+
+Tolerances: element-wise results (bits, signs, masks, pooled values, their
+gradients) are exact; BinaryBatchNorm's statistics are sums in another order
+(blocks in float, then double, vs TF's tree), so x, psi, omega, dy, dbeta agree
+to rtol 1e-5 (float32) and atol 1e-5 times the tensor's scale.
+"""
+
+import logging
+
+import larq_prox  # noqa: F401  (legacy Keras first)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from larq_prox import bitpack, kernels
+from larq_prox import layers as lqp_layers
+from larq_prox import quantizers
+from larq_prox.kernels import build
+from larq_prox.ops import binary, pooling
+from larq_prox.ops.activations import masked_relu
+
+pytestmark = pytest.mark.skipif(
+    kernels.library() is None, reason=f"kernels unavailable: {kernels.reason()}"
+)
+
+SHAPES = [(17,), (1, 1), (3, 5, 7), (1, 13, 13, 3), (2, 3, 3, 9), (4, 6, 16)]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+@pytest.fixture
+def fallback(monkeypatch):
+    """Run the body with the pure-TF reference: `with fallback(): ...`."""
+
+    class _Fallback:
+        def __enter__(self):
+            monkeypatch.setenv(kernels.ENV, "0")
+
+        def __exit__(self, *exc):
+            monkeypatch.delenv(kernels.ENV)
+
+    return _Fallback
+
+
+def _values(shape, seed=0, special=True):
+    """Normal values with zeros, -0.0, +-inf and NaN sprinkled in."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(np.float32)
+    if special and x.size >= 5:
+        flat = x.reshape(-1)
+        flat[rng.choice(x.size, 5, replace=False)] = [0.0, -0.0, np.inf, -np.inf, np.nan]
+    return x
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _np_pack(mask):
+    return np.packbits(np.asarray(mask).reshape(-1).astype(np.uint8))
+
+
+# ------------------------------------------------------------ bit packing
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_pack_and_unpack_equal_bitpack_bit_for_bit(shape):
+    x = tf.constant(_values(shape))
+    assert kernels.use(x)
+    bits = kernels.pack_signs(x).numpy()
+    assert _same(bits, bitpack.pack_signs(x).numpy())
+    assert _same(bits, _np_pack(x.numpy() >= 0))  # NaN >= 0 is False, -0.0 >= 0 True
+    mask = x > 0.5
+    assert _same(kernels.pack_bits(mask).numpy(), _np_pack(mask.numpy()))
+    size = tf.shape(x)
+    for dtype in (tf.bool, tf.uint8, tf.float32):
+        got, want = kernels.unpack_bits(bits, size, dtype), bitpack.unpack_bits(bits, size, dtype)
+        assert got.dtype == dtype and _same(got.numpy(), want.numpy())
+    for dtype in (tf.float16, tf.bfloat16, tf.float32, tf.float64):
+        assert _same(kernels.unpack_signs(bits, size, dtype).numpy(),
+                     bitpack.unpack_signs(bits, size, dtype).numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
+def test_sign_and_pack(shape, dtype, fallback):
+    x = tf.cast(_values(shape), dtype)
+    signs, bits = kernels.sign_and_pack(x)
+    with fallback():
+        want_signs, want_bits = kernels.sign_and_pack(x)
+    assert _same(signs.numpy(), want_signs.numpy()) and _same(bits.numpy(), want_bits.numpy())
+    with np.errstate(invalid="ignore"):
+        want = np.where(x.numpy() >= 0, 1, -1).astype(dtype.as_numpy_dtype)
+    assert _same(signs.numpy(), want)
+
+
+@pytest.mark.parametrize("select", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_apply_mask(shape, select, fallback):
+    dx = tf.constant(_values(shape, seed=1))  # NaN and inf in dx too
+    packed = bitpack.pack_bits(tf.constant(_values(shape, special=False)) > 0)
+    inside, outside = (tf.constant(1.0), tf.constant(0.0)) if select else (
+        tf.constant(0.5), tf.constant(-2.0))
+    got = kernels.apply_mask(dx, packed, inside, outside, select).numpy()
+    with fallback():
+        want = kernels.apply_mask(dx, packed, inside, outside, select).numpy()
+    assert _same(got, want)
+
+
+# ------------------------------------------------- BinaryBatchNorm(proposed)
+def _bn_step(y, dx, mode="proposed", beta=0.3):
+    layer = lqp_layers.BinaryBatchNorm(mode=mode, momentum=0.5, beta_initializer=tf.constant_initializer(beta))
+    layer.build(y.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(y)
+        x = layer(y, training=True)
+    dy, dbeta = tape.gradient(x, [y, layer.beta], output_gradients=dx)
+    return {"x": x.numpy(), "dy": dy.numpy(), "dbeta": dbeta.numpy(),
+            "moving_mean": layer.moving_mean.numpy(), "moving_psi": layer.moving_psi.numpy()}
+
+
+def _close(got, want, rtol=1e-5):
+    scale = np.nanmax(np.abs(np.where(np.isfinite(want), want, 0)), initial=1.0)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, equal_nan=True)
+
+
+BN_SHAPES = [(100, 10), (1, 7), (7, 5, 5, 3), (1, 3, 3, 9), (3, 4, 5, 16), (2, 1)]
+
+
+@pytest.mark.parametrize("mode", ["proposed", "l1"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
+def test_binary_batch_norm_equals_reference(shape, mode, fallback):
+    rng = np.random.default_rng(2)
+    y = tf.constant(rng.normal(1.5, 2.0, size=shape).astype(np.float32))
+    dx = tf.constant(rng.normal(size=shape).astype(np.float32))
+    got = _bn_step(y, dx, mode)
+    with fallback():
+        want = _bn_step(y, dx, mode)
+    for key in want:
+        _close(got[key], want[key])
+
+
+def test_binary_batch_norm_bits_and_omega_from_kernel_x():
+    rng = np.random.default_rng(3)
+    y = tf.constant(rng.normal(size=(5, 3, 3, 11)).astype(np.float32))
+    beta = tf.constant(rng.normal(size=(11,)).astype(np.float32))
+    mean, psi = kernels.l1_moments(y, 1e-3)
+    np.testing.assert_allclose(mean, y.numpy().reshape(-1, 11).mean(0), rtol=1e-5, atol=1e-6)
+    want_psi = np.abs(y.numpy().reshape(-1, 11) - mean.numpy()).mean(0) + 1e-3
+    np.testing.assert_allclose(psi, want_psi, rtol=1e-5)
+    x, omega, bits = kernels.library().lqp_binary_batch_norm_forward(y, beta, mean, psi)
+    # x bit for bit from the same statistics; the bits are those of that x.
+    assert _same(x.numpy(), ((y - mean) / psi + beta).numpy())
+    assert _same(bits.numpy(), bitpack.pack_signs(x).numpy())
+    np.testing.assert_allclose(omega, np.abs(x.numpy()).reshape(-1, 11).mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "constant_channel"])
+def test_binary_batch_norm_special_inputs(case, fallback):
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=(4, 3, 3, 8)).astype(np.float32)
+    if case == "nan":
+        y[1, 2, 0, 3] = np.nan
+    elif case == "inf":
+        y[0, 0, 1, 5] = np.inf
+    else:
+        y[..., 2] = 7.0
+    y, dx = tf.constant(y), tf.constant(rng.normal(size=y.shape).astype(np.float32))
+    got = _bn_step(y, dx)
+    with fallback():
+        want = _bn_step(y, dx)
+    for key in want:
+        assert np.array_equal(np.isnan(got[key]), np.isnan(want[key])), key
+        _close(got[key], want[key])
+    if case == "constant_channel":
+        assert np.isfinite(got["dy"]).all() and np.isfinite(got["x"]).all()
+    if case == "nan":  # NaN propagates in its channel only, as in the reference
+        assert np.isnan(got["x"][..., 3]).all() and np.isfinite(np.delete(got["x"], 3, -1)).all()
+
+
+def test_binary_batch_norm_graph_runs_the_kernels(fallback):
+    layer = lqp_layers.BinaryBatchNorm()
+    layer.build((None, 4, 4, 8))
+
+    def op_types():
+        @tf.function
+        def step(y):
+            with tf.GradientTape() as tape:
+                tape.watch(y)
+                x = layer(y, training=True)
+            return tape.gradient(x, y)
+
+        graph = step.get_concrete_function(tf.TensorSpec((None, 4, 4, 8))).graph
+        types = {op.type for op in graph.get_operations()}
+        for function in graph._functions.values():  # the custom gradient's body
+            types |= {node.op for node in function.definition.node_def}
+        return types
+
+    assert {"LqpL1Moments", "LqpBinaryBatchNormForward", "LqpBinaryBatchNormGrad"} <= op_types()
+    with fallback():
+        assert not any(t.startswith("Lqp") for t in op_types())
+
+
+# ------------------------------------------------------------ max pool
+POOL_SHAPES = [((2, 2), (2, 7, 9, 3)), ((2, 2), (1, 4, 4, 8)), ((3, 3), (1, 7, 6, 5)),
+               ((2, 3), (3, 5, 7, 16))]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan_inf"])
+@pytest.mark.parametrize("pool, shape", POOL_SHAPES, ids=[f"{p[0]}x{p[1]}-{s}" for p, s in POOL_SHAPES])
+def test_bitmask_pool_equals_reference_bit_for_bit(pool, shape, kind, fallback):
+    rng = np.random.default_rng(5)
+    if kind == "normal":
+        x = rng.normal(size=shape).astype(np.float32)
+    else:
+        x = rng.integers(0, 3, size=shape).astype(np.float32)
+        if kind == "nan_inf":
+            x[x == 0] = -np.inf
+            x.reshape(-1)[::3] = np.nan
+    x = tf.constant(x)
+    out_shape = (shape[0], shape[1] // pool[0], shape[2] // pool[1], shape[3])
+    dy = tf.constant(rng.normal(size=out_shape).astype(np.float32))
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.bitmask_max_pool2d(x, pool)
+        return y.numpy(), tape.gradient(y, x, output_gradients=dy).numpy()
+
+    got = run()
+    with fallback():
+        want = run()
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+    assert _same(got[0], tf.nn.max_pool2d(x, pool, pool, "VALID").numpy())
+
+
+# ------------------------------------------------ binary layers, activations
+@pytest.mark.parametrize("quantizer", ["ste_sign", "pcpp_bnn", "approx_sign"])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_binary_conv_and_dense_equal_reference(quantizer, chunks, fallback):
+    rng = np.random.default_rng(6)
+    x = tf.constant(_values((2, 5, 5, 8), seed=6))
+    w = tf.constant(rng.normal(size=(3, 3, 8, 4)).astype(np.float32))
+    xd, wd = tf.reshape(x, (2, -1)), tf.constant(rng.normal(size=(200, 3)).astype(np.float32))
+    backward = binary.InputBackward(quantizers.backward_needs(quantizer))
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch([x, w, xd, wd])
+            conv = binary.binary_conv2d(x, w, padding="SAME", input_backward=backward,
+                                        chunks=chunks)
+            dense = binary.binary_dense(xd, wd, input_backward=backward)
+            loss = tf.reduce_sum(conv * conv) + tf.reduce_sum(dense * dense)
+        return [t.numpy() for t in (conv, dense, *tape.gradient(loss, [x, w, xd, wd]))]
+
+    got = run()
+    with fallback():
+        want = run()
+    for g, r in zip(got, want, strict=True):
+        assert _same(g, r)
+
+
+def test_masked_relu_equals_reference(fallback):
+    x = tf.constant(_values((3, 7, 5), seed=7))
+    dy = tf.constant(_values((3, 7, 5), seed=8))
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = masked_relu(x)
+        return y.numpy(), tape.gradient(y, x, output_gradients=dy).numpy()
+
+    got = run()
+    with fallback():
+        want = run()
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+def test_fit_with_kernels_equals_fallback(fallback):
+    def model():
+        tf.keras.utils.set_random_seed(1)
+        m = tf.keras.Sequential([
+            tf.keras.Input((8, 8, 3)),
+            lqp_layers.QuantConv2D(8, 3, padding="same", kernel_quantizer="ste_sign",
+                                   kernel_constraint="weight_clip", use_bias=False),
+            lqp_layers.BinaryBatchNorm(),
+            lqp_layers.QuantConv2D(16, 3, padding="same", input_quantizer="ste_sign",
+                                   kernel_quantizer="ste_sign", use_bias=False),
+            lqp_layers.MaxPool2D(2),
+            lqp_layers.BinaryBatchNorm(),
+            tf.keras.layers.Flatten(),
+            lqp_layers.QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
+        ])
+        m.compile(tf.keras.optimizers.legacy.Adam(0.01),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 4, size=32)
+    fitted = model()
+    got = fitted.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history["loss"]
+    with fallback():
+        reference = model()
+        want = reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert got[-1] < got[0]
+    for g, r in zip(fitted.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------ the switch
+def test_xla_and_disabled_fall_back_with_one_log_line(caplog, monkeypatch):
+    monkeypatch.setattr(kernels, "_said", set())
+    x = tf.constant(_values((4, 9)))
+
+    @tf.function(jit_compile=True)
+    def jitted(x):
+        return kernels.sign_and_pack(x)
+
+    with caplog.at_level(logging.WARNING, logger="larq_prox.kernels"):
+        signs, bits = jitted(x)
+        jitted(x + 1)  # retrace: no second line
+        monkeypatch.setenv(kernels.ENV, "0")
+        assert not kernels.use(x) and not kernels.use(x)
+    assert _same(bits.numpy(), bitpack.pack_signs(x).numpy())
+    lines = [r.getMessage() for r in caplog.records if r.name == "larq_prox.kernels"]
+    assert len(lines) == 2, lines
+    assert "XLA" in lines[0] and f"{kernels.ENV}=0" in lines[1]
+
+
+def test_unavailable_library_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_said", set())
+    monkeypatch.setattr(kernels, "_state", {"tried": True, "library": None,
+                                            "reason": "no C++ compiler (test)"})
+    x = tf.constant(_values((3, 8)))
+    with caplog.at_level(logging.WARNING, logger="larq_prox.kernels"):
+        signs, bits = kernels.sign_and_pack(x)
+        kernels.pack_signs(x)
+    assert _same(bits.numpy(), bitpack.pack_signs(x).numpy())
+    assert [r.getMessage() for r in caplog.records if r.name == "larq_prox.kernels"] == [
+        "larq-prox kernels not used: no C++ compiler (test); the pure-TF ops run."]
+
+
+def test_build_is_cached_per_tensorflow_version_and_names_a_missing_compiler(monkeypatch):
+    path = build.build()
+    assert path.exists() and f"tf{tf.__version__}" in path.name
+    assert build.build() == path  # cached: no rebuild
+    monkeypatch.setenv("CXX", "no-such-compiler-lqp")
+    with pytest.raises(build.BuildError, match="no-such-compiler-lqp"):
+        build.build()
