@@ -199,8 +199,12 @@ def pack_ternary(grad: tf.Tensor) -> tf.Tensor:
 
 
 def _pack_words(mask: tf.Tensor) -> tf.Tensor:
-    packed = bitpack.pack_bits(mask)
-    packed = tf.pad(packed, [[0, (-tf.size(packed)) % 4]])
+    mask = tf.reshape(mask, [-1])
+    size = mask.shape[0]
+    # A static padding keeps the word count static: collectives then need no
+    # extra exchange of shapes.
+    padding = (-size) % 32 if size is not None else (-tf.size(mask)) % 32
+    packed = bitpack.pack_bits(tf.pad(mask, [[0, padding]]))
     return tf.reshape(tf.bitcast(tf.reshape(packed, [-1, 4]), tf.int32), [-1])
 
 
@@ -275,14 +279,19 @@ def _unpack_counters(words: tf.Tensor, bits: int, count: int, replicas: int) -> 
 
 
 def _check_can_vote(strategy) -> None:
-    if not tf.__internal__.distribute.strategy_supports_no_merge_call() and not isinstance(
-        strategy, tf.distribute.MirroredStrategy
-    ):
+    # The strategies whose optimizers apply on parameter devices: Keras refuses
+    # experimental_aggregate_gradients=False with them, and they have no
+    # replica-side all-gather of gradients.
+    central = (tf.distribute.experimental.CentralStorageStrategy,
+               tf.distribute.experimental.ParameterServerStrategy,
+               tf.compat.v1.distribute.experimental.CentralStorageStrategy,
+               tf.compat.v1.distribute.experimental.ParameterServerStrategy)
+    if isinstance(strategy, central):
         raise ValueError(
-            f"aggregation='sign_vote' needs a strategy whose replicas can all-gather and "
-            f"all-reduce from the optimizer (MirroredStrategy, MultiWorkerMirroredStrategy, "
-            f"TPUStrategy); {type(strategy).__name__} applies gradients on parameter "
-            "devices instead. Fix: use aggregation='sum' with this strategy."
+            f"aggregation='sign_vote' needs a strategy whose replicas exchange gradients "
+            f"with collectives (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy); "
+            f"{type(strategy).__name__} cannot all-gather them (it applies gradients on "
+            "parameter devices). Fix: use aggregation='sum' with this strategy."
         )
 
 
