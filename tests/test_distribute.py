@@ -390,7 +390,7 @@ def test_fit_case_bop_sum_under_strategy():
         start, model.layers[1].kernel.latent_variable.numpy())
 
 
-def test_fit_with_callbacks_under_strategy():
+def test_fit_with_callbacks_under_strategy(capsys):
     if not in_logical_cpu_process():
         return
     x, y = data()
@@ -401,7 +401,7 @@ def test_fit_with_callbacks_under_strategy():
                       "sparse_categorical_crossentropy")
     start = [w.copy() for w in model.get_weights()]
     stats = lqp.callbacks.GradientStats(data=(x[:8], y[:8]), every=2)
-    memory = lqp.callbacks.MemoryModel(verbose=0)
+    memory = lqp.callbacks.MemoryModel(verbose=1)
     schedule = lqp.callbacks.QuantizerSchedule("beta", start=5.0, end=10.0, apply_to="kernel")
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
                         callbacks=[stats, memory, schedule])
@@ -410,6 +410,7 @@ def test_fit_with_callbacks_under_strategy():
     assert any(not np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
     # MemoryModel models one replica's share of the global batch.
     assert memory.batch_size == 4 and "memory_model_proposed_mib" in history.history
+    assert "per replica (batch 4 of 2 replicas' global 8)" in capsys.readouterr().out
 
     # GradientStats under the strategy = a single-device measurement of the same weights.
     twin = small_model()

@@ -44,6 +44,12 @@ class MemoryModel(tf.keras.callbacks.Callback):
     (`resource.getrusage`), which includes TensorFlow itself and cannot be reset,
     so it never decreases between epochs.
 
+    Under a `tf.distribute` strategy the model is per replica: the batch size
+    (given or inferred) is one replica's share of the global batch and the
+    tables are one device's memory (weights and slots are mirrored on every
+    device). The measured peak is the named device's allocator: with logical
+    CPU devices of one host (which share one allocator) it covers all of them.
+
     # Arguments
         batch_size: samples per step and device; inferred from the first batch
             when None (the tables are then printed after the first step).
@@ -138,6 +144,10 @@ class MemoryModel(tf.keras.callbacks.Callback):
             )
         if self.verbose:
             print()
+            replicas = self.model.distribute_strategy.num_replicas_in_sync
+            if replicas > 1:
+                print(f"MemoryModel: per replica (batch {batch_size} of {replicas} replicas' "
+                      f"global {batch_size * replicas})")
             for report in self.reports.values():
                 print(report.table(), end="\n\n")
             names = list(self.reports)
