@@ -40,7 +40,7 @@ grads_and_vars = transform(grads_and_vars)
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import larq as lq
 import tensorflow as tf
@@ -342,11 +342,15 @@ def sign_vote(route: str | None = None) -> Transform:
             words = context.all_gather(pack_ternary(flat), axis=0)
             codes = tf.reshape(words, [replicas, -1])
             half = (total + 31) // 32
-            negative = tf.stack([_unpack_words(codes[r, :half], total) for r in range(replicas)])
-            nonzero = tf.stack([_unpack_words(codes[r, half:], total) for r in range(replicas)])
-            values = tf.cast(nonzero, tf.int32) * (1 - 2 * tf.cast(negative, tf.int32))
-            invalid = tf.reduce_any(tf.logical_and(negative, tf.logical_not(nonzero)), axis=0)
-            votes = tf.cast(tf.sign(tf.reduce_sum(values, axis=0)), flat.dtype)
+            counts = invalid = None
+            for r in range(replicas):  # one replica's codes unpacked at a time
+                negative = _unpack_words(codes[r, :half], total)
+                nonzero = _unpack_words(codes[r, half:], total)
+                value = tf.cast(nonzero, tf.int32) * (1 - 2 * tf.cast(negative, tf.int32))
+                bad = tf.logical_and(negative, tf.logical_not(nonzero))
+                counts = value if counts is None else counts + value
+                invalid = bad if invalid is None else tf.logical_or(invalid, bad)
+            votes = tf.cast(tf.sign(counts), flat.dtype)
             votes = tf.where(invalid, tf.constant(float("nan"), flat.dtype), votes)
         else:
             bits = _field_bits(replicas)

@@ -57,7 +57,7 @@ def fashion_mnist():
 LOGICAL_CPUS = 4
 _CHILD = "LARQ_PROX_LOGICAL_CPUS"
 _REPORTS = "LARQ_PROX_CHILD_REPORTS"
-_CHILD_TIMEOUT_S = 900
+_CHILD_TIMEOUT_S = 1800
 
 
 def in_logical_cpu_process() -> bool:

@@ -1,16 +1,10 @@
-"""larq-prox under tf.distribute: MirroredStrategy on logical CPUs, and 2 worker processes.
+"""larq-prox's layers and BinaryGradient under MirroredStrategy on logical CPUs.
 
 The module runs in a fresh process with `conftest.LOGICAL_CPUS` logical CPU
 devices (`pytest.mark.logical_cpus`). References are single-device runs of the
 same global batch, NumPy majority votes and plain (unwrapped) optimizers.
+test_distribute_training.py covers fit, checkpoints and 2 worker processes.
 """
-
-import itertools
-import json
-import os
-import socket
-import subprocess
-import sys
 
 import larq_prox as lqp  # noqa: F401  (before tensorflow)
 
@@ -19,33 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import in_logical_cpu_process
+from distribute_helpers import local, mirrored, per_replica
 from larq_prox.layers import BinaryBatchNorm, MaxPool2D, QuantConv2D, QuantDense
 from larq_prox.optimizers import BinaryGradient, sign_vote
 
 pytestmark = pytest.mark.logical_cpus
 legacy = tf.keras.optimizers.legacy
-
-
-_STRATEGIES = itertools.count(1)
-
-
-def mirrored(replicas: int) -> tf.distribute.MirroredStrategy:
-    # Strategies of one process number their collective groups from the same
-    # start; one process rarely holds several, tests do: give each its own keys.
-    tf.distribute.MirroredStrategy._collective_key_base = 1000 * next(_STRATEGIES)
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
-
-
-def per_replica(strategy, shards):
-    """A distributed value: replica r gets `shards[r]` (a structure of arrays)."""
-    return strategy.experimental_distribute_values_from_function(
-        lambda context: tf.nest.map_structure(tf.constant, shards[context.replica_id_in_sync_group])
-    )
-
-
-def local(strategy, value) -> list[np.ndarray]:
-    return [np.asarray(v) for v in strategy.experimental_local_results(value)]
 
 
 # -- gradients of the bit-packing layers ------------------------------------
@@ -65,8 +38,6 @@ def no_bn_model():
 
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_gradients_without_bn_equal_single_device(replicas):
-    if not in_logical_cpu_process():
-        return
     rng = np.random.default_rng(replicas)
     x = rng.normal(size=(4 * replicas, 6, 6, 2)).astype("float32")
     y = rng.integers(0, 3, len(x))
@@ -138,8 +109,6 @@ def single_bn(mode, x, weights):
 @pytest.mark.parametrize("mode, replicas", [("proposed", 2), ("proposed", 4), ("l1", 2),
                                             ("exact", 3)])
 def test_synchronized_bn_equals_single_device_of_the_global_batch(mode, replicas):
-    if not in_logical_cpu_process():
-        return
     rng = np.random.default_rng(7)
     x = (rng.normal(size=(4 * replicas, 3, 3, 5)) * 2 + 1).astype("float32")
     x[: 2 * replicas] += 3.0  # replicas see different statistics
@@ -165,8 +134,6 @@ def test_synchronized_bn_equals_single_device_of_the_global_batch(mode, replicas
 def test_unsynchronized_bn_moving_statistics_are_the_replicas_mean(mode):
     """Each replica normalizes its own examples; the moving statistics read as the
     mean over replicas, as Keras' BatchNormalization does (not replica 0's)."""
-    if not in_logical_cpu_process():
-        return
     replicas = 2
     rng = np.random.default_rng(8)
     x = rng.normal(size=(8, 4)).astype("float32")
@@ -197,8 +164,6 @@ def test_unsynchronized_bn_moving_statistics_are_the_replicas_mean(mode):
 @pytest.mark.parametrize("synchronized", [False, True])
 def test_replica_without_examples(synchronized):
     """An uneven last batch: 3 examples over 4 replicas leaves one replica empty."""
-    if not in_logical_cpu_process():
-        return
     rng = np.random.default_rng(9)
     x = rng.normal(size=(3, 4)).astype("float32")
     strategy = mirrored(4)
@@ -250,8 +215,6 @@ def apply_per_replica(strategy, optimizer, kernel, bias, grads):
 
 @pytest.mark.parametrize("replicas, route", [(2, None), (3, None), (3, "counters"), (4, "counters")])
 def test_sign_vote_update_is_the_numpy_majority_vote(replicas, route):
-    if not in_logical_cpu_process():
-        return
     strategy = mirrored(replicas)
     with strategy.scope():
         kernel, bias = vote_variables()
@@ -287,8 +250,6 @@ def test_sign_vote_update_is_the_numpy_majority_vote(replicas, route):
     ids=["adam", "bop", "case"],
 )
 def test_sign_vote_wrapping_adam_bop_case_equals_plain_optimizer_on_the_vote(make):
-    if not in_logical_cpu_process():
-        return
     replicas = 3
     strategy = mirrored(replicas)
     with strategy.scope():
@@ -311,8 +272,6 @@ def test_sign_vote_wrapping_adam_bop_case_equals_plain_optimizer_on_the_vote(mak
 
 
 def test_sign_vote_nan_on_one_replica_gives_nan():
-    if not in_logical_cpu_process():
-        return
     strategy = mirrored(2)
     with strategy.scope():
         kernel, bias = vote_variables()
@@ -325,8 +284,6 @@ def test_sign_vote_nan_on_one_replica_gives_nan():
 
 
 def test_sign_vote_refuses_a_strategy_that_cannot_gather():
-    if not in_logical_cpu_process():
-        return
     strategy = tf.distribute.experimental.CentralStorageStrategy(
         compute_devices=["/cpu:0", "/cpu:1"], parameter_device="/cpu:0"
     )
@@ -335,188 +292,3 @@ def test_sign_vote_refuses_a_strategy_that_cannot_gather():
         optimizer = BinaryGradient(legacy.SGD(1.0), aggregation="sign_vote")
     with pytest.raises(ValueError, match="CentralStorageStrategy.*aggregation='sum'"):
         apply_per_replica(strategy, optimizer, kernel, bias, replica_gradients(2, seed=0))
-
-
-# -- fit with the callbacks, checkpoints ---------------------------------------
-
-
-def small_model(batch_norm="proposed"):
-    kw = dict(kernel_quantizer="pcpp_bnn_plus_plus", kernel_constraint="weight_clip",
-              use_bias=False)
-    norm = (lambda: BinaryBatchNorm(momentum=0.8, mode=batch_norm)) if batch_norm else (
-        lambda: tf.keras.layers.Layer())
-    return tf.keras.Sequential([
-        tf.keras.Input((6, 6, 1)),
-        QuantConv2D(4, 3, padding="same", **kw), norm(), MaxPool2D(2),
-        tf.keras.layers.Flatten(),
-        QuantDense(8, input_quantizer="pcpp_bnn", **kw), norm(),
-        QuantDense(3, input_quantizer="pcpp_bnn", **kw), norm(),
-        tf.keras.layers.Activation("softmax"),
-    ])  # fmt: skip
-
-
-def dense_model():
-    kw = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False)
-    return tf.keras.Sequential([
-        tf.keras.Input((6, 6, 1)), tf.keras.layers.Flatten(),
-        QuantDense(8, **kw), BinaryBatchNorm(momentum=0.8),
-        QuantDense(3, input_quantizer="ste_sign", **kw), BinaryBatchNorm(momentum=0.8),
-        tf.keras.layers.Activation("softmax"),
-    ])  # fmt: skip
-
-
-def data(n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 6, 6, 1)).astype("float32"), rng.integers(0, 3, n)
-
-
-def test_fit_case_bop_sum_under_strategy():
-    if not in_logical_cpu_process():
-        return
-    x, y = data(16)
-    strategy = mirrored(2)
-    with strategy.scope():
-        model = dense_model()
-        bop = lq.optimizers.Bop(threshold=1e-8)
-        case = lq.optimizers.CaseOptimizer((lq.optimizers.Bop.is_binary_variable, bop),
-                                           default_optimizer=legacy.Adam(1e-2))
-        model.compile(BinaryGradient(case, aggregation="sum"), "sparse_categorical_crossentropy")
-    start = model.layers[1].kernel.latent_variable.numpy()
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    # Bop flips latent weights whose momentum of the summed sign passed the threshold.
-    momentum = bop.get_slot(model.layers[1].kernel.latent_variable, "m").numpy()
-    assert np.abs(momentum).max() > 0 and not np.array_equal(
-        start, model.layers[1].kernel.latent_variable.numpy())
-
-
-def test_fit_with_callbacks_under_strategy(capsys):
-    if not in_logical_cpu_process():
-        return
-    x, y = data()
-    strategy = mirrored(2)
-    with strategy.scope():
-        model = small_model()
-        model.compile(BinaryGradient(legacy.Adam(1e-2), aggregation="sign_vote"),
-                      "sparse_categorical_crossentropy")
-    start = [w.copy() for w in model.get_weights()]
-    stats = lqp.callbacks.GradientStats(data=(x[:8], y[:8]), every=2)
-    memory = lqp.callbacks.MemoryModel(verbose=1)
-    schedule = lqp.callbacks.QuantizerSchedule("beta", start=5.0, end=10.0, apply_to="kernel")
-    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
-                        callbacks=[stats, memory, schedule])
-    assert np.isfinite(history.history["loss"]).all()
-    np.testing.assert_allclose(history.history["pcpp_beta"], [5.0, 10.0])
-    assert any(not np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
-    # MemoryModel models one replica's share of the global batch.
-    assert memory.batch_size == 4 and "memory_model_proposed_mib" in history.history
-    assert "per replica (batch 4 of 2 replicas' global 8)" in capsys.readouterr().out
-
-    # GradientStats under the strategy = a single-device measurement of the same weights.
-    twin = small_model()
-    twin.set_weights(model.get_weights())
-    for q_twin, q in zip(lqp.callbacks.find_quantizers(twin), lqp.callbacks.find_quantizers(model)):
-        for name, variable in q_twin.schedule_parameters.items():
-            variable.assign(q.schedule_parameters[name].numpy())
-    expected = lqp.callbacks.gradient_variances(twin, x[:8], y[:8], "sparse_categorical_crossentropy")
-    with strategy.scope():
-        row = stats.measure()
-    for kind in ("s", "w"):  # the twin's layers have other names: compare in order
-        got = [v for k, v in row.items() if k.startswith(f"grad_var_{kind}/")]
-        np.testing.assert_allclose(got, list(expected[kind].values()), rtol=1e-4)
-
-
-def test_checkpoint_resume_under_strategy_equals_uninterrupted(tmp_path):
-    if not in_logical_cpu_process():
-        return
-    x, y = data(16, seed=1)
-    fit = dict(batch_size=8, shuffle=False, verbose=0)
-
-    def build(strategy):
-        with strategy.scope():
-            tf.keras.utils.set_random_seed(0)
-            model = dense_model()
-            model.compile(BinaryGradient(legacy.Adam(1e-2), aggregation="sign_vote"),
-                          "sparse_categorical_crossentropy")
-        return model
-
-    full = build(mirrored(2))
-    full.fit(x, y, epochs=2, **fit)
-
-    first = build(mirrored(2))
-    first.fit(x, y, epochs=1, **fit)
-    path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(str(tmp_path / "ckpt"))
-    resumed = build(mirrored(2))
-    # The optimizer's slots do not exist yet: restored when the first step creates them.
-    status = tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path)
-    status.assert_existing_objects_matched()
-    resumed.fit(x, y, epochs=1, **fit)
-    status.assert_consumed()
-    assert resumed.optimizer.iterations.numpy() == full.optimizer.iterations.numpy() == 4
-    for a, b in zip(full.get_weights(), resumed.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    inner, resumed_inner = full.optimizer.inner_optimizer, resumed.optimizer.inner_optimizer
-    for a, b in zip(full.trainable_variables, resumed.trainable_variables):
-        for slot in ("m", "v"):
-            np.testing.assert_allclose(inner.get_slot(a, slot).numpy(),
-                                       resumed_inner.get_slot(b, slot).numpy(), rtol=1e-5, atol=1e-7)
-
-
-# -- MultiWorkerMirroredStrategy, 2 worker processes on localhost ---------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def numpy_vote_training(start, shards, lr, steps):
-    """SGD on sign_vote of a QuantDense(ste_sign) with softmax cross-entropy, in NumPy."""
-    w = start.copy()
-    for step in range(steps):
-        signs = []
-        for x, y in shards[step]:
-            logits = x @ np.where(w >= 0, 1.0, -1.0)
-            p = np.exp(logits - logits.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            p[np.arange(len(y)), y] -= 1.0
-            signs.append(np.sign((x.T @ p) * (np.abs(w) <= 1)))
-        w = w - lr * np.sign(np.sum(signs, axis=0))
-    return w
-
-
-def test_multi_worker_sign_vote_training(tmp_path):
-    if not in_logical_cpu_process():
-        return
-    ports = free_ports(2)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    script = os.path.join(os.path.dirname(__file__), "distribute_worker.py")
-    workers = []
-    try:
-        for index in range(2):
-            env = {**os.environ, "TF_CONFIG": json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            env.pop("LARQ_PROX_LOGICAL_CPUS", None)
-            workers.append(subprocess.Popen(
-                [sys.executable, script, str(tmp_path / f"worker{index}.npz")], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [w.communicate(timeout=240)[0] for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    for w, output in zip(workers, outputs):
-        assert w.returncode == 0, output[-3000:]
-    results = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
-    np.testing.assert_array_equal(results[0]["final"], results[1]["final"])
-    steps = int(results[0]["steps"])
-    shards = [[(r["x"][s], r["y"][s]) for r in results] for s in range(steps)]
-    expected = numpy_vote_training(results[0]["start"], shards, float(results[0]["lr"]), steps)
-    np.testing.assert_allclose(results[0]["final"], expected, rtol=1e-6, atol=1e-6)
-    assert not np.allclose(results[0]["final"], results[0]["start"])
