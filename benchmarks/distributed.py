@@ -303,6 +303,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cnv-train-examples", type=int, default=2000)
     parser.add_argument("--test-examples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--speed-steps", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS / "distributed.json"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -352,7 +353,7 @@ def main(argv=None) -> int:
                 report["accuracy"].extend(result["runs"])
                 out.write_text(json.dumps(report, indent=1))
     if "speed" in args.parts:
-        report["speed"] = _fresh("speed", args.batch_size, 20)
+        report["speed"] = _fresh("speed", args.batch_size, args.speed_steps)
         for row in report["speed"]["rows"]:
             print(f"step time {row['aggregation']:9s} x{row['replicas']}: "
                   f"{row['step_seconds'] * 1e3:.1f} ms = {row['ratio_to_single']:.2f}x one device")
