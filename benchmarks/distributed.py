@@ -258,13 +258,14 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    for row in report.get("bytes", []):
-        ax.plot(row["replicas"], row["sent_ratio"], "o-" if row["model"] == "binarynet" else "s--",
-                label=f"{row['model']} (sent, ring)")
-        ax.plot(row["replicas"], row["input_ratio"], "x:", label=f"{row['model']} (collective input)")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    for model_name, style in (("binarynet", "o-"), ("resnete18", "s--")):
+        rows = [r for r in report.get("bytes", []) if r["model"] == model_name]
+        if rows:
+            ax.plot([r["replicas"] for r in rows], [r["sent_ratio"] for r in rows], style,
+                    label=f"{model_name}: sent per replica (ring)")
+            ax.plot([r["replicas"] for r in rows], [r["input_ratio"] for r in rows], style[0] + ":",
+                    label=f"{model_name}: collective input", alpha=0.6)
+    ax.legend(fontsize=7)
     ax.axhline(8, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="replicas", ylabel="sum bytes / sign_vote bytes", xscale="log", yscale="log",
            title="binary-kernel gradient bytes per step")
