@@ -238,3 +238,70 @@ def test_bad_arguments():
         BinaryGradient(tf.keras.mixed_precision.LossScaleOptimizer(legacy.SGD()))
     with pytest.raises(ValueError, match="fan_in"):
         BinaryGradient(legacy.SGD(), scale="fan_out")
+
+
+@pytest.mark.parametrize("size", [1, 5, 31, 32, 33, 64, 100, 1001])
+def test_ternary_pack_round_trip(size):
+    from larq_prox.optimizers import pack_ternary, unpack_ternary
+
+    rng = np.random.default_rng(size)
+    g = rng.choice([-2.0, -0.5, 0.0, 0.0, 0.25, 3.0, np.nan, np.inf, -np.inf], size=size)
+    words = pack_ternary(tf.constant(g, tf.float32))
+    assert words.dtype == tf.int32 and words.shape == (2 * -(-size // 32),)
+    expected = np.where(np.isfinite(g), np.sign(g), np.nan)
+    np.testing.assert_array_equal(unpack_ternary(words, size).numpy(), expected)
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 5, 8, 16])
+@pytest.mark.parametrize("size", [1, 9, 31, 62, 1000])
+def test_vote_counters_sum_without_carries(replicas, size):
+    """Packed counters of R replicas, summed as int32 words (what an all-reduce SUM
+    does), unpack to the sum of their signs, also where every field is full."""
+    from larq_prox.optimizers import _field_bits, _pack_counters, _unpack_counters
+
+    rng = np.random.default_rng(replicas * 1000 + size)
+    grads = rng.choice([-1.5, 0.0, 0.5], size=(replicas, size)).astype("float32")
+    grads[:, 0] = 1.0  # all replicas at the top digit
+    bits = _field_bits(replicas)
+    words = sum(_pack_counters(tf.constant(g), bits).numpy().astype(np.int64) for g in grads)
+    assert words.max() < 2**31  # no int32 overflow
+    sums = _unpack_counters(tf.constant(words, tf.int32), bits, size, replicas).numpy()
+    np.testing.assert_array_equal(sums, np.sign(grads).sum(axis=0))
+
+
+def test_vote_bytes():
+    from larq_prox.optimizers import vote_bytes, vote_route
+
+    n = 32 * 31 * 10
+    for replicas in (2, 4, 8, 16):
+        route = vote_route(replicas)
+        bits = vote_bytes(n, replicas)
+        floats = vote_bytes(n, replicas, "float")
+        assert floats["input"] == 4 * n and bits == vote_bytes(n, replicas, route)
+        assert floats["sent"] / bits["sent"] >= 5
+    assert vote_route(2) == "gather" and vote_route(16) == "counters"
+    assert vote_bytes(n, 2)["input"] == n // 4  # 2 bits per weight
+
+
+def test_sign_vote_without_strategy_is_the_sign():
+    from larq_prox.optimizers import sign_vote
+
+    conv, bias, *_ = layers_with_binary_and_float_weights()
+    g = tf.constant(np.random.default_rng(0).choice([-1.0, 0.0, 2.0], conv.shape), tf.float32)
+    (vote, _), = sign_vote()([(g, conv)])
+    np.testing.assert_array_equal(vote.numpy(), np.sign(g.numpy()))
+    g = tf.tensor_scatter_nd_update(tf.zeros(bias.shape), [[0]], [np.nan])
+    (vote, _), = sign_vote()([(g, bias)])
+    assert np.isnan(vote.numpy()[0]) and not np.isnan(vote.numpy()[1:]).any()
+
+
+def test_aggregation_argument():
+    with pytest.raises(ValueError, match="aggregation.*sign_vote"):
+        BinaryGradient(legacy.SGD(), aggregation="mean")
+    from larq_prox.optimizers import sign_vote
+
+    with pytest.raises(ValueError, match="route"):
+        sign_vote(route="ring")
+    optimizer = BinaryGradient(legacy.SGD(), aggregation="sign_vote")
+    clone = BinaryGradient.from_config(optimizer.get_config())
+    assert clone.aggregation == "sign_vote"

@@ -14,6 +14,7 @@ history.history["grad_var_s/quant_dense"]   # last measured variance of dL/ds pe
 import contextlib
 import csv
 import os
+import threading
 
 import tensorflow as tf
 
@@ -113,14 +114,21 @@ def _recording_preactivations(layers: dict[str, tf.keras.layers.Layer]):
     output before its own activation and before any following BN. The
     original attribute is put back on exit, so only what is traced or run
     inside the context is affected; `fit`'s train step never is.
+
+    Yields a function that returns the calling thread's records (name -> list
+    of tensors): a `tf.distribute` strategy runs each replica in its own
+    thread, and each replica differentiates its own pre-activations.
     """
-    records: dict[str, list[tf.Tensor]] = {name: [] for name in layers}
+    by_thread: dict[int, dict[str, list[tf.Tensor]]] = {}
     originals = {name: layer.activation for name, layer in layers.items()}
+
+    def records() -> dict[str, list[tf.Tensor]]:
+        return by_thread.setdefault(threading.get_ident(), {name: [] for name in layers})
 
     def recorder(name, activation):
         @tf.autograph.experimental.do_not_convert
         def record(s, *args, **kwargs):
-            records[name].append(s)
+            records()[name].append(s)
             return activation(s, *args, **kwargs)
 
         return record
@@ -186,18 +194,37 @@ def _variance(tensors: list[tf.Tensor]) -> tf.Tensor:
 
 
 def _gradient_variance_tensors(model, layers, loss_fn, x, y, training, restore_state):
-    """Graph-compatible core of `gradient_variances`: two lists of scalars."""
+    """Graph-compatible core of `gradient_variances`: two lists of scalars.
+
+    Under a `tf.distribute` strategy (cross-replica context, as in `fit`'s
+    callbacks) every replica measures the whole reference batch, as one device
+    would, and the first replica's result is returned: a replica context is
+    what distributed variables need to be watched and read.
+    """
+    with _recording_preactivations(layers) as records:
+
+        def measure(x, y):
+            return _replica_variances(model, layers, loss_fn, x, y, training, restore_state,
+                                      records())
+
+        if not (tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()):
+            return measure(x, y)
+        strategy = tf.distribute.get_strategy()
+        results = strategy.run(measure, args=(x, y))
+    return tf.nest.map_structure(lambda r: strategy.experimental_local_results(r)[0], results)
+
+
+def _replica_variances(model, layers, loss_fn, x, y, training, restore_state, records):
     state = _state_variables(model) if restore_state else []
     saved = [tf.identity(variable) for variable in state]
     kernels = {name: _kernels(layer) for name, layer in layers.items()}
-    with _recording_preactivations(layers) as records:
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            for name in layers:
-                tape.watch(kernels[name])
-            y_pred = model(x, training=training)
-            loss = tf.reduce_mean(loss_fn(y, y_pred))
-            if model.losses:
-                loss += tf.add_n(model.losses)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        for name in layers:
+            tape.watch(kernels[name])
+        y_pred = model(x, training=training)
+        loss = tf.reduce_mean(loss_fn(y, y_pred))
+        if model.losses:
+            loss += tf.add_n(model.losses)
     # Restored before anything can raise; the gradients below do not read it.
     for variable, value in zip(state, saved):
         variable.assign(value)

@@ -44,6 +44,12 @@ class MemoryModel(tf.keras.callbacks.Callback):
     (`resource.getrusage`), which includes TensorFlow itself and cannot be reset,
     so it never decreases between epochs.
 
+    Under a `tf.distribute` strategy the model is per replica: the batch size
+    (given or inferred) is one replica's share of the global batch and the
+    tables are one device's memory (weights and slots are mirrored on every
+    device). The measured peak is the named device's allocator: with logical
+    CPU devices of one host (which share one allocator) it covers all of them.
+
     # Arguments
         batch_size: samples per step and device; inferred from the first batch
             when None (the tables are then printed after the first epoch).
@@ -141,7 +147,12 @@ class MemoryModel(tf.keras.callbacks.Callback):
                 self.model, batch_size, self.model.optimizer or "adam", scheme
             )
         if self.verbose:
-            lines = [report.table() + "\n" for report in self.reports.values()]
+            lines = []
+            replicas = self.model.distribute_strategy.num_replicas_in_sync
+            if replicas > 1:
+                lines.append(f"MemoryModel: per replica (batch {batch_size} of {replicas} "
+                             f"replicas' global {batch_size * replicas})")
+            lines += [report.table() + "\n" for report in self.reports.values()]
             names = list(self.reports)
             for other in names[1:]:
                 ratio = self.reports[names[0]].compare(self.reports[other])["total"]

@@ -51,7 +51,10 @@ import tensorflow as tf
 from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
 
-__all__ = ["BinaryBatchNorm", "MODES", "l1_moments", "proposed_gradient", "l1_gradient"]
+__all__ = [
+    "BinaryBatchNorm", "MODES", "l1_moments", "proposed_gradient", "l1_gradient",
+    "cross_replica_sum",
+]
 
 MODES = ("proposed", "l1", "exact")
 """Valid values of `BinaryBatchNorm(mode=...)`."""
@@ -86,17 +89,45 @@ def _count(y: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
     return tf.cast(tf.reduce_prod(tf.gather(tf.shape(y), axes)), y.dtype)
 
 
+Total = Callable | None
+"""Sums a per-replica tensor, or a list of them, over the replicas (`cross_replica_sum`);
+None: this replica only."""
+
+
+def cross_replica_sum(value):
+    """`value` (a tensor or a list of them) summed over the replicas in sync, one all-reduce.
+
+    `value` itself without a strategy (or with one replica).
+    Differentiable (the gradient of an all-reduce SUM is an all-reduce SUM).
+    Outside a replica context (a call under `strategy.scope()` but not in
+    `strategy.run`) the tensor already holds the whole batch: no reduction.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 def l1_moments(
-    y: tf.Tensor, axes: Sequence[int], epsilon: float, chunks: int = 1
+    y: tf.Tensor, axes: Sequence[int], epsilon: float, chunks: int = 1, total: Total = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
     r"""Per-channel \(\mu = \operatorname{mean}(y)\), \(\psi = \operatorname{mean}|y - \mu| + \epsilon\).
 
     Both keep the reduced axes (size 1) so they broadcast against `y`;
     `chunks` bounds the temporary of \(|y - \mu|\) (see `chunked_sum`).
+    With `total=cross_replica_sum` the means run over the global batch of all
+    replicas (two per-channel all-reduces, the second needs the first's mean).
     """
-    mean = tf.reduce_mean(y, axis=axes, keepdims=True)
+    if total is None:
+        mean = tf.reduce_mean(y, axis=axes, keepdims=True)
+        count = _count(y, axes)
+    else:
+        count = total(_count(y, axes))
+        mean = total(tf.reduce_sum(y, axis=axes, keepdims=True)) / count
     deviation = chunked_sum(lambda part: tf.abs(part - mean), [y], axes, chunks)
-    return mean, deviation / _count(y, axes) + epsilon
+    if total is not None:
+        deviation = total(deviation)
+    return mean, deviation / count + epsilon
 
 
 def _sign(x: tf.Tensor) -> tf.Tensor:
@@ -112,8 +143,13 @@ def proposed_gradient(
     omega: tf.Tensor,
     axes: Sequence[int],
     chunks: int = 1,
+    total: Total = None,
 ) -> tf.Tensor:
-    r"""\(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,\operatorname{sign}(x)\,\omega)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\)."""
+    r"""\(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,\operatorname{sign}(x)\,\omega)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\).
+
+    `total=cross_replica_sum`: the two means over the global batch (one
+    all-reduce of two per-channel vectors); the signs stay on their replica.
+    """
     # psi and omega are per channel, so this equals
     # (dx - mean(dx) - omega * mean(dx * s) * s) / psi. Written so that each
     # element-wise op can reuse its input's buffer (k * s overwrites s,
@@ -121,32 +157,43 @@ def proposed_gradient(
     # by chunk: the backward working set is dx and s, the step's memory peak.
     count = _count(dx, axes)
     correlation = chunked_sum(tf.multiply, [dx, signs], axes, chunks)
-    centre = tf.reduce_sum(dx, axis=axes, keepdims=True) / count
+    centre = tf.reduce_sum(dx, axis=axes, keepdims=True)
+    if total is not None:
+        count, (correlation, centre) = total(count), total([correlation, centre])
+    centre = centre / count
     centre = (omega * correlation / count) * signs + centre
     return (dx - centre) / psi
 
 
-def l1_gradient(dx: tf.Tensor, x: tf.Tensor, psi: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+def l1_gradient(
+    dx: tf.Tensor, x: tf.Tensor, psi: tf.Tensor, axes: Sequence[int], total: Total = None
+) -> tf.Tensor:
     r"""Eq. 1: \(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,x)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\)."""
     v = dx / psi
-    correlation = tf.reduce_mean(v * x, axis=axes, keepdims=True)
-    return v - tf.reduce_mean(v, axis=axes, keepdims=True) - correlation * _sign(x)
+    if total is None:
+        correlation = tf.reduce_mean(v * x, axis=axes, keepdims=True)
+        return v - tf.reduce_mean(v, axis=axes, keepdims=True) - correlation * _sign(x)
+    sums = [tf.reduce_sum(v * x, axis=axes, keepdims=True), tf.reduce_sum(v, axis=axes, keepdims=True)]
+    count = total(_count(dx, axes))
+    correlation, centre = (s / count for s in total(sums))
+    return v - centre - correlation * _sign(x)
 
 
 _CHUNKS = 4
 """Batch slices of the proposed mode's reductions (see `chunked_sum`)."""
 
 
-def _normalize_proposed(y, beta, mean, psi, axes):
-    if kernels.bn_usable(y, axes):  # the fused kernel; the code below is its reference
-        return kernels.normalize_proposed(y, beta, mean, psi)
+def _normalize_proposed(y, beta, mean, psi, axes, total=None):
+    if total is None and kernels.bn_usable(y, axes):
+        return kernels.normalize_proposed(y, beta, mean, psi)  # fused; below, its reference
 
     @tf.custom_gradient
     def normalize(y, beta, mean, psi):
         # After psi: then this is y's last reader and may overwrite y in place.
         with tf.control_dependencies([psi]):
             x = (y - mean) / psi + beta
-        omega = chunked_sum(tf.abs, [x], axes, _CHUNKS) / _count(x, axes)
+        omega = chunked_sum(tf.abs, [x], axes, _CHUNKS)
+        omega = omega / _count(x, axes) if total is None else total(omega) / total(_count(x, axes))
         bits = bitpack.pack_signs(x)
         shape = tf.shape(x)
         # The next layer starts once omega and the bits exist, so that it does
@@ -159,7 +206,7 @@ def _normalize_proposed(y, beta, mean, psi, axes):
             # Gate the unpacking on dx, or graph mode schedules it during the forward.
             with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(bits, shape, dx.dtype)
-            dy = proposed_gradient(dx, signs, psi, omega, axes, _CHUNKS)
+            dy = proposed_gradient(dx, signs, psi, omega, axes, _CHUNKS, total)
             # The same reduction as in proposed_gradient (TF computes it once).
             dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes, keepdims=True), tf.shape(beta))
             return dy, dbeta, None, None
@@ -169,13 +216,13 @@ def _normalize_proposed(y, beta, mean, psi, axes):
     return normalize(y, beta, mean, psi)
 
 
-def _normalize_l1(y, beta, mean, psi, axes):
+def _normalize_l1(y, beta, mean, psi, axes, total=None):
     @tf.custom_gradient
     def normalize(y, beta, mean, psi):
         x = (y - mean) / psi + beta
 
         def grad(dx):
-            dy = l1_gradient(dx, x, psi, axes)
+            dy = l1_gradient(dx, x, psi, axes, total)
             dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
             return dy, dbeta, None, None
 
@@ -184,7 +231,7 @@ def _normalize_l1(y, beta, mean, psi, axes):
     return normalize(y, beta, mean, psi)
 
 
-def _normalize_exact(y, beta, mean, psi, axes):
+def _normalize_exact(y, beta, mean, psi, axes, total=None):
     return (y - mean) / psi + beta
 
 
@@ -220,6 +267,16 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             omega), "l1" (Eq. 1, keeps float x), "exact" (autodiff).
         beta_initializer, beta_regularizer, beta_constraint: for \(\beta\).
         moving_mean_initializer, moving_psi_initializer: for the moving statistics.
+        synchronized: under a `tf.distribute` strategy, compute \(\mu\), \(\psi\),
+            \(\omega\) and the backward's means over the global batch of all
+            replicas (per-channel all-reduces), as Keras'
+            `BatchNormalization(synchronized=True)`; the sign bits stay on
+            each replica. False: each replica normalizes its own examples.
+
+    Under a strategy the moving statistics are per-replica variables read as
+    their mean over the replicas (`VariableAggregation.MEAN`, as Keras' BN).
+    A replica given no examples (an uneven last batch) keeps its moving
+    statistics; with `synchronized=True` it takes part in the global ones.
     """
 
     def __init__(
@@ -234,6 +291,7 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         beta_constraint=None,
         moving_mean_initializer="zeros",
         moving_psi_initializer="ones",
+        synchronized: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -254,6 +312,9 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.center = bool(center)
         self.mode = mode
+        if not isinstance(synchronized, bool):
+            raise TypeError(f"`synchronized` must be True or False, got {synchronized!r}.")
+        self.synchronized = synchronized
         self.beta_initializer = tf.keras.initializers.get(beta_initializer)
         self.beta_regularizer = tf.keras.regularizers.get(beta_regularizer)
         self.beta_constraint = tf.keras.constraints.get(beta_constraint)
@@ -297,7 +358,10 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
                 trainable=True,
                 **kwargs,
             )
-        aggregation = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        # Read in cross-replica context (checkpoints, inference, export) as the
+        # replicas' mean, as Keras' BN: ONLY_FIRST_REPLICA would keep one
+        # replica's examples' statistics.
+        aggregation = tf.VariableAggregation.MEAN
         self.moving_mean = self.add_weight(
             name="moving_mean",
             initializer=self.moving_mean_initializer,
@@ -339,24 +403,28 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
 
     def _train(self, y: tf.Tensor) -> tf.Tensor:
         chunks = _CHUNKS if self.mode == "proposed" else 1
-        if self.mode != "exact" and kernels.bn_usable(y, self._reduction_axes):
+        total = cross_replica_sum if self.synchronized else None
+        if total is None and self.mode != "exact" and kernels.bn_usable(y, self._reduction_axes):
             mean, psi = (tf.reshape(v, self._broadcast_shape)
                          for v in kernels.l1_moments(y, self.epsilon))
         else:
-            mean, psi = l1_moments(y, self._reduction_axes, self.epsilon, chunks)
+            mean, psi = l1_moments(y, self._reduction_axes, self.epsilon, chunks, total)
         beta = tf.reshape(self._beta(), self._broadcast_shape)
         if self.mode != "exact":
             # The custom backward is the whole gradient of y; the moments are
             # inputs without their own gradient path.
             mean, psi = tf.stop_gradient(mean), tf.stop_gradient(psi)
-        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes)
+        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes, total)
         decay = 1.0 - self.momentum
-        # An empty batch has no statistics (its mean is 0/0 = NaN): keep the moving ones.
-        nonempty = _count(y, self._reduction_axes) > 0
+        # Without examples (a replica's share of an uneven last batch) the
+        # statistics are 0/0: such a replica keeps its moving values.
+        # (Synchronized statistics are the global batch's, for every replica.)
         for variable, value in ((self.moving_mean, mean), (self.moving_psi, psi)):
             value = tf.stop_gradient(tf.reshape(value, variable.shape))
-            update = tf.where(nonempty, (variable - value) * decay, tf.zeros_like(variable))
-            variable.assign_sub(update)
+            step = (variable - value) * decay
+            if total is None:
+                step = tf.where(tf.size(y) > 0, step, tf.zeros_like(step))
+            variable.assign_sub(step)
         return x
 
     def _infer(self, y: tf.Tensor) -> tf.Tensor:
@@ -411,6 +479,7 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             "epsilon": self.epsilon,
             "center": self.center,
             "mode": self.mode,
+            "synchronized": self.synchronized,
             "beta_initializer": ser(self.beta_initializer),
             "beta_regularizer": tf.keras.regularizers.serialize(self.beta_regularizer),
             "beta_constraint": tf.keras.constraints.serialize(self.beta_constraint),
