@@ -72,7 +72,10 @@ def build(name: str, config: str, size: int, model_json: str | None = None):
     import tensorflow as tf
 
     if model_json is not None:
-        model = tf.keras.models.model_from_json(Path(model_json).read_text())
+        from larq_zoo.sota.quicknet import blurpool_initializer  # QuickNet's, not registered
+
+        custom = {"blurpool_initializer": blurpool_initializer}
+        model = tf.keras.models.model_from_json(Path(model_json).read_text(), custom)
     elif name in PAPER:
         kwargs = dict(batch_norm="standard") if config == "standard" else dict(
             batch_norm="proposed", low_memory=True, storage_dtype="float16")
