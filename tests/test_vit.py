@@ -65,7 +65,8 @@ def test_binary_components(binary, count):
 
 def _random_weights(model):
     rng = np.random.default_rng(1)
-    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+    for weight in model.trainable_weights:  # not the quantizers' schedule variables
+        weight.assign(rng.normal(0, 0.3, weight.shape).astype(np.float32))
     return rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
 
 
