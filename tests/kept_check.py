@@ -41,6 +41,10 @@ class Captured:
     def bits(self) -> int:
         return self.dtype.size * 8
 
+    @property
+    def is_variable_read(self) -> bool:
+        return self.op_type == "ReadVariableOp"
+
 
 def captured_by_backward(
     forward: Callable[..., tf.Tensor],

@@ -21,27 +21,12 @@ input's buffer (both are reported; `float_elements` drops variable reads).
 
 from __future__ import annotations
 
-import dataclasses
-
 import tensorflow as tf
+from kept_check import Captured  # one definition of a captured tensor, shared
 
 __all__ = ["Captured", "captured_by_backward", "captured_bytes", "float_elements"]
 
 _ALIASES = ("Reshape", "Identity", "Squeeze", "ExpandDims", "Snapshot")
-
-
-@dataclasses.dataclass(frozen=True)
-class Captured:
-    """One forward tensor read by the backward pass."""
-
-    name: str
-    op_type: str
-    dtype: tf.DType
-    elements: int | None
-
-    @property
-    def is_variable_read(self) -> bool:
-        return self.op_type == "ReadVariableOp"
 
 
 def captured_by_backward(layer, shape, dtype=tf.float32, inputs: int = 1) -> set[Captured]:
