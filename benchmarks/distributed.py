@@ -13,7 +13,7 @@
 3. Step time of the MLP under MirroredStrategy vs one device, same process.
 
 Each part runs in a fresh process with the logical CPUs it needs
-(`run_fresh` of step_memory.py).
+(`run_fresh` of harness.py).
 
     python benchmarks/distributed.py                      # all, small (minutes)
     python benchmarks/distributed.py --parts bytes
@@ -241,7 +241,7 @@ def speed_worker(batch: int, steps: int) -> dict:
 
 
 def _fresh(part: str, *args) -> dict:
-    from step_memory import run_fresh
+    from harness import run_fresh
 
     result, error = run_fresh(__file__, ["--worker", part, *map(str, args)], timeout=3000)
     if result is None:

@@ -12,7 +12,7 @@ alternating the setups step by step so that load on the machine hits all alike:
 in graph mode, for float32 and float16 kernel storage (`storage_dtype`), and
 with `jit_compile=True` (where the kernels do not apply: XLA clusters run the
 pure-TF ops). Next to it, the measured peak memory of a training step of each
-setup, one fresh process each (`step_memory.run_fresh`, TF's BFC allocator);
+setup, one fresh process each (`harness.run_fresh`, TF's BFC allocator);
 and a per-op table: each kernel against the pure-TF ops it replaces, on a
 100x32x32x128 activation (graph mode, median of repeats).
 
@@ -38,7 +38,7 @@ import larq_prox as lqp  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from step_memory import measure_steps, run_fresh  # noqa: E402
+from harness import measure_steps, run_fresh  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SHAPES = {"mlp": (28, 28, 1), "cnv": (32, 32, 3), "binarynet": (32, 32, 3)}
