@@ -3,8 +3,8 @@ of a layer's `kept_tensors()` declaration against it.
 
 The forward alone and forward + backward are traced as two `tf.function`
 graphs with the same inputs; ops of the second that are not in the first
-belong to the backward, and every forward tensor they read is kept between
-the passes. Variable reads (resident anyway), integer tensors (shapes) and
+belong to the backward, and every forward tensor they read (ops the outputs
+depend on: the executor runs no other) is kept between the passes. Variable reads (resident anyway), integer tensors (shapes) and
 the output gradient itself are left out.
 
 ```python
@@ -72,9 +72,10 @@ def captured_by_backward(
     forward_graph = tf.function(forward_only).get_concrete_function(dy_spec, *specs).graph
     forward_ops = {op.name for op in forward_graph.get_operations()}
     graph = tf.function(forward_backward).get_concrete_function(dy_spec, *specs).graph
+    live = _live_ops(graph)
     captured = {}
     for op in graph.get_operations():
-        if op.name in forward_ops:
+        if op.name in forward_ops or op.name not in live:
             continue
         for tensor in op.inputs:
             source = tensor.op
@@ -88,9 +89,27 @@ def captured_by_backward(
     return sorted(captured.values(), key=lambda c: c.name)
 
 
+def _live_ops(graph) -> set[str]:
+    """Ops the graph's outputs depend on: the executor runs no other (e.g. tf.custom_gradient's
+    ZerosLike of its unused passthrough outputs, which would read a forward tensor)."""
+    live, stack = set(), [t.op for t in graph.outputs]
+    while stack:
+        op = stack.pop()
+        if op.name in live:
+            continue
+        live.add(op.name)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return live
+
+
 def _output_shape(forward, specs):
-    inputs = [tf.zeros(s.shape, s.dtype) for s in specs]
-    return forward(*inputs).shape
+    """The output shape; an unknown batch size (None, as Keras traces fit) stays unknown."""
+    inputs = [tf.zeros([2 if d is None else d for d in s.shape], s.dtype) for s in specs]
+    shape = forward(*inputs).shape
+    if specs and specs[0].shape.rank and specs[0].shape[0] is None:
+        shape = tf.TensorShape([None, *shape[1:]])
+    return shape
 
 
 def assert_kept_matches(kept, captured: list[Captured], batch_size: int) -> None:

@@ -46,6 +46,24 @@ def np_backward(dx, y, beta, axis, mode):
     return dy, dx.sum(axis=axes)
 
 
+def np_scaled(dx, y, gamma, beta, axis, mode):
+    """x, dy, dgamma, dbeta of the scaled layer: x = gamma x^ + beta, x^ = (y - mu) / psi.
+
+    proposed: Eq. 1 for gamma dx with x^ ~ sign(x^) omega^ (omega^ = mean|x^|);
+    l1: Eq. 1 for gamma dx with x^ itself.
+    """
+    zero = np.zeros_like(beta)
+    normalized, _, psi, omega, axes = np_forward(y, zero, axis)
+    shape = psi.shape
+    gamma, beta = gamma.reshape(shape), beta.reshape(shape)
+    s = np_sign(normalized)
+    kept = s * omega if mode == "proposed" else normalized
+    v = gamma * dx / psi
+    dy = v - v.mean(axis=axes, keepdims=True) - (v * kept).mean(axis=axes, keepdims=True) * s
+    return (gamma * normalized + beta, dy, (dx * kept).sum(axis=axes).reshape(-1),
+            dx.sum(axis=axes).reshape(-1))
+
+
 def layer_gradient(layer, y, dx):
     y = tf.constant(y)
     with tf.GradientTape() as tape:
@@ -82,6 +100,48 @@ def test_backward_matches_numpy(mode, shape, axis, batch):
     np.testing.assert_allclose(x, x_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dy, dy_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["proposed", "l1"])
+@pytest.mark.parametrize("shape, axis", SHAPES)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_scaled_backward_matches_numpy(mode, shape, axis, batch):
+    rng = np.random.default_rng(10 + batch)
+    y = rng.normal(1.5, 2.0, size=(batch, *shape)).astype("float32")
+    dx = rng.normal(size=y.shape).astype("float32")
+    channels = y.shape[axis]
+    gamma = rng.uniform(-2, 2, channels).astype("float32")
+    layer, beta = make_layer(channels, axis, mode=mode, scale=True,
+                             gamma_initializer=tf.keras.initializers.Constant(gamma))
+    y_t = tf.constant(y)
+    with tf.GradientTape() as tape:
+        tape.watch(y_t)
+        x = layer(y_t, training=True)
+    dy, dgamma, dbeta = tape.gradient(x, [y_t, layer.gamma, layer.beta], tf.constant(dx))
+    refs = np_scaled(dx.astype("float64"), y.astype("float64"), gamma.astype("float64"),
+                     beta.astype("float64"), axis, mode)
+    for got, want in zip((x, dy, dgamma, dbeta), refs):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_scaled_exact_mode_matches_finite_differences():
+    rng = np.random.default_rng(11)
+    y = rng.normal(size=(3, 4, 4, 3))
+    gamma = np.array([0.5, -1.0, 2.0])
+    layer, beta = make_layer(3, mode="exact", scale=True, dtype="float64",
+                             gamma_initializer=tf.keras.initializers.Constant(gamma))
+    w = tf.constant(rng.normal(size=y.shape), tf.float64)  # a random linear loss
+
+    def loss(y):
+        return tf.reduce_sum(layer(y, training=True) * w)
+
+    analytic, numeric = tf.test.compute_gradient(loss, [tf.constant(y)], delta=1e-6)
+    np.testing.assert_allclose(analytic[0], numeric[0], rtol=1e-5, atol=1e-6)
+    # d gamma = sum(dx * x^) exactly (Eq. 1's kept value is x^ itself).
+    with tf.GradientTape() as tape:
+        out = loss(tf.constant(y))
+    want = np_scaled(w.numpy(), y, gamma, beta.astype("float64"), -1, "l1")[2]
+    np.testing.assert_allclose(tape.gradient(out, layer.gamma), want, rtol=1e-10)
 
 
 @pytest.mark.parametrize("shape, axis", SHAPES)
@@ -155,6 +215,19 @@ def test_inference_graph_is_a_per_channel_affine():
     graph = fn.get_concrete_function(tf.TensorSpec((None, 6, 6, 4))).graph
     types = {op.type for op in graph.get_operations()}
     assert not types & {"Mean", "Sum", "Abs", "AssignSubVariableOp"}, types
+
+
+def test_scaled_inference_is_gamma_times_the_normalized_moving_value():
+    rng = np.random.default_rng(12)
+    gamma = rng.uniform(-2, 2, 4)
+    layer, beta = make_layer(4, momentum=0.5, scale=True,
+                             gamma_initializer=tf.keras.initializers.Constant(gamma))
+    layer(rng.normal(1.0, 2.0, size=(6, 4)).astype("float32"), training=True)
+    y = rng.normal(size=(3, 4)).astype("float32")
+    want = gamma * (y - layer.moving_mean.numpy()) / layer.moving_psi.numpy() + beta
+    np.testing.assert_allclose(layer(y, training=False), want, rtol=1e-5, atol=1e-5)
+    scale, offset = layer.inference_affine()
+    np.testing.assert_allclose(y * scale.numpy() + offset.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_center_false():
@@ -251,9 +324,9 @@ def test_mixed_float16():
 # ---------------------------------------------------------------- what the backward keeps
 
 
-def captured_by_backward(mode, shape=(4, 8, 8, 16)):
+def captured_by_backward(mode, shape=(4, 8, 8, 16), **kwargs):
     """(dtype, element count) of every forward tensor that a backward op reads (but dx)."""
-    layer = BinaryBatchNorm(mode=mode)
+    layer = BinaryBatchNorm(mode=mode, **kwargs)
     layer.build((None, *shape[1:]))
 
     def forward(y, dx):
@@ -263,7 +336,7 @@ def captured_by_backward(mode, shape=(4, 8, 8, 16)):
         with tf.GradientTape() as tape:
             tape.watch(y)
             x = layer(y, training=True)
-        return tape.gradient(x, [y, layer.beta], output_gradients=dx)
+        return tape.gradient(x, [y, *layer.trainable_weights], output_gradients=dx)
 
     spec = [tf.TensorSpec(shape)] * 2
     forward_graph = tf.function(forward).get_concrete_function(*spec).graph
@@ -279,10 +352,11 @@ def captured_by_backward(mode, shape=(4, 8, 8, 16)):
     return captured
 
 
-def test_proposed_backward_keeps_only_bits_and_per_channel_vectors():
+@pytest.mark.parametrize("scale", [False, True])
+def test_proposed_backward_keeps_only_bits_and_per_channel_vectors(scale):
     shape = (4, 8, 8, 16)
     size = np.prod(shape)
-    captured = captured_by_backward("proposed", shape)
+    captured = captured_by_backward("proposed", shape, scale=scale)
     floats = [c for c in captured if c[1].is_floating]
     bits = [c for c in captured if c[1] == tf.uint8]
     assert floats and all(n <= shape[-1] for _, _, n in floats), captured  # psi, omega
@@ -310,19 +384,24 @@ def test_bad_arguments():
         BinaryBatchNorm(axis=3)(tf.zeros((2, 3)))
 
 
-def test_get_config_round_trip():
-    layer = BinaryBatchNorm(axis=1, momentum=0.9, epsilon=1e-4, center=False, mode="l1")
+@pytest.mark.parametrize("scale", [False, True])
+def test_get_config_round_trip(scale):
+    layer = BinaryBatchNorm(axis=1, momentum=0.9, epsilon=1e-4, center=False, mode="l1",
+                            scale=scale)
     config = layer.get_config()
+    assert config["scale"] is scale
     clone = tf.keras.layers.deserialize({"class_name": "BinaryBatchNorm", "config": config})
     assert isinstance(clone, BinaryBatchNorm)
     assert clone.get_config() == config
 
 
-@pytest.mark.parametrize("fmt", ["h5", "tf"])
-def test_save_and_load(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, scale", [("h5", False), ("tf", False), ("h5", True)])
+def test_save_and_load(tmp_path, fmt, scale):
     rng = np.random.default_rng(8)
-    model = tf.keras.Sequential([tf.keras.Input((5,)), BinaryBatchNorm(momentum=0.5)])
+    model = tf.keras.Sequential([tf.keras.Input((5,)), BinaryBatchNorm(momentum=0.5, scale=scale)])
     model.layers[0].beta.assign(rng.normal(size=5))
+    if scale:
+        model.layers[0].gamma.assign(rng.normal(size=5))
     model(rng.normal(size=(8, 5)).astype("float32"), training=True)  # moving statistics
     path = str(tmp_path / ("model.h5" if fmt == "h5" else "model"))
     model.save(path, save_format=fmt)
@@ -380,12 +459,13 @@ def test_chunked_sum_matches_numpy(batch, axes):
 
 
 @pytest.mark.parametrize("mode", ["proposed", "l1", "exact"])
-def test_backward_reads_what_the_layer_declares(mode):
+@pytest.mark.parametrize("scale", [False, True])
+def test_backward_reads_what_the_layer_declares(mode, scale):
     shape = (4, 8, 8, 16)
-    layer = BinaryBatchNorm(mode=mode)
+    layer = BinaryBatchNorm(mode=mode, scale=scale)
     layer.build((None, *shape[1:]))
     declared = sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape))
-    captured = captured_by_backward(mode, shape)
+    captured = captured_by_backward(mode, shape, scale=scale)
     read = sum(n * dtype.size for _, dtype, n in captured if n and n > len(shape))
     assert read == declared, (captured, layer.kept_tensors(shape))
 

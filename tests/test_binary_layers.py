@@ -136,6 +136,17 @@ def test_chunked_backward(batch, conv):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_activation_inside_the_layer_matches_larq(activation):
+    shape = (3, 9, 8, 8)
+    standard, low = _pair(lq.layers.QuantConv2D, lqp_layers.QuantConv2D, shape, filters=5,
+                          kernel_size=3, padding="same", pad_values=1.0, activation=activation,
+                          input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+    x = _inputs(shape)
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_dilated_conv_matches_larq():
     shape = (2, 9, 8, 8)
     standard, low = _pair(
@@ -608,6 +619,10 @@ def _bytes_read_by_backward(layer, shape):
     (lambda: lqp_layers.QuantDense(16, kernel_quantizer=None, saved_dtype="bfloat16"), (8, 64)),
     (lambda: lqp_layers.QuantDense(16, input_quantizer="ste_sign", kernel_quantizer=None),
      (8, 64)),
+    # QuickNet's: a ReLU inside the layer keeps its 1-bit mask, not the float output.
+    (lambda: lqp_layers.QuantConv2D(8, 3, padding="same", pad_values=1.0, activation="relu",
+                                    input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
+     (8, 8, 8, 16)),
 ])
 def test_backward_reads_what_the_layer_declares(make, shape):
     layer = make()

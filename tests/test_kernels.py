@@ -108,14 +108,18 @@ def test_apply_mask(shape, select, fallback):
 
 
 # ------------------------------------------------- BinaryBatchNorm(proposed)
-def _bn_step(y, dx, mode="proposed", beta=0.3):
-    layer = lqp_layers.BinaryBatchNorm(mode=mode, momentum=0.5, beta_initializer=tf.constant_initializer(beta))
+def _bn_step(y, dx, mode="proposed", beta=0.3, scale=False):
+    layer = lqp_layers.BinaryBatchNorm(mode=mode, momentum=0.5, scale=scale,
+                                       beta_initializer=tf.constant_initializer(beta),
+                                       gamma_initializer=tf.constant_initializer(-1.7))
     layer.build(y.shape)
     with tf.GradientTape() as tape:
         tape.watch(y)
         x = layer(y, training=True)
-    dy, dbeta = tape.gradient(x, [y, layer.beta], output_gradients=dx)
+    weights = [layer.beta] + ([layer.gamma] if scale else [])
+    dy, dbeta, *dgamma = tape.gradient(x, [y, *weights], output_gradients=dx)
     return {"x": x.numpy(), "dy": dy.numpy(), "dbeta": dbeta.numpy(),
+            **({"dgamma": dgamma[0].numpy()} if scale else {}),
             "moving_mean": layer.moving_mean.numpy(), "moving_psi": layer.moving_psi.numpy()}
 
 
@@ -127,15 +131,15 @@ def _close(got, want, rtol=1e-5):
 BN_SHAPES = [(100, 10), (1, 7), (7, 5, 5, 3), (1, 3, 3, 9), (3, 4, 5, 16), (2, 1)]
 
 
-@pytest.mark.parametrize("mode", ["proposed", "l1"])
+@pytest.mark.parametrize("mode, scale", [("proposed", False), ("l1", False), ("proposed", True)])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
-def test_binary_batch_norm_equals_reference(shape, mode, fallback):
+def test_binary_batch_norm_equals_reference(shape, mode, scale, fallback):
     rng = np.random.default_rng(2)
     y = tf.constant(rng.normal(1.5, 2.0, size=shape).astype(np.float32))
     dx = tf.constant(rng.normal(size=shape).astype(np.float32))
-    got = _bn_step(y, dx, mode)
+    got = _bn_step(y, dx, mode, scale=scale)
     with fallback():
-        want = _bn_step(y, dx, mode)
+        want = _bn_step(y, dx, mode, scale=scale)
     for key in want:
         _close(got[key], want[key])
 

@@ -194,6 +194,9 @@ def test_convert_batch_norm(batch_norm):
     probe = tf.keras.Model(model.inputs, model.layers[-3].output)
     probe_new = tf.keras.Model(new.inputs, new.layers[-3].output)
     np.testing.assert_array_equal(np.sign(probe(x)), np.sign(probe_new(x)))
+    # Each BN keeps its source's scale: with one, the inference outputs themselves.
+    for old_bn, new_bn in zip([l for l in model.layers if "batch_norm" in l.name], bns):
+        assert new_bn.scale == old_bn.scale
 
 
 def test_convert_lists_what_it_cannot_convert():
@@ -225,6 +228,16 @@ def test_batch_norm_weight_maps_against_keras():
     l2_out = gamma * (y - mean) / np.sqrt(var + eps) + beta
     l1_out = (y - l1["moving_mean"]) / l1["moving_psi"] + l1["beta"]
     np.testing.assert_array_equal(np.sign(l2_out), np.sign(l1_out))
+    # With a scale (BinaryBatchNorm(scale=True)) the map keeps the output itself,
+    # and the reverse map brings back Keras' weights.
+    values = {"gamma": -gamma, "beta": beta, "moving_mean": mean, "moving_variance": var}
+    scaled = models.l2_to_l1_batch_norm(values, eps, scale=True)
+    scaled_out = scaled["gamma"] * (y - scaled["moving_mean"]) / scaled["moving_psi"] + scaled["beta"]
+    np.testing.assert_allclose(scaled_out, -gamma * (y - mean) / np.sqrt(var + eps) + beta,
+                               rtol=1e-12)
+    back = models.l1_to_l2_batch_norm(scaled, eps)
+    bn.set_weights([back[k] for k in ("gamma", "beta", "moving_mean", "moving_variance")])
+    np.testing.assert_allclose(bn(y, training=False), scaled_out, rtol=1e-5, atol=1e-5)
 
 
 def test_convert_warns_nothing_when_all_converted():

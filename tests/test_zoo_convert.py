@@ -124,3 +124,23 @@ def test_bi_real_low_memory_gradient_is_close_to_larqs():
         for g, want in zip(got, reference, strict=True):
             scale = np.abs(want.numpy()).max() + 1e-12
             assert np.abs(g.numpy() - want.numpy()).max() <= tolerance * scale
+
+
+def test_proposed_batch_norm_keeps_a_zoo_models_inference_output():
+    """Every BN of ResNetE-18 has a scale: BinaryBatchNorm(scale=True) takes gamma over,
+    so the converted model computes the source's outputs (random BN statistics and gammas,
+    negative ones included), and keeps its learned scales trainable."""
+    model = _build("literature", "BinaryResNetE18")
+    rng = np.random.default_rng(3)
+    bns = [layer for layer in model.layers
+           if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    for layer in bns:
+        n = layer.gamma.shape[0]
+        layer.set_weights([rng.uniform(-2, 2, n), rng.normal(size=n), rng.normal(size=n),
+                           rng.uniform(0.5, 2, n)])
+    new = models.convert(model, batch_norm="proposed")
+    converted = [layer for layer in new.layers if type(layer).__name__ == "BinaryBatchNorm"]
+    assert len(converted) == len(bns) and all(layer.scale for layer in converted)
+    x = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(new(x, training=False), model(x, training=False),
+                               rtol=1e-4, atol=1e-5)

@@ -242,12 +242,44 @@ def normalize_proposed(y: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.T
 
         def grad(dx):
             # Gated on dx (a single op, so nothing runs early in graph mode anyway).
-            dy, dbeta = library_.lqp_binary_batch_norm_grad(dx, bits, flat_psi, omega)
+            dy, dbeta, _ = library_.lqp_binary_batch_norm_grad(
+                dx, bits, flat_psi, omega, tf.ones_like(omega))
             return dy, tf.reshape(dbeta, tf.shape(beta)), None, None
 
         return x, grad
 
     return normalize(y, beta, mean, psi)
+
+
+def normalize_proposed_scaled(
+    y: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.Tensor
+) -> tf.Tensor:
+    r"""BinaryBatchNorm(proposed, scale=True)'s \(x = \gamma (y - \mu)/\psi + \beta\), fused.
+
+    Kernel only (see `bn_usable`): the forward writes \(\hat x = (y - \mu)/\psi\),
+    \(\hat\omega\) and the sign bits of \(\hat x\) in one pass, then the affine;
+    the backward reads dx twice and the bits and returns dy, d\(\gamma\), d\(\beta\).
+    """
+    library_ = library()
+    channels = y.shape[-1]
+
+    @tf.custom_gradient
+    def normalize(y, gamma, beta, mean, psi):
+        flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
+        normalized, omega, bits = library_.lqp_binary_batch_norm_forward(
+            y, tf.zeros([channels], y.dtype), flat(mean), flat(psi))
+        flat_psi, flat_gamma = flat(psi), flat(gamma)
+        x = normalized * flat_gamma + flat(beta)
+
+        def grad(dx):
+            dy, dbeta, dgamma = library_.lqp_binary_batch_norm_grad(
+                dx, bits, flat_psi, omega, flat_gamma)
+            return (dy, tf.reshape(dgamma, tf.shape(gamma)), tf.reshape(dbeta, tf.shape(beta)),
+                    None, None)
+
+        return x, grad
+
+    return normalize(y, gamma, beta, mean, psi)
 
 
 # ------------------------------------------------------------ max pool

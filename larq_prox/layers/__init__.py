@@ -8,6 +8,8 @@
 - Float layers (float.py): Keras' `Conv2D`, `DepthwiseConv2D`, `Dense` and
   `BatchNormalization` with `saved_dtype`, keeping their float input in 16 bits.
 - `MaxPool2D` (pooling.py): Keras' max pool keeping only bits of the argmax.
+- `Add`, `Concatenate`, `AveragePooling2D` (shape_only.py): Keras'
+  layers whose backward keeps only shapes (Keras' keep their inputs alive).
 - `ReLU`, `Activation`, `PReLU` (activations.py): 1-bit ReLU masks, PReLU with
   its input kept in 16 bits.
 - `MultiHeadSelfAttention` (attention.py): self-attention whose q, k, v and
@@ -24,13 +26,17 @@ from larq_prox.layers.binary import QuantConv2D, QuantDense
 from larq_prox.layers.gelu import TanhGELU
 from larq_prox.layers.float import BatchNormalization, Conv2D, Dense, DepthwiseConv2D
 from larq_prox.layers.pooling import MaxPool2D
+from larq_prox.layers.shape_only import Add, AveragePooling2D, Concatenate
 from larq_prox.layers.tokens import ClassToken, PositionEmbedding
 
 __all__ = [
     "Activation",
+    "Add",
+    "AveragePooling2D",
     "BatchNormalization",
     "BinaryBatchNorm",
     "ClassToken",
+    "Concatenate",
     "Conv2D",
     "Dense",
     "DepthwiseConv2D",

@@ -45,3 +45,17 @@ def kept_float(role: str, elements: int, layer, side: str | None = None) -> Kept
     dtype = tf.as_dtype(layer.compute_dtype).name
     shared = None if side is None else f"{side}:{dtype}"
     return Kept(role, elements, float_bits(layer), shared=shared)
+
+
+def activation_kept(activation, elements: int, layer) -> list[Kept]:
+    """What a layer's own `activation` keeps (applied with `ops.activations.apply_activation`).
+
+    ReLU: a 1-bit mask; None and linear: nothing; any other: one float tensor of
+    the output's size (ReLU6, sigmoid, tanh, ELU keep the output; softplus,
+    swish the input).
+    """
+    if activation is None or activation is tf.keras.activations.linear:
+        return []
+    if activation is tf.keras.activations.relu:
+        return [Kept("activation mask", elements, 1)]
+    return [Kept(f"activation ({layer.compute_dtype})", elements, float_bits(layer))]

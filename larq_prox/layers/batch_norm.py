@@ -183,7 +183,9 @@ _CHUNKS = 4
 """Batch slices of the proposed mode's reductions (see `chunked_sum`)."""
 
 
-def _normalize_proposed(y, beta, mean, psi, axes, total=None):
+def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None):
+    if gamma is not None:
+        return _normalize_proposed_scaled(y, gamma, beta, mean, psi, axes, total)
     if total is None and kernels.bn_usable(y, axes):
         return kernels.normalize_proposed(y, beta, mean, psi)  # fused; below, its reference
 
@@ -216,23 +218,77 @@ def _normalize_proposed(y, beta, mean, psi, axes, total=None):
     return normalize(y, beta, mean, psi)
 
 
-def _normalize_l1(y, beta, mean, psi, axes, total=None):
+def _normalize_proposed_scaled(y, gamma, beta, mean, psi, axes, total=None):
+    r"""\(x = \gamma \hat x + \beta\), \(\hat x = (y - \mu)/\psi\), keeping the sign bits of \(\hat x\).
+
+    The backward is the exact l1 gradient with \(\hat x \approx \operatorname{sign}(\hat x)\,\hat\omega\)
+    (the proposed mode's approximation, applied to the normalized value):
+    \(\partial\gamma = \hat\omega \sum \partial x \operatorname{sign}(\hat x)\) and
+    \(\partial y\) = `proposed_gradient` of \(\gamma\,\partial x\).
+    """
+    if total is None and kernels.bn_usable(y, axes):
+        return kernels.normalize_proposed_scaled(y, gamma, beta, mean, psi)
+
     @tf.custom_gradient
-    def normalize(y, beta, mean, psi):
-        x = (y - mean) / psi + beta
+    def normalize(y, gamma, beta, mean, psi):
+        with tf.control_dependencies([psi]):
+            normalized = (y - mean) / psi
+        omega = chunked_sum(tf.abs, [normalized], axes, _CHUNKS)
+        omega = omega / _count(y, axes) if total is None else total(omega) / total(_count(y, axes))
+        bits = bitpack.pack_signs(normalized)
+        shape = tf.shape(normalized)
+        with tf.control_dependencies([omega, bits]):
+            x = normalized * gamma + beta
 
         def grad(dx):
-            dy = l1_gradient(dx, x, psi, axes, total)
-            dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
-            return dy, dbeta, None, None
+            with tf.control_dependencies([dx]):
+                signs = bitpack.unpack_signs(bits, shape, dx.dtype)
+            dgamma = omega * chunked_sum(tf.multiply, [dx, signs], axes, _CHUNKS)
+            dbeta = tf.reduce_sum(dx, axis=axes, keepdims=True)
+            dy = proposed_gradient(dx * gamma, signs, psi, omega, axes, _CHUNKS, total)
+            return (dy, tf.reshape(dgamma, tf.shape(gamma)), tf.reshape(dbeta, tf.shape(beta)),
+                    None, None)
 
         return x, grad
 
-    return normalize(y, beta, mean, psi)
+    return normalize(y, gamma, beta, mean, psi)
 
 
-def _normalize_exact(y, beta, mean, psi, axes, total=None):
-    return (y - mean) / psi + beta
+def _normalize_l1(y, beta, mean, psi, axes, total=None, gamma=None):
+    if gamma is None:  # the paper's Eq. 1, with x itself
+
+        @tf.custom_gradient
+        def normalize(y, beta, mean, psi):
+            x = (y - mean) / psi + beta
+
+            def grad(dx):
+                dy = l1_gradient(dx, x, psi, axes, total)
+                dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
+                return dy, dbeta, None, None
+
+            return x, grad
+
+        return normalize(y, beta, mean, psi)
+
+    @tf.custom_gradient
+    def normalize_scaled(y, gamma, beta, mean, psi):  # Eq. 1 with the normalized value
+        normalized = (y - mean) / psi
+        x = normalized * gamma + beta
+
+        def grad(dx):
+            dy = l1_gradient(dx * gamma, normalized, psi, axes, total)
+            dgamma = tf.reshape(tf.reduce_sum(dx * normalized, axis=axes), tf.shape(gamma))
+            dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes), tf.shape(beta))
+            return dy, dgamma, dbeta, None, None
+
+        return x, grad
+
+    return normalize_scaled(y, gamma, beta, mean, psi)
+
+
+def _normalize_exact(y, beta, mean, psi, axes, total=None, gamma=None):
+    normalized = (y - mean) / psi
+    return normalized + beta if gamma is None else normalized * gamma + beta
 
 
 _NORMALIZE: dict[str, Callable] = {
@@ -263,9 +319,18 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         epsilon: added to \(\psi\) (> 0), so constant channels stay finite;
             `moving_psi` averages \(\psi\) with epsilon included.
         center: whether to learn \(\beta\) (otherwise \(\beta = 0\)).
+        scale: whether to learn a per-channel \(\gamma\):
+            \(x = \gamma (y - \mu)/\psi + \beta\). Meaningless in front of a sign
+            (the paper's binary nets: False), needed where the output feeds a
+            float path (a residual stream, a ReLU). The proposed mode then keeps
+            the sign bits of \((y - \mu)/\psi\) (the same count of bits) and its
+            backward is Eq. 1 with \((y - \mu)/\psi \approx\) its sign times
+            \(\hat\omega = \operatorname{mean}|y - \mu|/\psi\):
+            \(\partial\gamma = \hat\omega \sum \partial x\, \operatorname{sign}\).
         mode: backward pass, one of `MODES`: "proposed" (sign bits of x, psi,
             omega), "l1" (Eq. 1, keeps float x), "exact" (autodiff).
         beta_initializer, beta_regularizer, beta_constraint: for \(\beta\).
+        gamma_initializer, gamma_regularizer, gamma_constraint: for \(\gamma\).
         moving_mean_initializer, moving_psi_initializer: for the moving statistics.
         synchronized: under a `tf.distribute` strategy, compute \(\mu\), \(\psi\),
             \(\omega\) and the backward's means over the global batch of all
@@ -285,10 +350,14 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         momentum: float = 0.99,
         epsilon: float = 1e-3,
         center: bool = True,
+        scale: bool = False,
         mode: str = "proposed",
         beta_initializer="zeros",
+        gamma_initializer="ones",
         beta_regularizer=None,
+        gamma_regularizer=None,
         beta_constraint=None,
+        gamma_constraint=None,
         moving_mean_initializer="zeros",
         moving_psi_initializer="ones",
         synchronized: bool = False,
@@ -311,6 +380,7 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = bool(center)
+        self.scale = bool(scale)
         self.mode = mode
         if not isinstance(synchronized, bool):
             raise TypeError(f"`synchronized` must be True or False, got {synchronized!r}.")
@@ -318,6 +388,9 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         self.beta_initializer = tf.keras.initializers.get(beta_initializer)
         self.beta_regularizer = tf.keras.regularizers.get(beta_regularizer)
         self.beta_constraint = tf.keras.constraints.get(beta_constraint)
+        self.gamma_initializer = tf.keras.initializers.get(gamma_initializer)
+        self.gamma_regularizer = tf.keras.regularizers.get(gamma_regularizer)
+        self.gamma_constraint = tf.keras.constraints.get(gamma_constraint)
         self.moving_mean_initializer = tf.keras.initializers.get(moving_mean_initializer)
         self.moving_psi_initializer = tf.keras.initializers.get(moving_psi_initializer)
         self.supports_masking = True
@@ -348,6 +421,16 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         self.input_spec = tf.keras.layers.InputSpec(ndim=rank, axes={self._channel_axis: channels})
 
         kwargs = dict(shape=(channels,), dtype=self._param_dtype, experimental_autocast=False)
+        self.gamma = None
+        if self.scale:
+            self.gamma = self.add_weight(
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                **kwargs,
+            )
         self.beta = None
         if self.center:
             self.beta = self.add_weight(
@@ -388,6 +471,8 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
     def inference_affine(self) -> tuple[tf.Tensor, tf.Tensor]:
         """Per-channel `(scale, offset)` with inference output `x = y * scale + offset`."""
         scale = 1.0 / tf.convert_to_tensor(self.moving_psi)
+        if self.gamma is not None:
+            scale = scale * tf.convert_to_tensor(self.gamma)
         offset = self._beta() - tf.convert_to_tensor(self.moving_mean) * scale
         return scale, offset
 
@@ -410,11 +495,14 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         else:
             mean, psi = l1_moments(y, self._reduction_axes, self.epsilon, chunks, total)
         beta = tf.reshape(self._beta(), self._broadcast_shape)
+        gamma = None
+        if self.gamma is not None:
+            gamma = tf.reshape(tf.convert_to_tensor(self.gamma), self._broadcast_shape)
         if self.mode != "exact":
             # The custom backward is the whole gradient of y; the moments are
             # inputs without their own gradient path.
             mean, psi = tf.stop_gradient(mean), tf.stop_gradient(psi)
-        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes, total)
+        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes, total, gamma)
         decay = 1.0 - self.momentum
         # Without examples (a replica's share of an uneven last batch) the
         # statistics are 0/0: such a replica keeps its moving values.
@@ -450,8 +538,9 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
     def kept_tensors(self, input_shape=None) -> list[Kept]:
         """What a training step keeps between forward and backward (see `larq_prox.ops.kept`).
 
-        "proposed": the sign bits of x plus per-channel psi and omega; "l1":
-        float x and psi; "exact": what autodiff of the forward keeps (float).
+        "proposed": the sign bits of x (of (y - mu)/psi with a scale) plus per-channel
+        psi and omega; "l1": float x and psi; "exact": what autodiff of the forward
+        keeps (float). With a scale, also gamma.
 
         ```python
         BinaryBatchNorm().kept_tensors((None, 32, 32, 128))   # 1 bit per element + 2 x 128
@@ -462,13 +551,18 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         per_sample = int(np.prod([d for i, d in enumerate(shape) if i != 0]))
         bits = tf.as_dtype(self._param_dtype).size * 8
         vector = lambda role: Kept(role, channels, bits, per_sample=False)  # noqa: E731
+        gamma = [vector("gamma")] if self.scale else []
         if self.mode == "proposed":
-            return [Kept("x signs", per_sample, 1), vector("psi"), vector("omega")]
+            signs = "normalized signs" if self.scale else "x signs"
+            return [Kept(signs, per_sample, 1), vector("psi"), vector("omega"), *gamma]
         if self.mode == "l1":
-            return [Kept("x", per_sample, bits), vector("psi")]
-        # Autodiff keeps y - mean twice (the moments' and the normalization's).
+            return [Kept("normalized" if self.scale else "x", per_sample, bits), vector("psi"),
+                    *gamma]
+        # Autodiff keeps y - mean twice (the moments' and the normalization's),
+        # and with a scale the normalized value (gamma's gradient).
+        scaled = [Kept("normalized", per_sample, bits), *gamma] if self.scale else []
         return [Kept("input - mean", per_sample, bits), Kept("input - mean (moments)",
-                per_sample, bits), vector("psi"), vector("sum |input - mean|")]
+                per_sample, bits), vector("psi"), vector("sum |input - mean|"), *scaled]
 
     def get_config(self):
         ser = tf.keras.initializers.serialize
@@ -478,11 +572,15 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "center": self.center,
+            "scale": self.scale,
             "mode": self.mode,
             "synchronized": self.synchronized,
             "beta_initializer": ser(self.beta_initializer),
             "beta_regularizer": tf.keras.regularizers.serialize(self.beta_regularizer),
             "beta_constraint": tf.keras.constraints.serialize(self.beta_constraint),
+            "gamma_initializer": ser(self.gamma_initializer),
+            "gamma_regularizer": tf.keras.regularizers.serialize(self.gamma_regularizer),
+            "gamma_constraint": tf.keras.constraints.serialize(self.gamma_constraint),
             "moving_mean_initializer": ser(self.moving_mean_initializer),
             "moving_psi_initializer": ser(self.moving_psi_initializer),
         }

@@ -86,7 +86,9 @@ from larq.quantized_variable import QuantizedVariable
 
 from larq_prox import bitpack
 from larq_prox import quantizers as pcpp_quantizers
+from larq_prox.layers._kept import activation_kept
 from larq_prox.ops import binary as binary_ops
+from larq_prox.ops.activations import apply_activation
 from larq_prox.ops.binary import BACKWARD_BITS, InputBackward, KernelSign, kernel_kept
 from larq_prox.ops.kept import Kept
 from larq_prox.ops.pooling import bitmask_max_pool2d  # noqa: F401  (moved; old import path)
@@ -272,9 +274,7 @@ class _LowMemoryKernel(_WarnOnce):
     def _finish(self, outputs: tf.Tensor) -> tf.Tensor:
         if self.use_bias:
             outputs = tf.nn.bias_add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return apply_activation(self.activation, outputs)
 
     def kept_tensors(self, input_shape=None) -> list[Kept]:
         """What a training step keeps between forward and backward, per tensor.
@@ -300,13 +300,16 @@ class _LowMemoryKernel(_WarnOnce):
         kernel = [kernel_kept(kernel_shape, self._binary_kernel, bits)]
         if self.kernel_quantizer is None:
             kernel = []
+        output_shape = tf.TensorShape(self.compute_output_shape(input_shape))
+        activation = activation_kept(self.activation, int(np.prod(output_shape[1:])), self)
         if self._float_input:
             saved_bits = tf.as_dtype(self.saved_dtype).size * 8
             # ops.saved keeps the (quantized) kernel tensor as it is.
             return [Kept(f"input ({self.saved_dtype})", per_sample, saved_bits,
                          shared=f"input:{self.saved_dtype}"),
-                    *[kernel_kept(kernel_shape, False, bits) for _ in kernel]]
-        return [Kept("input signs", per_sample, 1), *self._input_backward.kept(per_sample), *kernel]
+                    *[kernel_kept(kernel_shape, False, bits) for _ in kernel], *activation]
+        return [Kept("input signs", per_sample, 1), *self._input_backward.kept(per_sample), *kernel,
+                *activation]
 
 
 @contextlib.contextmanager

@@ -44,6 +44,8 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from larq_prox.layers._kept import activation_kept
+from larq_prox.ops.activations import apply_activation
 from larq_prox.ops.kept import Kept
 from larq_prox.ops.saved import (
     check_saved_dtype,
@@ -138,13 +140,15 @@ class _SavedInput:
         return Kept(f"input ({dtype})", _elements(input_shape), bits, shared=f"input:{dtype}")
 
     def _kept_activation(self, input_shape) -> list[Kept]:
-        # Most activations' gradients read one tensor of the output's size
-        # (ReLU, sigmoid, tanh, ELU: the output; softplus, swish: the input).
         if self.activation in (None, tf.keras.activations.linear):
             return []
-        output_shape = self.compute_output_shape(input_shape)
-        bits = tf.as_dtype(self.compute_dtype).size * 8
-        return [Kept(f"activation ({self.compute_dtype})", _elements(output_shape), bits)]
+        if not self.low_memory:
+            # Keras' activation: most gradients read one tensor of the output's size.
+            output_shape = self.compute_output_shape(input_shape)
+            bits = tf.as_dtype(self.compute_dtype).size * 8
+            return [Kept(f"activation ({self.compute_dtype})", _elements(output_shape), bits)]
+        return activation_kept(self.activation, _elements(self.compute_output_shape(input_shape)),
+                               self)
 
     def kept_tensors(self, input_shape=None) -> list[Kept]:
         """What a training step keeps for this layer's backward pass (weights aside).
@@ -178,9 +182,7 @@ class _SavedKernel(_SavedInput):
                 outputs = tf.nn.bias_add(outputs, self.bias)
             if not tf.executing_eagerly():
                 outputs.set_shape(self.compute_output_shape(inputs.shape))
-            if self.activation is not None:
-                outputs = self.activation(outputs)
-            return outputs
+            return apply_activation(self.activation, outputs)
 
         return _if_training(training, saved, lambda: keras_call(inputs))
 

@@ -35,13 +35,20 @@ _LOW_MEMORY_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ReLU": ("ReLU", ()),
     "Activation": ("Activation", ()),
     "PReLU": ("PReLU", ("saved_dtype",)),
+    # Keras' own keep their inputs for their shapes (larq_prox.ops.shape_only).
+    "Add": ("Add", ()),
+    "Concatenate": ("Concatenate", ()),
+    "AveragePooling2D": ("AveragePooling2D", ()),
+    "AvgPool2D": ("AveragePooling2D", ()),
 }
+
+# TFOpLambda functions of two tensors that become larq_prox.layers.Add.
+_ADD_OPS = ("__operators__.add", "math.add")
 
 # Layers whose backward keeps nothing of their own (shapes at most): convert()
 # has nothing to make low-memory there and does not report them.
 _KEEP_NOTHING = (
-    "InputLayer", "Add", "Subtract", "Concatenate", "AveragePooling2D", "AvgPool2D",
-    "GlobalAveragePooling2D", "Flatten", "Reshape", "Dropout", "ZeroPadding2D",
+    "InputLayer", "Subtract", "GlobalAveragePooling2D", "Flatten", "Reshape", "Dropout", "ZeroPadding2D",
     "Cropping2D", "Permute", "RepeatVector", "SpatialDropout2D",
 )
 _KEEP_NOTHING_OPS = ("__operators__.add", "math.add", "__operators__.sub", "math.subtract",
@@ -60,6 +67,16 @@ def _as_keras_config(name: str, config: dict) -> dict | None:
         return None
     larq_only = set(quantizers) | {"metrics", "pad_values"}
     return {k: v for k, v in config.items() if k not in larq_only}
+
+
+def _adds_two_tensors(layer, config: dict) -> bool:
+    """Whether a TFOpLambda is `x + y` of two graph tensors (one node), as in QuickNet."""
+    if config.get("function") not in _ADD_OPS or len(layer.inbound_nodes) != 1:
+        return False
+    node = layer.inbound_nodes[0]
+    args, kwargs = node.call_args, node.call_kwargs
+    y = kwargs.get("y", args[1] if len(args) > 1 else None)
+    return len(args) >= 1 and all(tf.keras.backend.is_keras_tensor(t) for t in (args[0], y))
 
 
 def _is_binary(quantizer_config) -> bool:
@@ -156,6 +173,8 @@ class _Conversion:
     def _low_memory_twin(self, layer, config, changed):
         """The larq_prox.layers twin of `layer` with the conversion's options, or None."""
         name = type(layer).__name__
+        if name == "TFOpLambda" and _adds_two_tensors(layer, config):
+            return self._note(layer, lqp_layers.Add(name=layer.name), ["low_memory"])
         keras_config = None if name in _LOW_MEMORY_TWINS else _as_keras_config(name, config)
         if keras_config is not None:
             # A larq layer without quantizers computes its Keras twin (e.g. QuickNet's
@@ -215,6 +234,9 @@ class _Conversion:
             epsilon=config.get("epsilon", 1e-3),
             center=config.get("center", True),
         )
+        # The source's scale: a learned gamma matters wherever the output feeds a
+        # float path (residual streams, ReLU), as in every larq-zoo model.
+        kwargs["scale"] = config.get("scale", True)
         if bn_cls is tf.keras.layers.BatchNormalization:
             return bn_cls(**kwargs)
         return bn_cls(mode=self.batch_norm, **kwargs)
@@ -280,18 +302,22 @@ def _copy_layer_weights(old, new) -> None:
         )
     old_values = _weights_by_name(old)
     if new_name == "BinaryBatchNorm":
-        values = l2_to_l1_batch_norm(old_values, old.epsilon)
+        values = l2_to_l1_batch_norm(old_values, old.epsilon, scale=new.scale)
     else:
         values = l1_to_l2_batch_norm(old_values, new.epsilon)
     _set_by_name(new, values)
 
 
-def l2_to_l1_batch_norm(values: dict[str, np.ndarray], epsilon: float) -> dict[str, np.ndarray]:
-    """BatchNormalization weights -> BinaryBatchNorm weights with the same output signs.
+def l2_to_l1_batch_norm(
+    values: dict[str, np.ndarray], epsilon: float, scale: bool = False
+) -> dict[str, np.ndarray]:
+    """BatchNormalization weights -> BinaryBatchNorm weights.
 
-    l2 BN: gamma (y - m) / sqrt(v + eps) + b. With psi = sqrt(v + eps) and beta = b / gamma,
-    (y - m) / psi + beta has the sign of the l2 output wherever gamma > 0, so the binary
-    layer after it sees the same inputs at inference.
+    l2 BN: gamma (y - m) / sqrt(v + eps) + b. With psi = sqrt(v + eps):
+    `scale=True` keeps gamma and b (the identical inference output);
+    `scale=False` sets beta = b / gamma, so that (y - m) / psi + beta has the sign
+    of the l2 output wherever gamma > 0 (the binary layer after it sees the same
+    inputs at inference).
 
     ```python
     lqp.models.l2_to_l1_batch_norm({"moving_mean": m, "moving_variance": v}, 1e-3)
@@ -300,29 +326,30 @@ def l2_to_l1_batch_norm(values: dict[str, np.ndarray], epsilon: float) -> dict[s
     mean = values["moving_mean"]
     gamma = values.get("gamma", np.ones_like(mean))
     b = values.get("beta", np.zeros_like(mean))
+    psi = np.sqrt(values["moving_variance"] + epsilon)
+    if scale:
+        return {"moving_mean": mean, "moving_psi": psi, "gamma": gamma, "beta": b}
     safe_gamma = np.where(np.abs(gamma) > 1e-12, gamma, 1.0)
-    return {
-        "moving_mean": mean,
-        "moving_psi": np.sqrt(values["moving_variance"] + epsilon),
-        "beta": b / safe_gamma,
-    }
+    return {"moving_mean": mean, "moving_psi": psi, "beta": b / safe_gamma}
 
 
 def l1_to_l2_batch_norm(values: dict[str, np.ndarray], epsilon: float) -> dict[str, np.ndarray]:
     """BinaryBatchNorm weights -> BatchNormalization weights with the identical inference output.
 
-    (y - m) / psi + beta == gamma (y - m) / sqrt(v + eps) + beta for v = psi^2 and
-    gamma = sqrt(psi^2 + eps) / psi: LCE folds this affine into LceBconv2d.
+    gamma_l1 (y - m) / psi + beta == gamma (y - m) / sqrt(v + eps) + beta for v = psi^2 and
+    gamma = gamma_l1 sqrt(psi^2 + eps) / psi (gamma_l1 = 1 without a scale): LCE folds
+    this affine into LceBconv2d.
 
     ```python
     lqp.models.l1_to_l2_batch_norm({"moving_mean": m, "moving_psi": psi, "beta": b}, 1e-3)
     ```
     """
     mean, psi = values["moving_mean"], values["moving_psi"]
+    gamma = values.get("gamma", np.ones_like(mean))
     return {
         "moving_mean": mean,
         "moving_variance": np.square(psi),
-        "gamma": np.sqrt(np.square(psi) + epsilon) / psi,
+        "gamma": gamma * np.sqrt(np.square(psi) + epsilon) / psi,
         "beta": values.get("beta", np.zeros_like(mean)),
     }
 
@@ -362,9 +389,11 @@ def convert(
             alias or quantizer for both roles, or {"input": ..., "kernel": ...}.
             None keeps the quantizers. Float (non-binary) quantizers are never touched.
         batch_norm: None keeps them; "standard", "l1" or "proposed" replaces every
-            channels-last batch normalization by that kind. BatchNormalization ->
-            BinaryBatchNorm keeps the sign of each output where gamma > 0
-            (`l2_to_l1_batch_norm`); the reverse is exact (`l1_to_l2_batch_norm`).
+            channels-last batch normalization by that kind, with the source's
+            `scale` (a learned gamma; larq-zoo's BNs have one). BatchNormalization
+            -> BinaryBatchNorm keeps the inference output (with a scale) or its
+            sign where gamma > 0 (without); the reverse is exact
+            (`l2_to_l1_batch_norm`, `l1_to_l2_batch_norm`).
         low_memory: replace layers by their larq_prox.layers twins (same
             configuration): larq's QuantConv2D/QuantDense, Keras' max pooling,
             and, where this installation has them, the float layers.

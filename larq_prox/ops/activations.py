@@ -40,7 +40,7 @@ import tensorflow as tf
 from larq_prox import kernels
 from larq_prox.ops.saved import SAVED_DTYPES, check_saved_dtype
 
-__all__ = ["SAVED_DTYPES", "check_saved_dtype", "masked_relu", "saved_prelu"]
+__all__ = ["SAVED_DTYPES", "apply_activation", "check_saved_dtype", "masked_relu", "saved_prelu"]
 
 
 def masked_relu(x: tf.Tensor) -> tf.Tensor:
@@ -71,6 +71,20 @@ def masked_relu(x: tf.Tensor) -> tf.Tensor:
         return outputs, grad
 
     return _op(x)
+
+
+def apply_activation(activation, outputs: tf.Tensor) -> tf.Tensor:
+    """A layer's `activation(outputs)`, with `masked_relu` for ReLU (1 bit kept, not the output).
+
+    ```python
+    y = apply_activation(tf.keras.activations.relu, conv_output)   # == tf.nn.relu, 1-bit mask
+    ```
+    """
+    if activation is None:
+        return outputs
+    if activation is tf.keras.activations.relu:
+        return masked_relu(outputs)
+    return activation(outputs)
 
 
 def saved_prelu(x: tf.Tensor, alpha: tf.Tensor, shared_axes=None, saved_dtype=None) -> tf.Tensor:

@@ -305,8 +305,10 @@ REGISTER_OP("LqpBinaryBatchNormGrad")
     .Input("bits: uint8")
     .Input("psi: T")
     .Input("omega: T")
+    .Input("gamma: T")
     .Output("dy: T")
     .Output("dbeta: T")
+    .Output("dgamma: T")
     .Attr("T: {float, double}")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle y;
@@ -314,9 +316,11 @@ REGISTER_OP("LqpBinaryBatchNormGrad")
       TF_RETURN_IF_ERROR(channels_last(c, &y, &channels));
       c->set_output(0, y);
       c->set_output(1, c->Vector(channels));
+      c->set_output(2, c->Vector(channels));
       return tensorflow::OkStatus();
     })
-    .Doc("dy = (dx - mean(dx) - omega mean(dx s) s) / psi with s = +-1 from bits; dbeta = sum(dx).");
+    .Doc("dy = gamma (dx - mean(dx) - omega mean(dx s) s) / psi with s = +-1 from bits; "
+         "dbeta = sum(dx); dgamma = omega sum(dx s). gamma = 1: the layer without a scale.");
 
 template <typename T>
 class BinaryBatchNormGradOp : public OpKernel {
@@ -332,17 +336,21 @@ class BinaryBatchNormGradOp : public OpKernel {
     OP_REQUIRES(ctx, ctx->input(1).NumElements() == (n + 7) / 8,
                 InvalidArgument("LqpBinaryBatchNormGrad: bits need ", (n + 7) / 8, " bytes, got ",
                                 ctx->input(1).NumElements()));
-    for (int i = 2; i < 4; ++i) {
+    for (int i = 2; i < 5; ++i) {
       OP_REQUIRES(ctx, ctx->input(i).NumElements() == channels,
-                  InvalidArgument("LqpBinaryBatchNormGrad: psi, omega need ", channels, " elements"));
+                  InvalidArgument("LqpBinaryBatchNormGrad: psi, omega, gamma need ", channels,
+                                  " elements"));
     }
     const T* dx = dx_t.flat<T>().data();
     const uint8_t* bits = ctx->input(1).flat<uint8_t>().data();
     const T* psi = ctx->input(2).flat<T>().data();
     const T* omega = ctx->input(3).flat<T>().data();
-    Tensor *dy_t = nullptr, *dbeta_t;
+    const T* gamma = ctx->input(4).flat<T>().data();
+    Tensor *dy_t = nullptr, *dbeta_t, *dgamma_t;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &dbeta_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({channels}), &dgamma_t));
     T* dbeta = dbeta_t->flat<T>().data();
+    T* dgamma = dgamma_t->flat<T>().data();
     const int64_t per_block = block_rows(channels);
     const int64_t blocks = (rows + per_block - 1) / per_block;
     std::vector<double> partial(static_cast<size_t>(2 * blocks * channels));
@@ -378,6 +386,7 @@ class BinaryBatchNormGradOp : public OpKernel {
       }
       const T count = static_cast<T>(rows);
       dbeta[c] = static_cast<T>(s);
+      dgamma[c] = omega[c] * static_cast<T>(q);
       centre[c] = static_cast<T>(s) / count;
       k[c] = omega[c] * static_cast<T>(q) / count;
     }
@@ -398,7 +407,7 @@ class BinaryBatchNormGradOp : public OpKernel {
         expand_bits(bits, r * channels, channels, m.data());
         for (int64_t c = 0; c < channels; ++c) {
           const T shift = blend(m[c], plus[c], minus[c]);
-          out[c] = (g[c] - shift) / psi[c];
+          out[c] = gamma[c] * ((g[c] - shift) / psi[c]);
         }
       }
     });
