@@ -170,13 +170,15 @@ def summarize(entry: dict) -> dict:
 
 
 def plot_curves(result, path):
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     archs = list(result["architectures"])
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.8 * len(archs), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.2 * len(archs), 5.2), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         entry = result["architectures"][arch]
         keys = []
@@ -186,27 +188,28 @@ def plot_curves(result, path):
                 keys.append(key)
         for key in keys:
             pair = key.removesuffix("+act")
-            curves = [r["val_accuracy"] for r in entry["finetune"]
-                      if variant(r["pair"], r.get("activations", False)) == key]
-            curves = 100 * np.array(curves)
-            epochs = np.arange(1, curves.shape[1] + 1)
+            runs = [r for r in entry["finetune"]
+                    if variant(r["pair"], r.get("activations", False)) == key]
+            # epoch 0: the fine-tuning start's inference (= PTB)
+            curves = 100 * np.array([[r["start_accuracy"]] + r["val_accuracy"] for r in runs])
+            epochs = np.arange(curves.shape[1])
             color = f"C{PAIRS.index(pair)}" if pair in PAIRS else "C9"
             act = key.endswith("+act")
-            label = pair.removeprefix("pcpp_") + (" (binary act.)" if act else "")
+            label = pair.removeprefix("pcpp_") + (" binary act." if act else "")
             ax.plot(epochs, curves.mean(0), color=color, marker="s" if act else "o", ms=3,
                     ls="--" if act else "-", label=f"{label} (n={len(curves)})")
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=color, alpha=0.12)
-        ax.axhline(100 * np.mean(entry["fp_accuracy_per_seed"]), color="k", ls="--", label="FP")
-        ptb = [np.mean(v) for k, v in entry["ptb_accuracy"].items() if not k.endswith("+act")]
-        if ptb:
-            ax.axhline(100 * np.mean(ptb), color="gray", ls=":", label="PTB (mean over pairs)")
+        ax.axhline(100 * np.mean(entry["fp_accuracy_per_seed"]), color="k", ls="--",
+                   label="FP (mean over seeds)")
         budget = result.get("budgets", {}).get(arch, result.get("budget", ""))
-        short = budget.split(": ", 1)[-1].split("; per-component")[0]
         ax.set_title(f"{arch}: fine-tuning a float model into a binary one (Fashion-MNIST)\n"
-                     f"{short}", fontsize=6.5)
-        ax.set_xlabel("fine-tuning epoch (mean over seeds; band: min-max)")
+                     + textwrap.fill(budget, 110), fontsize=6)
+        ax.set_xlabel("fine-tuning epoch (0: start = PTB; line: mean over seeds, band: min-max)",
+                      fontsize=8)
         ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=6, ncol=2)
+        ax.set_xticks(epochs)
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=6, ncol=3, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -303,9 +306,11 @@ def main(argv=None) -> int:
             f"images of real Fashion-MNIST, batch {args.batch_size}; float pretraining "
             f"{args.pretrain_epochs} epochs (Adam {args.pretrain_lr}) per seed; fine-tuning "
             f"{args.finetune_epochs} epochs (Adam {args.finetune_lr}) per pair and seed, "
-            f"{args.seeds} seed(s); binary weights, float activations, and binary weights and "
-            f"activations for {','.join(args.activation_pairs) or 'none'}; per-component study "
-            f"{args.component_epochs} epoch(s) with {args.component_pair}, seed 0."
+            f"{args.seeds} seed(s); binary weights, float activations"
+            + (f", and binary weights and activations for {','.join(args.activation_pairs)}"
+               if args.activation_pairs else "")
+            + (f"; per-component study {args.component_epochs} epoch(s) with "
+               f"{args.component_pair}, seed 0." if args.component_epochs > 0 else ".")
         ),
         "args": vars(args),
         "architectures": {},
