@@ -1,14 +1,13 @@
 r"""Linear ops whose backward pass keeps shapes only: add, concat, average pool.
 
 Their gradients do not depend on the input values, yet TensorFlow's registered
-gradients read the inputs' *dynamic* shapes in the backward pass (`_AddGrad`'s
-`BroadcastGradientArgs`, `AvgPoolGrad`'s `orig_input_shape`, `ConcatV2`'s
-`Shape` ops; Flatten's reshape does not: its shape is a constant). A Keras training function is traced with an unknown
-batch size, so those `Shape` ops read the forward tensors during the backward,
-and every input of every residual `Add` (and of every average pool and
-concatenation) stays allocated from the forward pass to the backward: in a
-converted QuickNet at 224x224, B=16, 96 MiB of the 254 MiB step peak were such
-tensors (`benchmarks/memory_profile.py`).
+gradients read the inputs' *dynamic* shapes in the backward pass when the batch
+size is unknown (`_AddGrad`'s `BroadcastGradientArgs`, `AvgPoolGrad`'s
+`orig_input_shape`, `ConcatV2`'s `Shape` ops; Flatten's reshape does not, its
+shape is a constant). `model.fit` on a dataset whose last batch may be partial
+traces with an unknown batch size, so every input of every residual `Add`,
+average pool and concatenation then stays allocated from the forward pass to
+the backward (tests/test_shape_only.py reads it from the traced graph).
 
 These ops take the shapes in the forward pass (a few int32 each) and keep only
 those; the gradients are the same ops TensorFlow's use, so they are equal bit
