@@ -430,6 +430,8 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
             f"argmax_max_pool2d needs an NHWC input with static height, width and channels, "
             f"got shape {x.shape}; give the model a fixed input size (tf.keras.Input)."
         )
+    if kernels.use(x):  # the fused scan and scatter; below, their pure-TF reference
+        return _argmax_max_pool2d_kernel(x, pool_size, strides, padding)
     windows = _Windows(x.shape[1:], pool_size, strides, padding)
     bits = argmax_bits(pool_size)
     aligned = windows.out_rows * windows.out_cols * windows.channels % 8 == 0
@@ -452,6 +454,22 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
             if arg is not None and not _in_xla_context():
                 return windows.scatter_by_index(arg, dy, padding)
             return windows.scatter(arg, dy)
+
+        return outputs, grad
+
+    return _op(x)
+
+
+def _argmax_max_pool2d_kernel(x: tf.Tensor, pool_size, strides, padding: str) -> tf.Tensor:
+    """`argmax_max_pool2d` by the fused kernels (`larq_prox.kernels`): the same outputs, bits, dx."""
+
+    @tf.custom_gradient
+    def _op(x):
+        shape = tf.shape(x)
+        outputs, packed = kernels.argmax_max_pool(x, pool_size, strides, padding)
+
+        def grad(dy):
+            return kernels.argmax_unpool(dy, packed, shape, pool_size, strides, padding)
 
         return outputs, grad
 
