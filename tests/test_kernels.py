@@ -94,6 +94,46 @@ def test_sign_and_pack(shape, dtype, fallback):
     assert _same(signs.numpy(), want)
 
 
+NAN_SHAPES = [(17,), (1, 1), (3, 5, 7), (1, 13, 13, 3), (4, 3, 3, 3), (5, 6)]
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=["x".join(map(str, s)) for s in NAN_SHAPES])
+def test_sign_pack_and_nan_rows_equal_bitpack(shape, dtype, fallback):
+    """Bits and per-sample flags bit for bit; NaN signs exactly in the samples holding a NaN."""
+    x = _values(shape, seed=11)
+    if len(shape) > 1 and shape[0] > 2:
+        x[2] = np.nan  # a whole sample
+        x[-1] = np.abs(x[-1])  # a sample without NaN (and no negative)
+    x = tf.cast(x, dtype)
+    signs, bits, flags = kernels.sign_pack_and_nan_rows(x)
+    assert _same(bits.numpy(), bitpack.pack_signs(x).numpy())
+    assert _same(flags.numpy(), bitpack.nan_rows(x).numpy())
+    with np.errstate(invalid="ignore"):
+        want = np.where(x.numpy() >= 0, 1.0, -1.0)
+    want = np.where(flags.numpy(), np.nan, want).astype(dtype.as_numpy_dtype)
+    assert _same(signs.numpy(), want)
+    with fallback():
+        reference = kernels.sign_pack_and_nan_rows(x)
+    for got, ref in zip((signs, bits, flags), reference, strict=True):
+        assert got.shape == ref.shape and _same(got.numpy(), ref.numpy())
+
+
+def test_sign_pack_and_nan_rows_runs_the_kernel_in_binary_layers(fallback):
+    def op_types():
+        layer = lqp_layers.QuantDense(3, input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+        graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
+            tf.TensorSpec((None, 6))).graph
+        types = {op.type for op in graph.get_operations()}
+        for function in graph._functions.values():
+            types |= {node.op for node in function.definition.node_def}
+        return types
+
+    assert "LqpSignAndPack" in op_types()
+    with fallback():
+        assert "LqpSignAndPack" not in op_types()
+
+
 @pytest.mark.parametrize("select", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_apply_mask(shape, select, fallback):
@@ -236,6 +276,125 @@ def test_bitmask_pool_equals_reference_bit_for_bit(pool, shape, kind, fallback):
         want = run()
     assert _same(got[0], want[0]) and _same(got[1], want[1])
     assert _same(got[0], tf.nn.max_pool2d(x, pool, pool, "VALID").numpy())
+
+
+# (pool, strides, padding, input shape): 2x2, the zoo stems' 3x3/2 'same' and 'valid', 3x1,
+# rectangular with gaps, 1x1 (no bits), odd sizes, batch 1, output counts not divisible by 8.
+ARGMAX_POOLS = [
+    ((2, 2), (2, 2), "valid", (2, 7, 9, 3)),
+    ((2, 2), (1, 1), "same", (1, 5, 7, 3)),
+    ((3, 3), (2, 2), "same", (2, 9, 8, 3)),
+    ((3, 3), (2, 2), "same", (3, 8, 8, 8)),
+    ((3, 3), (2, 2), "valid", (1, 9, 8, 5)),
+    ((3, 1), (1, 1), "same", (1, 5, 6, 2)),
+    ((3, 1), (2, 1), "valid", (2, 7, 3, 3)),
+    ((2, 3), (3, 2), "same", (1, 7, 7, 2)),
+    ((1, 1), (2, 2), "valid", (1, 5, 5, 3)),
+    ((4, 4), (1, 1), "same", (1, 6, 5, 1)),
+]
+ARGMAX_IDS = [f"{p[0]}x{p[1]}s{s[0]}{s[1]}-{pad}-{shape}" for p, s, pad, shape in ARGMAX_POOLS]
+
+
+def _pool_values(shape, kind, seed=12):
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.normal(size=shape).astype(np.float32)
+    x = rng.integers(0, 3, size=shape).astype(np.float32)  # ties
+    if kind == "nan_inf":
+        x[x == 0] = -np.inf
+        x.reshape(-1)[::3] = np.nan
+        x.reshape(-1)[1::7] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan_inf"])
+@pytest.mark.parametrize("pool, strides, padding, shape", ARGMAX_POOLS, ids=ARGMAX_IDS)
+def test_argmax_pool_equals_reference_and_tf_bit_for_bit(pool, strides, padding, shape, kind,
+                                                         fallback):
+    """Outputs, packed offsets and dx: kernel == pure-TF reference == tf.nn.max_pool2d's."""
+    x = tf.constant(_pool_values(shape, kind))
+    reference = tf.nn.max_pool2d(x, pool, strides, padding.upper())
+    dy = tf.constant(np.random.default_rng(13).normal(size=reference.shape).astype(np.float32))
+
+    def run(fn):
+        @tf.function
+        def step(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = fn(x)
+            return y, tape.gradient(y, x, output_gradients=dy)
+
+        return [t.numpy() for t in step(x, dy)]
+
+    got = run(lambda v: pooling.argmax_max_pool2d(v, pool, strides, padding))
+    bits = pooling.argmax_bits(pool)
+    _, packed = kernels.argmax_max_pool(x, pool, strides, padding)
+    with fallback():
+        want = run(lambda v: pooling.argmax_max_pool2d(v, pool, strides, padding))
+        windows = pooling._Windows(shape[1:], pool, strides, padding.upper())
+        want_packed = pooling._pack_offsets(windows.argmax(x), bits).numpy() if bits else b""
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+    assert packed.numpy().tobytes() == bytes(want_packed)
+    assert packed.shape == [(bits * reference.shape.num_elements() + 7) // 8]
+    tf_y, tf_dx = run(lambda v: tf.nn.max_pool2d(v, pool, strides, padding.upper()))
+    assert _same(got[0], tf_y)
+    np.testing.assert_array_equal(got[1], tf_dx)  # bit for bit but the sign of zeros (-0.0 dy)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float64])
+def test_argmax_pool_other_dtypes(dtype, fallback):
+    x = tf.cast(_pool_values((2, 9, 8, 3), "nan_inf"), dtype)
+    dy = tf.cast(np.random.default_rng(14).normal(size=(2, 5, 4, 3)), dtype)
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.argmax_max_pool2d(x, 3, 2, "same")
+        return y.numpy(), tape.gradient(y, x, output_gradients=dy).numpy()
+
+    got = run()
+    with fallback():
+        want = run()
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+    assert _same(got[0], tf.nn.max_pool2d(x, 3, 2, "SAME").numpy())
+
+
+def test_argmax_pool_graph_runs_the_kernels_for_any_batch(fallback):
+    layer = lqp_layers.MaxPool2D(3, 2, "same")
+
+    def step_and_types():
+        @tf.function(input_signature=[tf.TensorSpec((None, 9, 8, 3)), tf.TensorSpec((None, 5, 4, 3))])
+        def step(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return tape.gradient(y, x, output_gradients=dy)
+
+        graph = step.get_concrete_function().graph
+        types = {op.type for op in graph.get_operations()}
+        for function in graph._functions.values():
+            types |= {node.op for node in function.definition.node_def}
+        return step, types
+
+    step, types = step_and_types()
+    assert {"LqpArgmaxMaxPool", "LqpArgmaxMaxPoolGrad"} <= types
+    for batch in (1, 3):
+        x = tf.constant(_pool_values((batch, 9, 8, 3), "ties", seed=batch))
+        dy = tf.constant(np.random.default_rng(batch).normal(size=(batch, 5, 4, 3)), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.nn.max_pool2d(x, 3, 2, "SAME")
+        np.testing.assert_array_equal(step(x, dy), tape.gradient(y, x, output_gradients=dy))
+    with fallback():
+        assert not any(t.startswith("Lqp") for t in step_and_types()[1])
+
+
+def test_argmax_pool_kernel_names_bad_input():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="smaller than the 3x3 window"):
+        kernels.argmax_max_pool(tf.zeros((1, 2, 5, 1)), (3, 3), (1, 1), "valid")
+    _, packed = kernels.argmax_max_pool(tf.zeros((1, 4, 4, 1)), (2, 2), (2, 2), "valid")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="is not the pool of"):
+        kernels.argmax_unpool(tf.zeros((1, 3, 2, 1)), packed, (1, 4, 4, 1), (2, 2), (2, 2), "valid")
 
 
 # ------------------------------------------------ binary layers, activations

@@ -9,9 +9,11 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `normalize_proposed` (forward) | normalize, chunked `sum abs(x)`, `pack_signs` | 1 read of y, 1 write of x (in y's buffer when free) |
 | `normalize_proposed` (backward) | `unpack_signs`, `proposed_gradient`, `dbeta` | 2 reads of dx, 1 write of dy |
 | `sign_and_pack` | `x >= 0`, `pack_bits`, `where` | 1 read, bits + signs written |
+| `sign_pack_and_nan_rows` | the same plus `bitpack.nan_rows` and NaN signs for a sample holding a NaN | 1 read, bits + signs + flags written |
 | `pack_bits`, `pack_signs`, `unpack_bits`, `unpack_signs` | `larq_prox.bitpack` (same signatures, same bits) | 1 |
 | `apply_mask` | `unpack_bits` + `where` / multiply of a binary input's STE mask | 1 |
 | `first_max_bits`, `unpool_bits` | `bitmask_max_pool2d`'s window mask and its scatter | 1 |
+| `argmax_max_pool`, `argmax_unpool` | `argmax_max_pool2d`'s max pool + offset scan + bit planes, and its unpack + int64 indices + `MaxPoolGradWithArgmax` | 1 read of x / of dy and the bits |
 
 Each public function runs its kernel when `use()` says so and the reference
 otherwise, so callers switch by calling it. `use()` is False, with one log
@@ -50,6 +52,8 @@ from larq_prox import bitpack
 __all__ = [
     "ENV",
     "apply_mask",
+    "argmax_max_pool",
+    "argmax_unpool",
     "first_max_bits",
     "l1_moments",
     "library",
@@ -58,6 +62,7 @@ __all__ = [
     "pack_signs",
     "reason",
     "sign_and_pack",
+    "sign_pack_and_nan_rows",
     "unpack_bits",
     "unpack_signs",
     "unpool_bits",
@@ -138,7 +143,8 @@ def use(*tensors: tf.Tensor, dtypes=_FLOAT_DTYPES) -> bool:
     return True
 
 
-for _name in ("LqpL1Moments", "LqpSignAndPack", "LqpPackBits", "LqpUnpackBits", "LqpFirstMaxBits"):
+for _name in ("LqpL1Moments", "LqpSignAndPack", "LqpPackBits", "LqpUnpackBits", "LqpFirstMaxBits",
+              "LqpArgmaxMaxPool"):
     tf.no_gradient(_name)
 
 
@@ -186,10 +192,42 @@ def sign_and_pack(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """
     x = tf.convert_to_tensor(x)
     if use(x):
-        return library().lqp_sign_and_pack(x)
+        return tuple(library().lqp_sign_and_pack(x)[:2])
     positive = x >= 0
     packed = bitpack.pack_bits(positive)
     return tf.where(positive, tf.constant(1, x.dtype), tf.constant(-1, x.dtype)), packed
+
+
+def sign_pack_and_nan_rows(x: tf.Tensor, after=()) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(signs, packed bits of x >= 0, `bitpack.nan_rows(x)`), the signs NaN in a sample holding a NaN.
+
+    A NaN has no sign bit: the flags ([batch, 1, ...] bool) carry it to
+    `bitpack.unpack_signs(..., nan=...)`. The signs are computed after the ops
+    `after` (e.g. what a backward pass keeps of x), so that x can be freed
+    before they are allocated (the kernel may write them in x's buffer).
+    One pass over x by the kernel; its pure-TF reference reads x twice
+    (a comparison and `is_nan`) and builds the signs from the bool result.
+
+    ```python
+    signs, packed, nan_rows = kernels.sign_pack_and_nan_rows(x)
+    ```
+    """
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank and use(x):
+        with tf.control_dependencies(list(after)):
+            signs, packed, nan_rows = library().lqp_sign_and_pack(x, nan_signs=True)
+        return signs, packed, nan_rows
+    positive = x >= 0
+    packed = bitpack.pack_bits(positive)
+    nan_rows = bitpack.nan_rows(x)
+    # Only comparisons read x, and the signs come from their bool result once
+    # the bits are packed: x is freed before the signs are allocated.
+    with tf.control_dependencies([packed, nan_rows, *after]):
+        nan = tf.constant(float("nan"), x.dtype)
+        one = tf.where(nan_rows, nan, tf.constant(1, x.dtype))
+        minus_one = tf.where(nan_rows, nan, tf.constant(-1, x.dtype))
+        signs = tf.where(positive, one, minus_one)
+    return signs, packed, nan_rows
 
 
 def apply_mask(dx: tf.Tensor, packed: tf.Tensor, inside, outside, select: bool) -> tf.Tensor:
@@ -292,3 +330,21 @@ def unpool_bits(dy: tf.Tensor, packed: tf.Tensor, input_shape, pool_size) -> tf.
     """dx of that pool: dy at the set bits, 0 elsewhere (kernel only)."""
     shape = tf.cast(input_shape, tf.int32)
     return library().lqp_unpool_bits(dy, packed, shape, pool=list(pool_size))
+
+
+def argmax_max_pool(x: tf.Tensor, pool_size, strides, padding: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """(`tf.nn.max_pool2d(x, ...)`, the packed argmax offsets) of an NHWC pool, one pass (kernel only).
+
+    The offsets are `argmax_max_pool2d`'s: bit planes of ceil(log2(p q)) bits
+    per output, the same bytes as its pure-TF reference packs.
+    """
+    return library().lqp_argmax_max_pool(
+        x, ksize=list(pool_size), strides=list(strides), padding=padding.upper())
+
+
+def argmax_unpool(dy: tf.Tensor, packed: tf.Tensor, input_shape, pool_size, strides,
+                  padding: str) -> tf.Tensor:
+    """dx of `argmax_max_pool`: TF's MaxPoolGrad from the packed offsets and dy (kernel only)."""
+    return library().lqp_argmax_max_pool_grad(
+        dy, packed, tf.cast(input_shape, tf.int32), ksize=list(pool_size), strides=list(strides),
+        padding=padding.upper())

@@ -228,20 +228,12 @@ def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     A NaN has no sign bit (NaN >= 0 is False): a sample holding one gets NaN
     signs (so NaN outputs, as larq's `ste_sign` gives NaN there), and the
     per-call flag makes the backward's unpacked signs NaN (so a NaN kernel
-    gradient, as larq's). One reduction, no float copy of x. Pure TF: the
-    fused `kernels.sign_and_pack` has no per-sample NaN flag yet.
+    gradient, as larq's). `kernels.sign_pack_and_nan_rows`: one pass over x
+    (fused kernel) or comparisons and one reduction (pure TF), no float copy
+    of x; the signs come after `kept`, so x is freed before sign(x) and the
+    conv's output are allocated (two float activations alive here, not three).
     """
-    positive = x >= 0
-    packed_signs = bitpack.pack_bits(positive)
-    nan_rows = bitpack.nan_rows(x)
-    # Only comparisons read x, and the signs come from their bool result once
-    # the bits are packed: x is freed before sign(x) and the conv's output
-    # are allocated (two float activations alive here, not three).
-    with tf.control_dependencies([packed_signs, nan_rows, *backward.tensors(kept)]):
-        nan = tf.constant(np.nan, x.dtype)
-        one = tf.where(nan_rows, nan, tf.constant(1, x.dtype))
-        minus_one = tf.where(nan_rows, nan, tf.constant(-1, x.dtype))
-        signs = tf.where(positive, one, minus_one)
+    signs, packed_signs, nan_rows = kernels.sign_pack_and_nan_rows(x, after=backward.tensors(kept))
     return signs, packed_signs, tf.reduce_any(nan_rows)
 
 

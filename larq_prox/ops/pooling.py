@@ -1,8 +1,8 @@
 r"""Max pooling ops whose gradient keeps only bits of the argmax.
 
 TensorFlow's `MaxPoolGrad` reads the pool's float input and output. These
-`tf.custom_gradient` ops compute `tf.nn.max_pool2d` (the same op: the same
-output bits) and keep, between the forward and the backward pass, only
+`tf.custom_gradient` ops compute `tf.nn.max_pool2d`'s output (the same bits)
+and keep, between the forward and the backward pass, only
 
 - `bitmask_max_pool2d` (non-overlapping windows): one bit per pooled input
   element, set at its window's argmax;
@@ -22,20 +22,30 @@ running maximum only by a strictly greater element, so
   maximum of the non-NaN elements, the lowest float when there is none): NaN
   in does not give NaN out, in the output or in the gradient.
 
-`argmax_max_pool2d` finds it by that scan itself, one window offset at a time
-(each offset of every window is a unit-stride slice of the input reshaped by
-stride phases, no padded copy). Its backward rebuilds the flat indices and runs
-TF's `MaxPoolGradWithArgmax` kernel, which adds dy in output order as
-`MaxPoolGrad` does (it reads only the shape of its first input); under XLA,
-which has no such kernel, the sums run per stride phase in the same order.
+`argmax_max_pool2d` runs the fused kernels (`larq_prox.kernels`) where they are
+usable: one pass over x writes the pooled maximum and the packed offsets; the
+backward reads the offsets and dy once per input row and sums, from +0, in
+increasing output index. Elsewhere (LARQ_PROX_KERNELS=0, no compiler, XLA, a
+GPU, integer inputs) its pure-TF reference runs, with the same outputs, the
+same packed bytes and the same dx: it finds the argmax by that scan itself,
+one window offset at a time (each offset of every window is a unit-stride
+slice of the input reshaped by stride phases, no padded copy). Its backward
+rebuilds the flat indices and runs TF's `MaxPoolGradWithArgmax` kernel, which
+adds dy in output order as `MaxPoolGrad` does (it reads only the shape of its
+first input); under XLA, which has no such kernel, the sums run per stride
+phase in the same order.
 Gradients equal TF's CPU `MaxPoolGrad` bit for bit, but for the sign of a
 zero where dy is -0.0 (TF adds it to +0.0); under XLA too (XLA's own max pool
 gradient differs from TF's only in windows holding NaN).
 
-Measured (16x112x112x64, 3x3 stride 2 'same', TF 2.19 CPU, 2 cores): forward
-and backward 182 ms vs 118 ms for tf.nn.max_pool2d with MaxPoolGrad; the step's
-working set (BFC peak above input and dy) 91 MiB vs 104 MiB; kept 1.5 MiB vs
-61 MiB (the float input and output).
+Measured (`benchmarks/pool_memory.py`, `benchmarks/results/pool_memory.json`:
+16x112x112x64 float32, 3x3 stride 2 'same', TF 2.19 CPU; a fresh BFC process
+each, the step's working set = BFC peak above input and dy, dx and y
+included): kernel 66.0 MiB, pure-TF reference 91.3 MiB, tf.nn.max_pool2d with
+MaxPoolGrad 103.5 MiB; kept 1.5 MiB vs 61 MiB (TF's float input and output).
+Of the kernel's 66 MiB, 49 MiB are dx and 12.3 MiB y. Time (2 busy cores, load
+10, alternating in one process, so only a rough ratio): kernel 0.69x the
+reference, 1.12x TF's op.
 
 ```python
 import larq_prox  # noqa: F401
@@ -430,6 +440,8 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
             f"argmax_max_pool2d needs an NHWC input with static height, width and channels, "
             f"got shape {x.shape}; give the model a fixed input size (tf.keras.Input)."
         )
+    if kernels.use(x):  # the fused scan and scatter; below, their pure-TF reference
+        return _argmax_max_pool2d_kernel(x, pool_size, strides, padding)
     windows = _Windows(x.shape[1:], pool_size, strides, padding)
     bits = argmax_bits(pool_size)
     aligned = windows.out_rows * windows.out_cols * windows.channels % 8 == 0
@@ -452,6 +464,22 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
             if arg is not None and not _in_xla_context():
                 return windows.scatter_by_index(arg, dy, padding)
             return windows.scatter(arg, dy)
+
+        return outputs, grad
+
+    return _op(x)
+
+
+def _argmax_max_pool2d_kernel(x: tf.Tensor, pool_size, strides, padding: str) -> tf.Tensor:
+    """`argmax_max_pool2d` by the fused kernels (`larq_prox.kernels`): the same outputs, bits, dx."""
+
+    @tf.custom_gradient
+    def _op(x):
+        shape = tf.shape(x)
+        outputs, packed = kernels.argmax_max_pool(x, pool_size, strides, padding)
+
+        def grad(dy):
+            return kernels.argmax_unpool(dy, packed, shape, pool_size, strides, padding)
 
         return outputs, grad
 

@@ -8,9 +8,12 @@
 // in block order (in double), so results do not depend on the thread count.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -419,45 +422,90 @@ REGISTER_OP("LqpSignAndPack")
     .Input("x: T")
     .Output("signs: T")
     .Output("bits: uint8")
+    .Output("nan_rows: bool")
     .Attr("T: {half, bfloat16, float, double}")
+    .Attr("nan_signs: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle bits;
       c->set_output(0, c->input(0));
       TF_RETURN_IF_ERROR(packed_shape(c, c->input(0), &bits));
       c->set_output(1, bits);
+      if (!c->RankKnown(c->input(0))) {
+        c->set_output(2, c->UnknownShape());
+      } else {
+        const int rank = c->Rank(c->input(0));
+        std::vector<DimensionHandle> dims(rank, c->MakeDim(1));
+        if (rank) dims[0] = c->Dim(c->input(0), 0);
+        c->set_output(2, c->MakeShape(dims));
+      }
       return tensorflow::OkStatus();
     })
-    .Doc("sign(x) (+1 where x >= 0, -1 elsewhere, NaN included) and the packed bits of x >= 0.");
+    .Doc("sign(x) (+1 where x >= 0, -1 elsewhere), the packed bits of x >= 0 and whether each "
+         "sample (slice along axis 0) holds a NaN, [batch, 1, ...] (bitpack.nan_rows), in one "
+         "pass over x. With nan_signs, the signs of a sample holding a NaN are all NaN.");
 
 template <typename T>
 class SignAndPackOp : public OpKernel {
  public:
-  explicit SignAndPackOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit SignAndPackOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nan_signs", &nan_signs_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x_t = ctx->input(0);
     const int64_t n = x_t.NumElements();
-    Tensor *signs_t = nullptr, *bits_t;
+    const int rank = x_t.dims();
+    const int64_t samples = rank ? x_t.dim_size(0) : 1;
+    const int64_t per_sample = samples ? n / samples : 0;
+    TensorShape flag_shape;
+    for (int i = 0; i < rank; ++i) flag_shape.AddDim(i ? 1 : samples);
+    Tensor *signs_t = nullptr, *bits_t, *nan_t;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({(n + 7) / 8}), &bits_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, flag_shape, &nan_t));
     const T* x = x_t.flat<T>().data();
     uint8_t* bits = bits_t->flat<uint8_t>().data();
     const int64_t bytes = (n + 7) / 8;
+    // Per-sample flags, set by whichever chunk meets a NaN (relaxed stores of 1).
+    std::unique_ptr<std::atomic<bool>[]> nan(new std::atomic<bool>[samples]);
+    for (int64_t r = 0; r < samples; ++r) nan[r].store(false, std::memory_order_relaxed);
     // The signs may overwrite x's buffer in place: each chunk reads its x first.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_t.shape(), &signs_t));
     T* signs = signs_t->flat<T>().data();
     const T plus(1.0f), minus(-1.0f);
-    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 40,
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 48,
                  [&](int64_t c0, int64_t c1) {
       uint8_t m[8 * kChunkBytes];
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
         const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
         for (int64_t j = 0; j < len; ++j) m[j] = to_float(x[e0 + j]) >= 0.0f;
+        // The samples this chunk overlaps: any NaN (v != v) in its part of each.
+        for (int64_t j = 0; j < len;) {
+          const int64_t sample = (e0 + j) / per_sample;
+          const int64_t end = std::min(len, (sample + 1) * per_sample - e0);
+          bool any = false;
+          for (; j < end; ++j) {
+            const float v = to_float(x[e0 + j]);
+            any |= v != v;
+          }
+          if (any) nan[sample].store(true, std::memory_order_relaxed);
+        }
         pack_bytes(m, k0, k1, n, bits);
         for (int64_t j = 0; j < len; ++j) signs[e0 + j] = blend(m[j], plus, minus);
       }
     });
+    bool* flags = nan_t->flat<bool>().data();
+    const T not_a_number(NAN);
+    for (int64_t r = 0; r < samples; ++r) {
+      flags[r] = nan[r].load(std::memory_order_relaxed);
+      if (flags[r] && nan_signs_) {  // rare: the only second pass, over that sample's signs
+        std::fill(signs + r * per_sample, signs + (r + 1) * per_sample, not_a_number);
+      }
+    }
   }
+
+ private:
+  bool nan_signs_ = false;
 };
 
 REGISTER_OP("LqpPackBits")
@@ -778,6 +826,339 @@ class UnpoolBitsOp : public OpKernel {
   int p_, q_;
 };
 
+// ---------------------------------------------------- argmax max pool
+// Any window (p * q <= 256 elements), strides, 'SAME' / 'VALID', NHWC. The
+// argmax offset k = i * q + j of each output is kept in `bits` bit planes:
+// bit b of the offset of flat output e is packed element b * N + e (N outputs),
+// as larq_prox/ops/pooling.py's `_pack_offsets` packs them.
+namespace {
+
+struct PoolGeometry {
+  int64_t batch = 0, height = 0, width = 0, channels = 0;
+  int64_t p = 1, q = 1, s = 1, t = 1;
+  int64_t out_rows = 0, out_cols = 0, pad_top = 0, pad_left = 0;
+  int bits = 0;
+  int64_t outputs() const { return batch * out_rows * out_cols * channels; }
+  int64_t packed_bytes() const { return (bits * outputs() + 7) / 8; }
+};
+
+// TF's output size and padding before (GetWindowedOutputSize); false when 'VALID'
+// has no window (the input is smaller than the pool).
+bool axis_geometry(int64_t size, int64_t pool, int64_t stride, bool same, int64_t* out,
+                   int64_t* before) {
+  if (same) {
+    *out = (size + stride - 1) / stride;
+    *before = std::max<int64_t>((*out - 1) * stride + pool - size, 0) / 2;
+    return true;
+  }
+  *before = 0;
+  *out = size >= pool ? (size - pool) / stride + 1 : 0;
+  return size >= pool;
+}
+
+// ceil(log2(window)): the bits of an offset in [0, window).
+int offset_bits(int64_t window) {
+  int bits = 0;
+  while ((int64_t{1} << bits) < window) ++bits;
+  return bits;
+}
+
+Status pool_attrs(OpKernelConstruction* ctx, PoolGeometry* g, bool* same) {
+  std::vector<int> ksize, strides;
+  std::string padding;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("ksize", &ksize));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("strides", &strides));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("padding", &padding));
+  if (ksize.size() != 2 || strides.size() != 2 || *std::min_element(ksize.begin(), ksize.end()) < 1 ||
+      *std::min_element(strides.begin(), strides.end()) < 1) {
+    return InvalidArgument("LqpArgmaxMaxPool: ksize and strides must be two positive ints each");
+  }
+  if (ksize[0] * ksize[1] > 256) {
+    return InvalidArgument("LqpArgmaxMaxPool: windows of at most 256 elements (uint8 offsets), got ",
+                           ksize[0], "x", ksize[1]);
+  }
+  g->p = ksize[0];
+  g->q = ksize[1];
+  g->s = strides[0];
+  g->t = strides[1];
+  g->bits = offset_bits(g->p * g->q);
+  *same = padding == "SAME";
+  return tensorflow::OkStatus();
+}
+
+Status set_spatial(PoolGeometry* g, bool same, int64_t batch, int64_t height, int64_t width,
+                   int64_t channels) {
+  g->batch = batch;
+  g->height = height;
+  g->width = width;
+  g->channels = channels;
+  if (!axis_geometry(height, g->p, g->s, same, &g->out_rows, &g->pad_top) ||
+      !axis_geometry(width, g->q, g->t, same, &g->out_cols, &g->pad_left)) {
+    return InvalidArgument("LqpArgmaxMaxPool: a ", height, "x", width, " input is smaller than the ",
+                           g->p, "x", g->q, " window of a 'VALID' pool");
+  }
+  return tensorflow::OkStatus();
+}
+
+// A byte of a bit plane shared with another unit's bits: OR-ed in after the loop.
+struct PartialByte {
+  int64_t index;
+  uint8_t value;
+};
+
+// m[0, len) (0 / 1) as bits [start, start + len): whole bytes assigned, the (at
+// most 2) bytes shared with bits outside the range appended to `partial`.
+inline int write_bits(uint8_t* bits, int64_t start, const uint8_t* m, int64_t len,
+                      PartialByte* partial) {
+  int count = 0;
+  int64_t e = start, j = 0;
+  if (e & 7) {
+    uint8_t v = 0;
+    const int64_t byte = e >> 3;
+    for (; j < len && (e & 7); ++j, ++e) v |= static_cast<uint8_t>(m[j] << (7 - (e & 7)));
+    partial[count++] = {byte, v};
+  }
+  for (; j + 8 <= len; j += 8, e += 8) {
+    uint8_t v = 0;
+    for (int i = 0; i < 8; ++i) v |= static_cast<uint8_t>(m[j + i] << (7 - i));
+    bits[e >> 3] = v;
+  }
+  if (j < len) {
+    uint8_t v = 0;
+    const int64_t byte = e >> 3;
+    for (; j < len; ++j, ++e) v |= static_cast<uint8_t>(m[j] << (7 - (e & 7)));
+    partial[count++] = {byte, v};
+  }
+  return count;
+}
+
+Status pool_shape(InferenceContext* c) {
+  ShapeHandle x;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+  std::vector<int> ksize, strides;
+  std::string padding;
+  TF_RETURN_IF_ERROR(c->GetAttr("ksize", &ksize));
+  TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
+  TF_RETURN_IF_ERROR(c->GetAttr("padding", &padding));
+  if (ksize.size() != 2 || strides.size() != 2) {
+    return InvalidArgument("LqpArgmaxMaxPool: ksize and strides must be two ints each");
+  }
+  std::vector<DimensionHandle> dims = {c->Dim(x, 0), c->UnknownDim(), c->UnknownDim(), c->Dim(x, 3)};
+  int64_t n = c->Value(c->Dim(x, 0)) * c->Value(c->Dim(x, 3));
+  bool known = c->ValueKnown(c->Dim(x, 0)) && c->ValueKnown(c->Dim(x, 3));
+  for (int a = 0; a < 2; ++a) {
+    const DimensionHandle d = c->Dim(x, a + 1);
+    if (!c->ValueKnown(d)) {
+      known = false;
+      continue;
+    }
+    int64_t out, before;
+    axis_geometry(c->Value(d), ksize[a], std::max(strides[a], 1), padding == "SAME", &out, &before);
+    dims[a + 1] = c->MakeDim(out);
+    n *= out;
+  }
+  c->set_output(0, c->MakeShape(dims));
+  const int bits = offset_bits(static_cast<int64_t>(ksize[0]) * ksize[1]);
+  c->set_output(1, c->Vector(known ? (bits * n + 7) / 8 : InferenceContext::kUnknownDim));
+  return tensorflow::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("LqpArgmaxMaxPool")
+    .Input("x: T")
+    .Output("y: T")
+    .Output("packed: uint8")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("ksize: list(int)")
+    .Attr("strides: list(int)")
+    .Attr("padding: {'SAME', 'VALID'}")
+    .SetShapeFn(pool_shape)
+    .Doc("tf.nn.max_pool2d (NHWC) and, packed as bit planes, each window's offset (row-major) "
+         "of the element MaxPoolGrad routes dy to: the first valid one, replaced by a strictly "
+         "greater one. y is the maximum of the non-NaN elements, at least the lowest float.");
+
+template <typename T>
+class ArgmaxMaxPoolOp : public OpKernel {
+ public:
+  explicit ArgmaxMaxPoolOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, pool_attrs(ctx, &geometry_, &same_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x_t = ctx->input(0);
+    OP_REQUIRES(ctx, x_t.dims() == 4, InvalidArgument("LqpArgmaxMaxPool: x must be NHWC"));
+    PoolGeometry g = geometry_;
+    OP_REQUIRES_OK(ctx, set_spatial(&g, same_, x_t.dim_size(0), x_t.dim_size(1), x_t.dim_size(2),
+                                    x_t.dim_size(3)));
+    Tensor *y_t, *packed_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({g.batch, g.out_rows, g.out_cols, g.channels}), &y_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g.packed_bytes()}), &packed_t));
+    const T* x = x_t.flat<T>().data();
+    T* y = y_t->flat<T>().data();
+    uint8_t* packed = packed_t->flat<uint8_t>().data();
+    if (g.packed_bytes()) std::memset(packed, 0, static_cast<size_t>(g.packed_bytes()));
+    const int64_t channels = g.channels, row = g.out_cols * channels, n = g.outputs();
+    const int64_t units = g.batch * g.out_rows;  // one output row each
+    const int bits = g.bits;
+    std::vector<PartialByte> partial(static_cast<size_t>(units * 2 * bits));
+    std::vector<int> partial_count(static_cast<size_t>(units), 0);
+    const T lowest = Eigen::NumTraits<T>::lowest();
+    parallel_for(ctx, units, row * g.p * g.q * 4, [&](int64_t u0, int64_t u1) {
+      std::vector<T> best(channels);
+      std::vector<uint8_t> arg(row), plane(row);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / g.out_rows, ho = u % g.out_rows;
+        const int64_t h0 = ho * g.s - g.pad_top;
+        const int64_t i_lo = std::max<int64_t>(0, -h0), i_hi = std::min<int64_t>(g.p, g.height - h0);
+        for (int64_t wo = 0; wo < g.out_cols; ++wo) {
+          const int64_t w0 = wo * g.t - g.pad_left;
+          const int64_t j_lo = std::max<int64_t>(0, -w0), j_hi = std::min<int64_t>(g.q, g.width - w0);
+          T* top = y + (u * g.out_cols + wo) * channels;  // forward: MaxPool's running maximum
+          uint8_t* a = arg.data() + wo * channels;        // MaxPoolGrad's argmax, of `best`
+          std::fill(top, top + channels, lowest);
+          std::fill(a, a + channels, uint8_t{0});
+          bool first = true;
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            for (int64_t j = j_lo; j < j_hi; ++j) {
+              const T* v = x + ((b * g.height + h0 + i) * g.width + w0 + j) * channels;
+              const uint8_t k = static_cast<uint8_t>(i * g.q + j);
+              if (first) {  // the first valid element is taken, whatever its value
+                for (int64_t c = 0; c < channels; ++c) {
+                  best[c] = v[c];
+                  a[c] = k;
+                  top[c] = top[c] < v[c] ? v[c] : top[c];
+                }
+                first = false;
+                continue;
+              }
+              for (int64_t c = 0; c < channels; ++c) {
+                const bool take = best[c] < v[c];  // strictly greater; never a NaN
+                best[c] = take ? v[c] : best[c];
+                a[c] = take ? k : a[c];
+                top[c] = top[c] < v[c] ? v[c] : top[c];
+              }
+            }
+          }
+        }
+        int count = 0;
+        PartialByte* mine = partial.data() + u * 2 * bits;
+        for (int plane_bit = 0; plane_bit < bits; ++plane_bit) {
+          for (int64_t e = 0; e < row; ++e) plane[e] = (arg[e] >> plane_bit) & 1;
+          count += write_bits(packed, plane_bit * n + u * row, plane.data(), row, mine + count);
+        }
+        partial_count[u] = count;
+      }
+    });
+    for (int64_t u = 0; u < units; ++u) {
+      for (int i = 0; i < partial_count[u]; ++i) {
+        const PartialByte& part = partial[u * 2 * bits + i];
+        packed[part.index] |= part.value;
+      }
+    }
+  }
+
+ private:
+  PoolGeometry geometry_;
+  bool same_ = false;
+};
+
+REGISTER_OP("LqpArgmaxMaxPoolGrad")
+    .Input("dy: T")
+    .Input("packed: uint8")
+    .Input("input_shape: int32")
+    .Output("dx: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("ksize: list(int)")
+    .Attr("strides: list(int)")
+    .Attr("padding: {'SAME', 'VALID'}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &out));
+      c->set_output(0, out);
+      return tensorflow::OkStatus();
+    })
+    .Doc("dx of LqpArgmaxMaxPool from its packed offsets: each dy added at its window's "
+         "argmax, in increasing output index from +0 (TF's MaxPoolGrad's sums, bit for bit).");
+
+template <typename T>
+class ArgmaxMaxPoolGradOp : public OpKernel {
+ public:
+  explicit ArgmaxMaxPoolGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, pool_attrs(ctx, &geometry_, &same_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy_t = ctx->input(0);
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, tensorflow::tensor::MakeShape(ctx->input(2), &shape));
+    OP_REQUIRES(ctx, dy_t.dims() == 4 && shape.dims() == 4,
+                InvalidArgument("LqpArgmaxMaxPoolGrad: dy and input_shape must be NHWC"));
+    PoolGeometry g = geometry_;
+    OP_REQUIRES_OK(ctx, set_spatial(&g, same_, shape.dim_size(0), shape.dim_size(1),
+                                    shape.dim_size(2), shape.dim_size(3)));
+    OP_REQUIRES(ctx, dy_t.dim_size(0) == g.batch && dy_t.dim_size(1) == g.out_rows &&
+                         dy_t.dim_size(2) == g.out_cols && dy_t.dim_size(3) == g.channels,
+                InvalidArgument("LqpArgmaxMaxPoolGrad: dy ", dy_t.shape().DebugString(),
+                                " is not the pool of ", shape.DebugString()));
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == g.packed_bytes(),
+                InvalidArgument("LqpArgmaxMaxPoolGrad: packed needs ", g.packed_bytes(),
+                                " bytes, got ", ctx->input(1).NumElements()));
+    Tensor* dx_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &dx_t));
+    const T* dy = dy_t.flat<T>().data();
+    const uint8_t* packed = ctx->input(1).flat<uint8_t>().data();
+    T* dx = dx_t->flat<T>().data();
+    const int64_t channels = g.channels, row = g.out_cols * channels, n = g.outputs();
+    const int64_t in_row = g.width * channels;
+    const int bits = g.bits;
+    const int64_t covering = (g.p + g.s - 1) / g.s;  // output rows reading an input row, at most
+    parallel_for(ctx, g.batch * g.height, in_row * covering * 3, [&](int64_t u0, int64_t u1) {
+      std::vector<uint8_t> offsets(row), m(row);
+      const T zero(0.0f);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / g.height, h = u % g.height;
+        T* acc = dx + u * in_row;
+        std::fill(acc, acc + in_row, zero);  // +0, as MaxPoolGrad starts
+        const int64_t hp = h + g.pad_top;
+        const int64_t ho_lo = hp < g.p ? 0 : (hp - g.p) / g.s + 1;
+        const int64_t ho_hi = std::min<int64_t>(hp / g.s + 1, g.out_rows);
+        // Outputs in increasing index: rows, then columns; each adds at most once
+        // to an input element, so its sum runs in MaxPoolGrad's order.
+        for (int64_t ho = ho_lo; ho < ho_hi; ++ho) {
+          const int64_t i = hp - ho * g.s;
+          const int64_t e0 = (b * g.out_rows + ho) * row;
+          std::fill(offsets.begin(), offsets.end(), uint8_t{0});
+          for (int plane_bit = 0; plane_bit < bits; ++plane_bit) {
+            expand_bits(packed, plane_bit * n + e0, row, m.data());
+            for (int64_t e = 0; e < row; ++e) offsets[e] |= static_cast<uint8_t>(m[e] << plane_bit);
+          }
+          const T* g_row = dy + e0;
+          for (int64_t wo = 0; wo < g.out_cols; ++wo) {
+            const int64_t w0 = wo * g.t - g.pad_left;
+            const int64_t j_lo = std::max<int64_t>(0, -w0), j_hi = std::min<int64_t>(g.q, g.width - w0);
+            const uint8_t* o = offsets.data() + wo * channels;
+            const T* gw = g_row + wo * channels;
+            for (int64_t j = j_lo; j < j_hi; ++j) {
+              const uint8_t k = static_cast<uint8_t>(i * g.q + j);
+              T* a = acc + (w0 + j) * channels;
+              // Adding +0 where not picked leaves a sum unchanged (a sum from +0 is never -0).
+              for (int64_t c = 0; c < channels; ++c) {
+                a[c] += blend(static_cast<uint8_t>(o[c] == k), gw[c], zero);
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
+ private:
+  PoolGeometry geometry_;
+  bool same_ = false;
+};
+
 // ------------------------------------------------------------ registration
 #define LQP_FLOATS(T)                                                                        \
   REGISTER_KERNEL_BUILDER(Name("LqpL1Moments").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
@@ -798,7 +1179,12 @@ LQP_FLOATS(double)
   REGISTER_KERNEL_BUILDER(Name("LqpFirstMaxBits").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
                           FirstMaxBitsOp<T>);                                                \
   REGISTER_KERNEL_BUILDER(Name("LqpUnpoolBits").Device(DEVICE_CPU).TypeConstraint<T>("T"),   \
-                          UnpoolBitsOp<T>);
+                          UnpoolBitsOp<T>);                                                  \
+  REGISTER_KERNEL_BUILDER(Name("LqpArgmaxMaxPool").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          ArgmaxMaxPoolOp<T>);                                               \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("LqpArgmaxMaxPoolGrad").Device(DEVICE_CPU).TypeConstraint<T>("T").HostMemory("input_shape"), \
+      ArgmaxMaxPoolGradOp<T>);
 LQP_ELEMENTWISE(Eigen::half)
 LQP_ELEMENTWISE(Eigen::bfloat16)
 LQP_ELEMENTWISE(float)
