@@ -262,62 +262,42 @@ def l1_moments(y: tf.Tensor, epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
     return library().lqp_l1_moments(y, epsilon=float(epsilon))
 
 
-def normalize_proposed(y: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.Tensor) -> tf.Tensor:
-    r"""BinaryBatchNorm(proposed)'s \(x = (y - \mu)/\psi + \beta\) with its custom gradient, fused.
-
-    Kernel only (see `bn_usable`): the forward writes x, \(\omega\) and the sign
-    bits of x in one pass; the backward reads dx twice and the bits, and keeps
-    between them only the bits, \(\psi\) and \(\omega\).
-    """
-    library_ = library()
-    channels = y.shape[-1]
-
-    @tf.custom_gradient
-    def normalize(y, beta, mean, psi):
-        flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
-        x, omega, bits = library_.lqp_binary_batch_norm_forward(y, flat(beta), flat(mean), flat(psi))
-        flat_psi = flat(psi)
-
-        def grad(dx):
-            # Gated on dx (a single op, so nothing runs early in graph mode anyway).
-            dy, dbeta, _ = library_.lqp_binary_batch_norm_grad(
-                dx, bits, flat_psi, omega, tf.ones_like(omega))
-            return dy, tf.reshape(dbeta, tf.shape(beta)), None, None
-
-        return x, grad
-
-    return normalize(y, beta, mean, psi)
-
-
-def normalize_proposed_scaled(
-    y: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.Tensor
+def normalize_proposed(
+    y: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.Tensor, gamma: tf.Tensor | None = None
 ) -> tf.Tensor:
-    r"""BinaryBatchNorm(proposed, scale=True)'s \(x = \gamma (y - \mu)/\psi + \beta\), fused.
+    r"""BinaryBatchNorm(proposed)'s \(x = (y - \mu)/\psi + \beta\) with its custom gradient, fused;
+    with `gamma` (scale=True) \(x = \gamma (y - \mu)/\psi + \beta\).
 
-    Kernel only (see `bn_usable`): the forward writes \(\hat x = (y - \mu)/\psi\),
-    \(\hat\omega\) and the sign bits of \(\hat x\) in one pass, then the affine;
-    the backward reads dx twice and the bits and returns dy, d\(\gamma\), d\(\beta\).
+    Kernel only (see `bn_usable`): the forward writes x (\((y - \mu)/\psi\) with a
+    scale, then the affine), \(\omega\) and its sign bits in one pass; the backward
+    reads dx twice and the bits, and keeps between them only the bits, \(\psi\),
+    \(\omega\) (and \(\gamma\)).
     """
     library_ = library()
     channels = y.shape[-1]
+    scaled = gamma is not None
+    flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
 
     @tf.custom_gradient
     def normalize(y, gamma, beta, mean, psi):
-        flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
-        normalized, omega, bits = library_.lqp_binary_batch_norm_forward(
-            y, tf.zeros([channels], y.dtype), flat(mean), flat(psi))
-        flat_psi, flat_gamma = flat(psi), flat(gamma)
-        x = normalized * flat_gamma + flat(beta)
+        shift = tf.zeros([channels], y.dtype) if scaled else flat(beta)
+        x, omega, bits = library_.lqp_binary_batch_norm_forward(y, shift, flat(mean), flat(psi))
+        flat_psi = flat(psi)
+        flat_gamma = flat(gamma) if scaled else None
+        if scaled:
+            x = x * flat_gamma + flat(beta)
 
         def grad(dx):
+            # Gated on dx (a single op, so nothing runs early in graph mode anyway).
+            # Without a scale gamma = 1, made here: nothing more is kept.
             dy, dbeta, dgamma = library_.lqp_binary_batch_norm_grad(
-                dx, bits, flat_psi, omega, flat_gamma)
-            return (dy, tf.reshape(dgamma, tf.shape(gamma)), tf.reshape(dbeta, tf.shape(beta)),
-                    None, None)
+                dx, bits, flat_psi, omega, flat_gamma if scaled else tf.ones_like(omega))
+            dgamma = tf.reshape(dgamma, tf.shape(gamma)) if scaled else None
+            return dy, dgamma, tf.reshape(dbeta, tf.shape(beta)), None, None
 
         return x, grad
 
-    return normalize(y, gamma, beta, mean, psi)
+    return normalize(y, gamma if scaled else tf.ones([channels], y.dtype), beta, mean, psi)
 
 
 # ------------------------------------------------------------ max pool

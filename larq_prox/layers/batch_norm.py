@@ -183,75 +183,55 @@ _CHUNKS = 4
 """Batch slices of the proposed mode's reductions (see `chunked_sum`)."""
 
 
+def _keep_signs(x, axes, total):
+    """omega = mean|x| per channel, the packed sign bits of x, and x's shape: what the
+    proposed backward keeps of x."""
+    omega = chunked_sum(tf.abs, [x], axes, _CHUNKS)
+    omega = omega / _count(x, axes) if total is None else total(omega) / total(_count(x, axes))
+    return omega, bitpack.pack_signs(x), tf.shape(x)
+
+
 def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None):
-    if gamma is not None:
-        return _normalize_proposed_scaled(y, gamma, beta, mean, psi, axes, total)
+    r"""\(x = (y - \mu)/\psi + \beta\) keeping the sign bits of x; with `gamma`,
+    \(x = \gamma \hat x + \beta\), \(\hat x = (y - \mu)/\psi\), keeping those of \(\hat x\).
+
+    With a scale the backward is the exact l1 gradient with
+    \(\hat x \approx \operatorname{sign}(\hat x)\,\hat\omega\) (the proposed mode's
+    approximation, applied to the normalized value):
+    \(\partial\gamma = \hat\omega \sum \partial x \operatorname{sign}(\hat x)\) and
+    \(\partial y = \gamma\) `proposed_gradient`\((\partial x)\) (linear per channel).
+    """
     if total is None and kernels.bn_usable(y, axes):
-        return kernels.normalize_proposed(y, beta, mean, psi)  # fused; below, its reference
+        return kernels.normalize_proposed(y, beta, mean, psi, gamma)  # fused; below, its reference
+    scaled = gamma is not None
 
     @tf.custom_gradient
-    def normalize(y, beta, mean, psi):
+    def normalize(y, gamma, beta, mean, psi):
         # After psi: then this is y's last reader and may overwrite y in place.
         with tf.control_dependencies([psi]):
-            x = (y - mean) / psi + beta
-        omega = chunked_sum(tf.abs, [x], axes, _CHUNKS)
-        omega = omega / _count(x, axes) if total is None else total(omega) / total(_count(x, axes))
-        bits = bitpack.pack_signs(x)
-        shape = tf.shape(x)
+            x = (y - mean) / psi if scaled else (y - mean) / psi + beta
+        omega, bits, shape = _keep_signs(x, axes, total)
         # The next layer starts once omega and the bits exist, so that it does
         # not allocate its activations while x's reductions are still running.
         with tf.control_dependencies([omega, bits]):
-            x = tf.identity(x)
+            x = x * gamma + beta if scaled else tf.identity(x)
 
-        # Closes over bits (uint8), the int shape and per-channel psi, omega only.
+        # Closes over bits (uint8), the int shape and per-channel psi, omega (gamma) only.
         def grad(dx):
             # Gate the unpacking on dx, or graph mode schedules it during the forward.
             with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(bits, shape, dx.dtype)
             dy = proposed_gradient(dx, signs, psi, omega, axes, _CHUNKS, total)
-            # The same reduction as in proposed_gradient (TF computes it once).
+            # The same reductions as in proposed_gradient (TF computes them once).
             dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes, keepdims=True), tf.shape(beta))
-            return dy, dbeta, None, None
-
-        return x, grad
-
-    return normalize(y, beta, mean, psi)
-
-
-def _normalize_proposed_scaled(y, gamma, beta, mean, psi, axes, total=None):
-    r"""\(x = \gamma \hat x + \beta\), \(\hat x = (y - \mu)/\psi\), keeping the sign bits of \(\hat x\).
-
-    The backward is the exact l1 gradient with \(\hat x \approx \operatorname{sign}(\hat x)\,\hat\omega\)
-    (the proposed mode's approximation, applied to the normalized value):
-    \(\partial\gamma = \hat\omega \sum \partial x \operatorname{sign}(\hat x)\) and
-    \(\partial y\) = `proposed_gradient` of \(\gamma\,\partial x\).
-    """
-    if total is None and kernels.bn_usable(y, axes):
-        return kernels.normalize_proposed_scaled(y, gamma, beta, mean, psi)
-
-    @tf.custom_gradient
-    def normalize(y, gamma, beta, mean, psi):
-        with tf.control_dependencies([psi]):
-            normalized = (y - mean) / psi
-        omega = chunked_sum(tf.abs, [normalized], axes, _CHUNKS)
-        omega = omega / _count(y, axes) if total is None else total(omega) / total(_count(y, axes))
-        bits = bitpack.pack_signs(normalized)
-        shape = tf.shape(normalized)
-        with tf.control_dependencies([omega, bits]):
-            x = normalized * gamma + beta
-
-        def grad(dx):
-            with tf.control_dependencies([dx]):
-                signs = bitpack.unpack_signs(bits, shape, dx.dtype)
+            if not scaled:
+                return dy, None, dbeta, None, None
             dgamma = omega * chunked_sum(tf.multiply, [dx, signs], axes, _CHUNKS)
-            dbeta = tf.reduce_sum(dx, axis=axes, keepdims=True)
-            dy = proposed_gradient(dx * gamma, signs, psi, omega, axes, _CHUNKS, total)
-            return (dy, tf.reshape(dgamma, tf.shape(gamma)), tf.reshape(dbeta, tf.shape(beta)),
-                    None, None)
+            return dy * gamma, tf.reshape(dgamma, tf.shape(gamma)), dbeta, None, None
 
         return x, grad
 
-    return normalize(y, gamma, beta, mean, psi)
+    return normalize(y, gamma if scaled else tf.ones_like(beta), beta, mean, psi)
 
 
 def _normalize_l1(y, beta, mean, psi, axes, total=None, gamma=None):
