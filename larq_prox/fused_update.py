@@ -23,8 +23,10 @@ nesterov). A new rule is one `register(UpdateRule(...))`.
 Everything else runs the optimizer's own update: float32/64 variables (TF's
 ops are fast there), sparse gradients, optimizers without a rule or with
 gradient transforms (clipnorm, clipvalue, global_clipnorm,
-gradient_transformers), and wherever `kernels.use` says no (`LARQ_PROX_KERNELS=0`,
-no library, XLA, GPU); each reason is logged once.
+gradient_transformers), `LARQ_PROX_FUSED_UPDATE=0` (TF's 16-bit arithmetic,
+the other kernels still on), and wherever `kernels.use` says no
+(`LARQ_PROX_KERNELS=0`, no library, XLA, GPU); each reason is logged once.
+Both switches are read when the train step is traced.
 
 ```python
 import tensorflow as tf
@@ -41,13 +43,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import tensorflow as tf
 
 from larq_prox import kernels
 
-__all__ = ["RULES", "UpdateRule", "apply_gradients", "register", "rule_for", "split"]
+__all__ = ["ENV", "RULES", "UpdateRule", "apply_gradients", "register", "rule_for", "split"]
+
+ENV = "LARQ_PROX_FUSED_UPDATE"
+"""Environment variable: `0` runs the optimizers' own updates (read at every trace)."""
 
 _log = logging.getLogger("larq_prox.fused_update")
 _said: set = set()
@@ -164,6 +170,9 @@ def split(optimizer, grads_and_vars, gradient_of: GradientOf) -> tuple[list, lis
     sixteen = [(g, v) for g, v in grads_and_vars
                if v.dtype.base_dtype in kernels.UPDATE_DTYPES]
     if not sixteen:
+        return [], list(grads_and_vars)
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        _say_once(f"{ENV}={os.environ[ENV]}")
         return [], list(grads_and_vars)
     rule, why = rule_for(optimizer)
     if rule is None:
