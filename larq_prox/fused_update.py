@@ -7,7 +7,8 @@ slots Keras creates in the same dtype), TensorFlow's CPU training ops
 variable, its slots and the gradient once, compute the same formula in float32
 with float32 coefficients, and store each result rounded once; for binary
 kernels they also fold in `BinaryGradient`'s \(\operatorname{sign}(g) \cdot s\),
-so no separate sign tensor is made.
+so no separate sign tensor is made, and larq's `weight_clip` constraint
+(`clip_of`), so no second pass over the weights.
 
 An `UpdateRule` says which update a kernel reproduces: the optimizer method
 `implements` (a legacy Keras optimizer's `_resource_apply_dense`), the slots it
@@ -46,11 +47,13 @@ import logging
 import os
 from collections.abc import Callable
 
+import larq as lq
 import tensorflow as tf
 
 from larq_prox import kernels
 
-__all__ = ["ENV", "RULES", "UpdateRule", "apply_gradients", "register", "rule_for", "split"]
+__all__ = ["ENV", "RULES", "UpdateRule", "apply_gradients", "clip_of", "register", "rule_for",
+           "split"]
 
 ENV = "LARQ_PROX_FUSED_UPDATE"
 """Environment variable: `0` runs the optimizers' own updates (read at every trace)."""
@@ -71,8 +74,9 @@ class UpdateRule:
             optimizer uses the rule when its `_resource_apply_dense` is this function.
         slots: the optimizer's slot names the kernel updates, in its order.
         unsupported: `optimizer -> None`, or why its configuration is not covered.
-        apply: `(optimizer, var, grad, slots, coefficients, sign, scale) -> op`;
-            `coefficients` are the optimizer's `_prepare_local` values in float32.
+        apply: `(optimizer, var, grad, slots, coefficients, sign, scale, clip) -> op`;
+            `coefficients` are the optimizer's `_prepare_local` values in float32,
+            `clip` a symmetric clip of the result (see `clip_of`) or None.
     """
 
     name: str
@@ -92,18 +96,18 @@ def register(rule: UpdateRule) -> UpdateRule:
     return rule
 
 
-def _adam(optimizer, var, grad, slots, c, sign, scale):
+def _adam(optimizer, var, grad, slots, c, sign, scale, clip):
     m, v = slots
     return kernels.fused_apply_adam(
         var, m, v, grad, lr=c["lr_t"], beta_1=c["beta_1_t"], beta_2=c["beta_2_t"],
         epsilon=c["epsilon"], beta_1_power=c["beta_1_power"], beta_2_power=c["beta_2_power"],
-        grad_scale=scale, sign_gradient=sign, use_locking=optimizer._use_locking)
+        grad_scale=scale, sign_gradient=sign, clip=clip, use_locking=optimizer._use_locking)
 
 
-def _momentum(optimizer, var, grad, slots, c, sign, scale):
+def _momentum(optimizer, var, grad, slots, c, sign, scale, clip):
     return kernels.fused_apply_momentum(
         var, slots[0], grad, lr=c["lr_t"], momentum=c["momentum"], nesterov=optimizer.nesterov,
-        grad_scale=scale, sign_gradient=sign, use_locking=optimizer._use_locking)
+        grad_scale=scale, sign_gradient=sign, clip=clip, use_locking=optimizer._use_locking)
 
 
 register(UpdateRule(
@@ -120,6 +124,19 @@ register(UpdateRule(
     unsupported=lambda o: None if o._momentum else "momentum=0 (no momentum slot)",
     apply=_momentum,
 ))
+
+
+def clip_of(constraint) -> float | None:
+    """c when `constraint` is larq's `WeightClip(c)` (its own `__call__`, a clip to [-c, c]), else None.
+
+    The fused kernels apply that clip to the updated weights in registers,
+    instead of a second pass of `var.assign(clip_by_value(var, -c, c))`.
+    """
+    call = getattr(type(constraint), "__call__", None)
+    if constraint is None or call is not lq.constraints.WeightClip.__call__:
+        return None
+    value = getattr(constraint, "clip_value", None)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _transforms(optimizer) -> str | None:
@@ -208,7 +225,8 @@ def apply_gradients(optimizer, fused: list, rest: list, name: str | None = None)
 
     `fused` from `split`; `rest` are (grad, var) pairs the optimizer updates
     itself, after the fused updates. Slots, `iterations` (incremented once),
-    constraints and `tf.distribute` updates work as in Keras' own apply.
+    constraints and `tf.distribute` updates work as in Keras' own apply; a
+    `WeightClip` constraint is applied inside the kernel (`clip_of`).
     """
     rule, why = rule_for(optimizer)
     if rule is None:
@@ -236,8 +254,9 @@ def _distributed_apply(optimizer, rule, gradients, fused_state, rest_state, dist
         coefficients = (fused_state.get((var.device, tf.float32))
                         or optimizer._fallback_apply_state(var.device, tf.float32))
         slots = [optimizer.get_slot(var, s) for s in rule.slots]
-        op = rule.apply(optimizer, var, grad, slots, coefficients, sign, scale)
-        if var.constraint is not None:
+        clip = clip_of(var.constraint)
+        op = rule.apply(optimizer, var, grad, slots, coefficients, sign, scale, clip)
+        if var.constraint is not None and clip is None:
             with tf.control_dependencies([op]):
                 return var.assign(var.constraint(var))
         return op

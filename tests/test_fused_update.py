@@ -68,7 +68,7 @@ def _gradients(rng, variables, dtype, zeros=True):
 
 def _float32_reference(optimizer_name, wrapped, variables, grads):
     """One BinaryGradient step of a float32 twin, from the 16-bit state, rounded once."""
-    twin = [tf.Variable(tf.cast(v, tf.float32)) for v in variables]
+    twin = [tf.Variable(tf.cast(v, tf.float32), constraint=v.constraint) for v in variables]
     for t, v in zip(twin, variables):
         t.precision = getattr(v, "precision", None)
     inner = OPTIMIZERS[optimizer_name]()
@@ -123,6 +123,28 @@ def _traced_op_types(optimizer, grads, variables):
 
 
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer_name", ["adam", "nesterov"])
+def test_weight_clip_is_applied_in_the_kernel(optimizer_name):
+    import larq as lq
+
+    rng = np.random.default_rng(2)
+    clip = lq.constraints.WeightClip(0.3)  # not a float16 value: TF rounds it first
+    variables = [_binary(tf.Variable(tf.cast(rng.uniform(-0.31, 0.31, (9, 40)), tf.float16),
+                                     constraint=clip))]
+    optimizer = lqp.optimizers.BinaryGradient(OPTIMIZERS[optimizer_name]())
+    optimizer._create_all_weights(variables)
+    for step in range(3):
+        grads = _gradients(rng, variables, tf.float16)
+        expected, _ = _float32_reference(optimizer_name, optimizer, variables, grads)
+        if step == 0:
+            types = _traced_op_types(optimizer, grads, variables)
+            assert not {"ClipByValue", "Minimum", "Maximum"} & types
+        _apply(optimizer, grads, variables)
+        _ulp_close(variables[0], expected[0], tf.float16, f"step {step}")
+        assert np.abs(variables[0].numpy()).max() <= np.float16(0.3)
+    assert fused_update.clip_of(clip) == 0.3 and fused_update.clip_of(None) is None
+
+
 def test_fused_ops_replace_the_half_ops(optimizer_name):
     variables, rng = _problem((4, 6), tf.float16)
     optimizer = lqp.optimizers.BinaryGradient(OPTIMIZERS[optimizer_name]())

@@ -311,33 +311,39 @@ def _f32(value) -> tf.Tensor:
     return tf.cast(value, tf.float32)
 
 
+def _clip(clip) -> tf.Tensor:
+    return tf.constant(float("inf") if clip is None else float(clip), tf.float32)
+
+
 def fused_apply_adam(var, m, v, grad, *, lr, beta_1, beta_2, epsilon, beta_1_power,
                      beta_2_power, grad_scale=1.0, sign_gradient: bool = False,
-                     use_locking: bool = False) -> tf.Operation:
+                     clip: float | None = None, use_locking: bool = False) -> tf.Operation:
     r"""`ResourceApplyAdam` of a 16-bit `var` and its slots `m`, `v`, in float32, one pass (kernel only).
 
     With \(g\) = `grad * grad_scale` (`sign(grad) * grad_scale` with `sign_gradient`)
     and \(\alpha = \text{lr} \sqrt{1 - \beta_2^t} / (1 - \beta_1^t)\):
     \(m \mathrel{+}= (g - m)(1 - \beta_1)\), \(v \mathrel{+}= (g^2 - v)(1 - \beta_2)\),
-    \(\text{var} \mathrel{-}= \alpha m / (\sqrt v + \epsilon)\), each stored rounded once.
-    The scalars are cast to float32. Call where `use(var, grad, dtypes=UPDATE_DTYPES)`.
+    \(\text{var} \mathrel{-}= \alpha m / (\sqrt v + \epsilon)\), then
+    `clip_by_value(var, -clip, clip)` (a weight_clip constraint; None: none),
+    each stored rounded once. The scalars are cast to float32. Call where
+    `use(var, grad, dtypes=UPDATE_DTYPES)`.
     """
     return library().lqp_fused_apply_adam(
         var.handle, m.handle, v.handle, _f32(beta_1_power), _f32(beta_2_power), _f32(lr),
-        _f32(beta_1), _f32(beta_2), _f32(epsilon), grad, _f32(grad_scale),
+        _f32(beta_1), _f32(beta_2), _f32(epsilon), grad, _f32(grad_scale), _clip(clip),
         sign_gradient=bool(sign_gradient), use_locking=bool(use_locking))
 
 
 def fused_apply_momentum(var, accum, grad, *, lr, momentum, nesterov: bool = False,
                          grad_scale=1.0, sign_gradient: bool = False,
-                         use_locking: bool = False) -> tf.Operation:
+                         clip: float | None = None, use_locking: bool = False) -> tf.Operation:
     r"""`ResourceApplyKerasMomentum` of a 16-bit `var` and `accum`, in float32, one pass (kernel only).
 
     \(a = a \mu - g\,\text{lr}\); \(\text{var} \mathrel{+}= a\), or with `nesterov`
-    \(\text{var} \mathrel{+}= a \mu - g\,\text{lr}\); \(g\) as in `fused_apply_adam`.
+    \(\text{var} \mathrel{+}= a \mu - g\,\text{lr}\); \(g\) and `clip` as in `fused_apply_adam`.
     """
     return library().lqp_fused_apply_momentum(
-        var.handle, accum.handle, _f32(lr), grad, _f32(momentum), _f32(grad_scale),
+        var.handle, accum.handle, _f32(lr), grad, _f32(momentum), _f32(grad_scale), _clip(clip),
         use_nesterov=bool(nesterov), sign_gradient=bool(sign_gradient),
         use_locking=bool(use_locking))
 

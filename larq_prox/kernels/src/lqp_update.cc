@@ -153,6 +153,17 @@ inline void store(const float* in, int64_t len, uint16_t* out) {
   for (int64_t j = 0; j < len; ++j) out[j] = Storage<T>::store(in[j]);
 }
 
+// clip_by_value(w, -clip, clip) (a weight_clip constraint folded in; inf: none).
+// Clipping before the rounding equals clipping after it when clip is a 16-bit
+// value (the rounding is monotone); NaN stays NaN, as in TF's Minimum/Maximum.
+inline void clip_values(float* w, int64_t len, float clip) {
+  if (std::isinf(clip)) return;
+  for (int64_t j = 0; j < len; ++j) {
+    const float x = w[j];
+    w[j] = std::isnan(x) ? x : std::min(std::max(x, -clip), clip);
+  }
+}
+
 float scalar(OpKernelContext* ctx, int input) { return ctx->input(input).scalar<float>()(); }
 
 // The (locked) variable inputs `ids` as tensors to update in place (copied
@@ -201,6 +212,7 @@ REGISTER_OP("LqpFusedApplyAdam")
     .Input("epsilon: float")
     .Input("grad: T")
     .Input("grad_scale: float")
+    .Input("clip: float")
     .Attr("T: {half, bfloat16}")
     .Attr("sign_gradient: bool = false")
     .Attr("use_locking: bool = false")
@@ -210,7 +222,8 @@ REGISTER_OP("LqpFusedApplyAdam")
 g = grad * grad_scale (sign(grad) * grad_scale with sign_gradient),
 alpha = lr * sqrt(1 - beta2_power) / (1 - beta1_power),
 m += (g - m) * (1 - beta1), v += (g^2 - v) * (1 - beta2),
-var -= m * alpha / (sqrt(v) + epsilon); each stored rounded once.)doc");
+var -= m * alpha / (sqrt(v) + epsilon), then var = clip_by_value(var, -clip, clip)
+(inf: no clip); each stored rounded once.)doc");
 
 template <typename T>
 class FusedApplyAdamOp : public OpKernel {
@@ -225,7 +238,7 @@ class FusedApplyAdamOp : public OpKernel {
         ctx, use_locking_, /*sparse=*/false, {0, 1, 2});
     Tensor tensors[3];
     OP_REQUIRES_OK(ctx, variables<T>(ctx, "LqpFusedApplyAdam", {0, 1, 2}, 9, tensors));
-    for (int i = 3; i <= 10; ++i) {
+    for (int i = 3; i <= 11; ++i) {
       if (i == 9) continue;
       OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(i).shape()),
                   InvalidArgument("LqpFusedApplyAdam: input ", i, " must be a scalar, got shape ",
@@ -233,7 +246,7 @@ class FusedApplyAdamOp : public OpKernel {
     }
     const float beta1_power = scalar(ctx, 3), beta2_power = scalar(ctx, 4), lr = scalar(ctx, 5);
     const float beta1 = scalar(ctx, 6), beta2 = scalar(ctx, 7), epsilon = scalar(ctx, 8);
-    const float scale = scalar(ctx, 10);
+    const float scale = scalar(ctx, 10), clip = scalar(ctx, 11);
     // TF's ApplyAdamNonCuda, in float32: the same operations in the same order.
     const float alpha = lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
     const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
@@ -257,6 +270,7 @@ class FusedApplyAdamOp : public OpKernel {
           vf[j] = vf[j] + (g[j] * g[j] - vf[j]) * one_minus_beta2;
           wf[j] = wf[j] - (mf[j] * alpha) / (std::sqrt(vf[j]) + epsilon);
         }
+        clip_values(wf, len, clip);
         store<T>(mf, len, m + e0);
         store<T>(vf, len, v + e0);
         store<T>(wf, len, var + e0);
@@ -277,6 +291,7 @@ REGISTER_OP("LqpFusedApplyMomentum")
     .Input("grad: T")
     .Input("momentum: float")
     .Input("grad_scale: float")
+    .Input("clip: float")
     .Attr("T: {half, bfloat16}")
     .Attr("use_nesterov: bool = false")
     .Attr("sign_gradient: bool = false")
@@ -286,7 +301,8 @@ REGISTER_OP("LqpFusedApplyMomentum")
 
 g = grad * grad_scale (sign(grad) * grad_scale with sign_gradient),
 accum = accum * momentum - g * lr; var += accum, or with use_nesterov
-var += accum * momentum - g * lr; each stored rounded once.)doc");
+var += accum * momentum - g * lr; then var = clip_by_value(var, -clip, clip)
+(inf: no clip); each stored rounded once.)doc");
 
 template <typename T>
 class FusedApplyMomentumOp : public OpKernel {
@@ -302,13 +318,14 @@ class FusedApplyMomentumOp : public OpKernel {
         ctx, use_locking_, /*sparse=*/false, {0, 1});
     Tensor tensors[2];
     OP_REQUIRES_OK(ctx, variables<T>(ctx, "LqpFusedApplyMomentum", {0, 1}, 3, tensors));
-    for (int i : {2, 4, 5}) {
+    for (int i : {2, 4, 5, 6}) {
       OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(i).shape()),
                   InvalidArgument("LqpFusedApplyMomentum: input ", i,
                                   " must be a scalar, got shape ",
                                   ctx->input(i).shape().DebugString()));
     }
     const float lr = scalar(ctx, 2), momentum = scalar(ctx, 4), scale = scalar(ctx, 5);
+    const float clip = scalar(ctx, 6);
     uint16_t* var = raw<T>(tensors[0]);
     uint16_t* accum = raw<T>(tensors[1]);
     const uint16_t* grad = raw<T>(ctx->input(3));
@@ -329,6 +346,7 @@ class FusedApplyMomentumOp : public OpKernel {
         } else {
           for (int64_t j = 0; j < len; ++j) wf[j] = wf[j] + af[j];
         }
+        clip_values(wf, len, clip);
         store<T>(af, len, accum + e0);
         store<T>(wf, len, var + e0);
       }
