@@ -29,7 +29,7 @@ OPTIMIZERS = {
 }
 SLOTS = {"adam": ("m", "v"), "momentum": ("momentum",), "nesterov": ("momentum",)}
 DTYPES = (tf.float16, tf.bfloat16)
-SHAPES = ((3, 3, 5, 7), (2500,))  # 315 elements (one partial chunk), 2500 (three chunks)
+SHAPE = (5, 430)  # 2150 elements: two 1024-element chunks and a partial one
 
 
 def _ulp_close(actual, expected, dtype, what):
@@ -99,9 +99,8 @@ def _apply(optimizer, grads, variables):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_step_equals_float32_update_rounded_once(optimizer_name, dtype, shape):
-    variables, rng = _problem(shape, dtype)
+def test_fused_step_equals_float32_update_rounded_once(optimizer_name, dtype):
+    variables, rng = _problem(SHAPE, dtype)
     optimizer = lqp.optimizers.BinaryGradient(OPTIMIZERS[optimizer_name]())
     optimizer._create_all_weights(variables)
     for step in range(3):
@@ -122,7 +121,6 @@ def _traced_op_types(optimizer, grads, variables):
     return {op.type for op in graph.get_operations()}
 
 
-@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
 @pytest.mark.parametrize("optimizer_name", ["adam", "nesterov"])
 def test_weight_clip_is_applied_in_the_kernel(optimizer_name):
     import larq as lq
@@ -145,6 +143,7 @@ def test_weight_clip_is_applied_in_the_kernel(optimizer_name):
     assert fused_update.clip_of(clip) == 0.3 and fused_update.clip_of(None) is None
 
 
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
 def test_fused_ops_replace_the_half_ops(optimizer_name):
     variables, rng = _problem((4, 6), tf.float16)
     optimizer = lqp.optimizers.BinaryGradient(OPTIMIZERS[optimizer_name]())
@@ -166,7 +165,7 @@ def test_switched_off_runs_the_optimizers_own_update(switch, monkeypatch):
                               optimizer._gradient_of)[0] == []
 
 
-@pytest.mark.parametrize("optimizer_name", ["adam", "nesterov"])
+@pytest.mark.parametrize("optimizer_name", ["adam"])
 def test_fused_close_to_tf_half_update(optimizer_name, monkeypatch):
     """Kernels on vs off (TF's half-arithmetic op): the same update within TF's roundings."""
     results = {}
