@@ -42,7 +42,12 @@ CONFIGS = {
     "standard": (None, False),
     "low_memory": (dict(batch_norm="proposed", low_memory=True, storage_dtype="float16",
                         saved_dtype="float16"), True),
+    "l1_bn": (dict(batch_norm="l1"), False),
     "proposed_bn": (dict(batch_norm="proposed"), False),
+    "proposed_bn_m1": (dict(batch_norm="proposed", magnitude_bits=1), False),
+    "proposed_bn_m2": (dict(batch_norm="proposed", magnitude_bits=2), False),
+    "low_memory_m2": (dict(batch_norm="proposed", low_memory=True, storage_dtype="float16",
+                           saved_dtype="float16", magnitude_bits=2), True),
     "low_memory_ops": (dict(low_memory=True, storage_dtype="float16", saved_dtype="float16"),
                        False),
     "binary_gradient": (None, True),
@@ -96,8 +101,13 @@ def main(argv=None) -> int:
                   f"{[round(100 * a, 2) for a in run['test_accuracy']]} % ({run['seconds']:.0f} s)",
                   flush=True)
             runs.append(run)
-    final = {c: [100 * r["test_accuracy"][-1] for r in runs if r["config"] == c]
-             for c in args.configs}
+            _write(args, runs)  # after every run: a stopped sweep keeps what it finished
+    return 0
+
+
+def _write(args, runs: list[dict]) -> None:
+    configs = [c for c in args.configs if any(r["config"] == c for r in runs)]
+    final = {c: [100 * r["test_accuracy"][-1] for r in runs if r["config"] == c] for c in configs}
     summary = {c: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
                for c, v in final.items()}
     for c, v in summary.items():
@@ -106,7 +116,7 @@ def main(argv=None) -> int:
               "train_split": args.train, "test_split": args.test, "epochs": args.epochs,
               "batch_size": args.batch_size,
               "configs": {c: {"convert": CONFIGS[c][0], "binary_gradient": CONFIGS[c][1]}
-                          for c in args.configs},
+                          for c in configs},
               "runs": runs, "final_test_accuracy_pct": summary}
     if "standard" in summary:
         result["difference_pp"] = {c: v["mean"] - summary["standard"]["mean"]

@@ -263,7 +263,12 @@ def l1_moments(y: tf.Tensor, epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def normalize_proposed(
-    y: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.Tensor, gamma: tf.Tensor | None = None
+    y: tf.Tensor,
+    beta: tf.Tensor,
+    mean: tf.Tensor,
+    psi: tf.Tensor,
+    gamma: tf.Tensor | None = None,
+    edges=(),
 ) -> tf.Tensor:
     r"""BinaryBatchNorm(proposed)'s \(x = (y - \mu)/\psi + \beta\) with its custom gradient, fused;
     with `gamma` (scale=True) \(x = \gamma (y - \mu)/\psi + \beta\).
@@ -271,17 +276,25 @@ def normalize_proposed(
     Kernel only (see `bn_usable`): the forward writes x (\((y - \mu)/\psi\) with a
     scale, then the affine), \(\omega\) and its sign bits in one pass; the backward
     reads dx twice and the bits, and keeps between them only the bits, \(\psi\),
-    \(\omega\) (and \(\gamma\)).
+    \(\omega\) (and \(\gamma\)). `edges` (the `2^b - 1` bin edges of \(|x|/\omega\) of
+    `magnitude_bits=b`): a second forward pass also keeps b bit planes of each
+    element's bin and the bins' mean \(|x|\) per channel, which the backward uses
+    in place of \(\omega\).
     """
     library_ = library()
     channels = y.shape[-1]
     scaled = gamma is not None
+    edges = [float(e) for e in edges]
     flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
 
     @tf.custom_gradient
     def normalize(y, gamma, beta, mean, psi):
         shift = tf.zeros([channels], y.dtype) if scaled else flat(beta)
         x, omega, bits = library_.lqp_binary_batch_norm_forward(y, shift, flat(mean), flat(psi))
+        if edges:
+            planes, levels = library_.lqp_magnitude_bins(x, omega, edges=edges)
+            with tf.control_dependencies([planes]):  # before the affine may overwrite x
+                x = tf.identity(x)
         flat_psi = flat(psi)
         flat_gamma = flat(gamma) if scaled else None
         if scaled:
@@ -289,9 +302,16 @@ def normalize_proposed(
 
         def grad(dx):
             # Gated on dx (a single op, so nothing runs early in graph mode anyway).
-            # Without a scale gamma = 1, made here: nothing more is kept.
+            # Without a scale gamma = 1, and without bins no planes (bin 0 for
+            # all, its level omega), made here: nothing more is kept.
+            if edges:
+                kept_planes, kept_levels = planes, levels
+            else:
+                kept_planes = tf.zeros([0, tf.size(bits)], tf.uint8)
+                kept_levels = tf.reshape(omega, [1, channels])
             dy, dbeta, dgamma = library_.lqp_binary_batch_norm_grad(
-                dx, bits, flat_psi, omega, flat_gamma if scaled else tf.ones_like(omega))
+                dx, bits, flat_psi, kept_levels,
+                flat_gamma if scaled else tf.ones_like(flat_psi), kept_planes)
             dgamma = tf.reshape(dgamma, tf.shape(gamma)) if scaled else None
             return dy, dgamma, tf.reshape(dbeta, tf.shape(beta)), None, None
 
