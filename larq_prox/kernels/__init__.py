@@ -233,8 +233,8 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=()) -> tuple[tf.Tensor, tf.Tensor
 def apply_mask(dx: tf.Tensor, packed: tf.Tensor, inside, outside, select: bool) -> tf.Tensor:
     """`dx * where(bits, inside, outside)`; `select=True`: `where(bits, dx, 0)` (inside 1, outside 0)."""
     dx = tf.convert_to_tensor(dx)
+    inside, outside = (tf.cast(v, dx.dtype) for v in (inside, outside))
     if use(dx):
-        inside, outside = (tf.cast(v, dx.dtype) for v in (inside, outside))
         return library().lqp_apply_mask(dx, packed, inside, outside, select=bool(select))
     mask = bitpack.unpack_bits(packed, tf.shape(dx))
     if select:
