@@ -8,6 +8,7 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `l1_moments` | `reduce_mean`, chunked `sum abs(y - mean)` | 2 reads of y |
 | `normalize_proposed` (forward) | normalize, chunked `sum abs(x)`, `pack_signs` | 1 read of y, 1 write of x (in y's buffer when free) |
 | `normalize_proposed` (backward) | `unpack_signs`, `proposed_gradient`, `dbeta` | 2 reads of dx, 1 write of dy |
+| `normalize_proposed(edges=...)` (`magnitude_bits`) | the bins of \|x\|, their bit planes and per-channel means; their unpacking in the backward | 1 more read of x forward; the planes read with the bits |
 | `sign_and_pack` | `x >= 0`, `pack_bits`, `where` | 1 read, bits + signs written |
 | `sign_pack_and_nan_rows` | the same plus `bitpack.nan_rows` and NaN signs for a sample holding a NaN | 1 read, bits + signs + flags written |
 | `pack_bits`, `pack_signs`, `unpack_bits`, `unpack_signs` | `larq_prox.bitpack` (same signatures, same bits) | 1 |

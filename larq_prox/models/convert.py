@@ -435,13 +435,29 @@ def convert(
         quantizer, batch_norm, low_memory, storage_dtype, backward_bits, saved_dtype,
         magnitude_bits,
     )
-    new = _convert_model(model, conversion)
+    new = _plain_functional(_convert_model(model, conversion))
     conversion.copy_weights()
     new.converted = conversion.converted
     new.not_converted = [f"{name} ({kind}): {reason}" for name, kind, reason in conversion.skipped]
     if conversion.skipped:
         warnings.warn(_summary(conversion.skipped), stacklevel=2)
     return new
+
+
+def _plain_functional(model: tf.keras.Model) -> tf.keras.Model:
+    """`model` as a plain `tf.keras.Model` when its class is a name-only subclass.
+
+    larq-zoo's `BinaryDenseNet` is `class BinaryDenseNet(tf.keras.Model): pass`,
+    and the clone keeps that class: its JSON then names a class Keras cannot
+    find, so `model_from_json` returns a string. A subclass with its own
+    attributes (a custom `train_step`, say) is kept as it is.
+    """
+    cls = type(model)
+    own = set(vars(cls)) - {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__"}
+    if isinstance(model, tf.keras.Sequential) or own or cls.__module__.startswith(
+            ("keras", "tf_keras", "tensorflow")):
+        return model
+    return tf.keras.Model(model.inputs, model.outputs, name=model.name)
 
 
 def _summary(skipped: list[tuple[str, str, str]]) -> str:
