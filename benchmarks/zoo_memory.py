@@ -46,12 +46,16 @@ ZOO = {  # name -> (larq_zoo module, class)
     "BinaryDenseNet28": ("literature", "BinaryDenseNet28"),
 }
 PAPER = {"BinaryNet": ((32, 32, 3), 100)}
-CONFIGS = ("standard", "low_memory")
 LOW_MEMORY = dict(batch_norm="proposed", low_memory=True, storage_dtype="float16",
                   saved_dtype="float16")
+CONFIGS = {  # name -> convert() options (None: the model as built)
+    "standard": None,
+    "low_memory": LOW_MEMORY,
+    "low_memory_m2": {**LOW_MEMORY, "magnitude_bits": 2},  # BinaryBatchNorm(magnitude_bits=2)
+}
 
 
-def converted_json(name: str, size: int) -> str:
+def converted_json(name: str, size: int, config: str = "low_memory") -> str:
     """The low-memory conversion of a zoo model, as Keras JSON (weights are not needed)."""
     import warnings
 
@@ -63,7 +67,7 @@ def converted_json(name: str, size: int) -> str:
         input_shape=(size, size, 3), weights=None, num_classes=1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lqp.models.convert(model, **_supported(LOW_MEMORY)).to_json()
+        return lqp.models.convert(model, **_supported(CONFIGS[config])).to_json()
 
 
 def build(name: str, config: str, size: int, model_json: str | None = None):
@@ -77,8 +81,10 @@ def build(name: str, config: str, size: int, model_json: str | None = None):
         custom = {"blurpool_initializer": blurpool_initializer}
         model = tf.keras.models.model_from_json(Path(model_json).read_text(), custom)
     elif name in PAPER:
-        kwargs = dict(batch_norm="standard") if config == "standard" else dict(
-            batch_norm="proposed", low_memory=True, storage_dtype="float16")
+        options = CONFIGS[config]
+        kwargs = dict(batch_norm="standard") if options is None else dict(
+            batch_norm="proposed", low_memory=True, storage_dtype="float16",
+            **{k: v for k, v in options.items() if k == "magnitude_bits"})
         model = lqp.models.binarynet(kernel_quantizer="ste_sign", input_quantizer="ste_sign",
                                      **kwargs)
     else:
@@ -87,14 +93,14 @@ def build(name: str, config: str, size: int, model_json: str | None = None):
         module, cls = ZOO[name]
         model = getattr(getattr(lqz, module), cls)(
             input_shape=(size, size, 3), weights=None, num_classes=1000)
-        if config == "low_memory":
+        if CONFIGS[config] is not None:
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = lqp.models.convert(model, **_supported(LOW_MEMORY))
+                model = lqp.models.convert(model, **_supported(CONFIGS[config]))
     optimizer = tf.keras.optimizers.legacy.Adam(1e-3)
-    if config == "low_memory":
+    if CONFIGS[config] is not None:
         optimizer = lqp.optimizers.BinaryGradient(optimizer)
     model.compile(optimizer, "sparse_categorical_crossentropy")
     return model, optimizer
@@ -153,23 +159,33 @@ def worker(name: str, config: str, size: int, batch_size: int, steps: int,
     }
 
 
-def run(name: str, config: str, size: int, batch_size: int, steps: int) -> dict:
+def run(name: str, config: str, size: int, batch_size: int, steps: int,
+        repeats: int = 1) -> dict:
+    """One point: the median peak of `repeats` fresh processes (all peaks kept)."""
     args = ["--worker", name, config, str(size), str(batch_size), str(steps)]
+    points = []
     with tempfile.TemporaryDirectory() as folder:
-        if config == "low_memory" and name in ZOO:
+        if CONFIGS[config] is not None and name in ZOO:
             path = str(Path(folder) / "model.json")
-            done, error = run_fresh(__file__, ["--convert", name, str(size), path], timeout=1800)
+            done, error = run_fresh(__file__, ["--convert", name, str(size), path, config],
+                                    timeout=1800)
             if done is None:
                 print(f"{name} convert: FAILED\n{error}", flush=True)
                 return {"model": name, "config": config, "batch_size": batch_size, "error": error}
             args += ["--model-json", path]
-        point, error = run_fresh(__file__, args, timeout=1800)
-    if point is None:
-        print(f"{name} {config} B={batch_size}: FAILED\n{error}", flush=True)
-        return {"model": name, "config": config, "batch_size": batch_size, "error": error}
+        for _ in range(repeats):
+            point, error = run_fresh(__file__, args, timeout=1800)
+            if point is None:
+                print(f"{name} {config} B={batch_size}: FAILED\n{error}", flush=True)
+                return {"model": name, "config": config, "batch_size": batch_size, "error": error}
+            points.append(point)
+    peaks = [p["measured_peak_mib"] for p in points]
+    point = sorted(points, key=lambda p: p["measured_peak_mib"])[len(points) // 2]
+    point = {**point, "peaks_mib": peaks}
     modeled = point["modeled"].get("total_mib")
-    print(f"{name:17s} {config:10s} B={batch_size:3d}: peak {point['measured_peak_mib']:7.1f} MiB"
-          f", modeled {modeled or float('nan'):7.1f} MiB, step "
+    print(f"{name:17s} {config:13s} B={batch_size:3d}: peak {point['measured_peak_mib']:7.1f} MiB"
+          f" (of {', '.join(f'{p:.1f}' for p in peaks)}), modeled "
+          f"{modeled or float('nan'):7.1f} MiB, step "
           f"{statistics.median(point['step_seconds']):.2f} s", flush=True)
     return point
 
@@ -178,12 +194,12 @@ def summarize(points: list[dict]) -> list[dict]:
     rows = []
     keyed = {(p["model"], p["config"], p["batch_size"]): p for p in points if "error" not in p}
     for (name, config, batch), low in keyed.items():
-        if config != "low_memory" or (name, "standard", batch) not in keyed:
+        if config == "standard" or (name, "standard", batch) not in keyed:
             continue
         std = keyed[(name, "standard", batch)]
         modeled = low["modeled"].get("total_mib")
         rows.append({
-            "model": name, "batch_size": batch,
+            "model": name, "batch_size": batch, "config": config,
             "standard_peak_mib": std["measured_peak_mib"],
             "low_memory_peak_mib": low["measured_peak_mib"],
             "memory_ratio": std["measured_peak_mib"] / low["measured_peak_mib"],
@@ -196,6 +212,9 @@ def summarize(points: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    rows = [r for r in rows if r.get("config", "low_memory") == "low_memory"]
+    if not rows:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,20 +244,23 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=5, metavar=("MODEL", "CONFIG", "SIZE", "BATCH", "STEPS"))
-    parser.add_argument("--convert", nargs=3, metavar=("MODEL", "SIZE", "PATH"),
-                        help="write the low-memory conversion's JSON to PATH")
+    parser.add_argument("--convert", nargs=4, metavar=("MODEL", "SIZE", "PATH", "CONFIG"),
+                        help="write the conversion's JSON to PATH")
     parser.add_argument("--model-json", default=None)
     parser.add_argument("--quick", action="store_true", help="B=16 only, no DenseNet")
     parser.add_argument("--models", nargs="*", default=None)
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="*", default=["standard", "low_memory"],
+                        choices=list(CONFIGS))
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a zoo_memory.json whose points are kept (e.g. standard runs)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fresh processes per point; the median peak is reported")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.convert:
-        name, size, path = args.convert
-        Path(path).write_text(converted_json(name, int(size)))
+        name, size, path, config = args.convert
+        Path(path).write_text(converted_json(name, int(size), config))
         print(json.dumps({"written": path}))
         return 0
     if args.worker:
@@ -257,16 +279,17 @@ def main(argv=None) -> int:
             (b, 224) for b in batches]
         for batch, size in plan:
             for config in args.configs:
-                points.append(run(name, config, size, batch, args.steps))
+                points.append(run(name, config, size, batch, args.steps, args.repeats))
     rows = summarize(points)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"points": points, "summary": rows, "low_memory_options": LOW_MEMORY,
+    results = {"points": points, "summary": rows, "configs": CONFIGS,
                "python": sys.version.split()[0]}
     (args.out / "zoo_memory.json").write_text(json.dumps(results, indent=2))
     if rows:
         plot(rows, args.out / "zoo_memory.png")
     for r in rows:
-        print(f"{r['model']:17s} B={r['batch_size']:3d}: {r['standard_peak_mib']:7.1f} -> "
+        print(f"{r['model']:17s} {r['config']:13s} B={r['batch_size']:3d}: "
+              f"{r['standard_peak_mib']:7.1f} -> "
               f"{r['low_memory_peak_mib']:7.1f} MiB ({r['memory_ratio']:.2f}x), step time "
               f"x{r['step_time_ratio']:.2f}")
     return 0

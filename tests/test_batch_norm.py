@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from larq_prox.layers import BinaryBatchNorm
-from larq_prox.layers.batch_norm import MODES, chunked_sum
+from larq_prox.layers.batch_norm import MODES, chunked_sum, magnitude_edges
 
 EPS = 1e-3
 
@@ -122,6 +122,85 @@ def test_scaled_backward_matches_numpy(mode, shape, axis, batch):
                      beta.astype("float64"), axis, mode)
     for got, want in zip((x, dy, dgamma, dbeta), refs):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def np_magnitude(dx, y, gamma, beta, axis, bits):
+    """dy, dgamma of the proposed mode with `bits` magnitude bits: |kept| ~ its bin's mean.
+
+    The kept value is x^ = (y - mu) / psi (with gamma) or x = x^ + beta; its bin is how
+    many of omega * magnitude_edges(bits) its |value| reaches (omega = mean |kept|).
+    """
+    zero = np.zeros_like(beta)
+    normalized, _, psi, _, axes = np_forward(y, zero if gamma is not None else beta, axis)
+    magnitude = np.abs(normalized)
+    omega = magnitude.mean(axis=axes, keepdims=True)
+    index = sum((magnitude >= omega * e).astype(int) for e in magnitude_edges(bits))
+    estimate = np.zeros_like(magnitude)
+    for level in range(2**bits):
+        inside = index == level
+        count = inside.sum(axis=axes, keepdims=True)
+        mean = np.where(inside, magnitude, 0).sum(axis=axes, keepdims=True) / np.maximum(count, 1)
+        estimate = np.where(inside, mean, estimate)
+    s = np_sign(normalized)
+    kept = s * estimate
+    g = dx if gamma is None else gamma.reshape(psi.shape) * dx
+    v = g / psi
+    dy = v - v.mean(axis=axes, keepdims=True) - (v * kept).mean(axis=axes, keepdims=True) * s
+    return dy, (dx * kept).sum(axis=axes).reshape(-1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("shape, axis", SHAPES)
+def test_magnitude_bits_backward_matches_numpy(bits, scale, shape, axis):
+    rng = np.random.default_rng(20 + bits)
+    y = rng.normal(1.5, 2.0, size=(16, *shape))
+    dx = rng.normal(size=y.shape)
+    channels = y.shape[axis]
+    gamma = rng.uniform(-2, 2, channels) if scale else None
+    extra = dict(gamma_initializer=tf.keras.initializers.Constant(gamma)) if scale else {}
+    layer, beta = make_layer(channels, axis, mode="proposed", magnitude_bits=bits, scale=scale,
+                             dtype="float64", **extra)
+    y_t = tf.constant(y)
+    with tf.GradientTape() as tape:
+        tape.watch(y_t)
+        x = layer(y_t, training=True)
+    weights = [layer.gamma] if scale else []
+    dy, *dgamma = tape.gradient(x, [y_t, *weights], tf.constant(dx))
+    dy_ref, dgamma_ref = np_magnitude(dx, y, gamma, beta.astype("float64"), axis, bits)
+    np.testing.assert_allclose(dy, dy_ref, rtol=1e-9, atol=1e-9)
+    if scale:
+        np.testing.assert_allclose(dgamma[0], dgamma_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_magnitude_bits_bring_the_backward_to_the_exact_l1_gradient(scale):
+    """With a gradient concentrated on small |x| (a sign's straight-through mask, as
+    where BN feeds a binary layer), sign * omega misjudges mean(dx * x); each
+    magnitude bit brings dy closer to Eq. 1's, and 0 bits is the plain proposed mode."""
+    rng = np.random.default_rng(3)
+    y = tf.constant(rng.normal(0.5, 2.0, size=(32, 6, 6, 8)).astype("float32"))
+    gradients = {}
+    for mode, bits in [("l1", 0), ("proposed", 0), ("proposed", 1), ("proposed", 2),
+                       ("proposed", 3)]:
+        layer = BinaryBatchNorm(mode=mode, magnitude_bits=bits, scale=scale)
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            x = layer(y, training=True)
+            loss = tf.reduce_sum(tf.stop_gradient(tf.cast(tf.abs(x) <= 1, x.dtype)) * x * x)
+        gradients[mode, bits] = tape.gradient(loss, y).numpy()
+    plain = BinaryBatchNorm(mode="proposed", scale=scale)
+    with tf.GradientTape() as tape:
+        tape.watch(y)
+        x = plain(y, training=True)
+        loss = tf.reduce_sum(tf.stop_gradient(tf.cast(tf.abs(x) <= 1, x.dtype)) * x * x)
+    np.testing.assert_allclose(gradients["proposed", 0], tape.gradient(loss, y), rtol=1e-5,
+                               atol=1e-5)
+    exact = gradients["l1", 0]
+    errors = [np.linalg.norm(gradients["proposed", b] - exact) / np.linalg.norm(exact)
+              for b in range(4)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[2] < errors[0] / 3, errors
 
 
 def test_scaled_exact_mode_matches_finite_differences():
@@ -382,6 +461,11 @@ def test_bad_arguments():
         BinaryBatchNorm(mode="l2")
     with pytest.raises(ValueError, match="axis"):
         BinaryBatchNorm(axis=3)(tf.zeros((2, 3)))
+    for bits in (4, -1, 1.5, True):
+        with pytest.raises(ValueError, match="magnitude_bits"):
+            BinaryBatchNorm(magnitude_bits=bits)
+    with pytest.raises(ValueError, match="mode='proposed' only"):
+        BinaryBatchNorm(mode="l1", magnitude_bits=1)
 
 
 @pytest.mark.parametrize("scale", [False, True])
@@ -393,6 +477,9 @@ def test_get_config_round_trip(scale):
     clone = tf.keras.layers.deserialize({"class_name": "BinaryBatchNorm", "config": config})
     assert isinstance(clone, BinaryBatchNorm)
     assert clone.get_config() == config
+    config = BinaryBatchNorm(magnitude_bits=2, scale=scale).get_config()
+    clone = tf.keras.layers.deserialize({"class_name": "BinaryBatchNorm", "config": config})
+    assert clone.magnitude_bits == 2 and clone.get_config() == config
 
 
 @pytest.mark.parametrize("fmt, scale", [("h5", False), ("tf", False), ("h5", True)])
@@ -458,14 +545,15 @@ def test_chunked_sum_matches_numpy(batch, axes):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["proposed", "l1", "exact"])
+@pytest.mark.parametrize("mode, bits", [("proposed", 0), ("proposed", 2), ("l1", 0),
+                                        ("exact", 0)])
 @pytest.mark.parametrize("scale", [False, True])
-def test_backward_reads_what_the_layer_declares(mode, scale):
+def test_backward_reads_what_the_layer_declares(mode, bits, scale):
     shape = (4, 8, 8, 16)
-    layer = BinaryBatchNorm(mode=mode, scale=scale)
+    layer = BinaryBatchNorm(mode=mode, scale=scale, magnitude_bits=bits)
     layer.build((None, *shape[1:]))
     declared = sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape))
-    captured = captured_by_backward(mode, shape, scale=scale)
+    captured = captured_by_backward(mode, shape, scale=scale, magnitude_bits=bits)
     read = sum(n * dtype.size for _, dtype, n in captured if n and n > len(shape))
     assert read == declared, (captured, layer.kept_tensors(shape))
 

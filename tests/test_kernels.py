@@ -148,8 +148,9 @@ def test_apply_mask(shape, select, fallback):
 
 
 # ------------------------------------------------- BinaryBatchNorm(proposed)
-def _bn_step(y, dx, mode="proposed", beta=0.3, scale=False):
+def _bn_step(y, dx, mode="proposed", beta=0.3, scale=False, magnitude_bits=0):
     layer = lqp_layers.BinaryBatchNorm(mode=mode, momentum=0.5, scale=scale,
+                                       magnitude_bits=magnitude_bits,
                                        beta_initializer=tf.constant_initializer(beta),
                                        gamma_initializer=tf.constant_initializer(-1.7))
     layer.build(y.shape)
@@ -171,15 +172,17 @@ def _close(got, want, rtol=1e-5):
 BN_SHAPES = [(100, 10), (1, 7), (7, 5, 5, 3), (1, 3, 3, 9), (3, 4, 5, 16), (2, 1)]
 
 
-@pytest.mark.parametrize("mode, scale", [("proposed", False), ("l1", False), ("proposed", True)])
+@pytest.mark.parametrize("mode, scale, bits", [("proposed", False, 0), ("l1", False, 0),
+                                              ("proposed", True, 0), ("proposed", False, 1),
+                                              ("proposed", True, 2), ("proposed", True, 3)])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
-def test_binary_batch_norm_equals_reference(shape, mode, scale, fallback):
+def test_binary_batch_norm_equals_reference(shape, mode, scale, bits, fallback):
     rng = np.random.default_rng(2)
     y = tf.constant(rng.normal(1.5, 2.0, size=shape).astype(np.float32))
     dx = tf.constant(rng.normal(size=shape).astype(np.float32))
-    got = _bn_step(y, dx, mode, scale=scale)
+    got = _bn_step(y, dx, mode, scale=scale, magnitude_bits=bits)
     with fallback():
-        want = _bn_step(y, dx, mode, scale=scale)
+        want = _bn_step(y, dx, mode, scale=scale, magnitude_bits=bits)
     for key in want:
         _close(got[key], want[key])
 
@@ -199,8 +202,37 @@ def test_binary_batch_norm_bits_and_omega_from_kernel_x():
     np.testing.assert_allclose(omega, np.abs(x.numpy()).reshape(-1, 11).mean(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(5, 3, 3, 11), (3, 7), (2, 5, 1, 3)])
+def test_magnitude_bins_bit_for_bit(shape, bits):
+    """The planes of each element's bin of |x| (omega * edges) are the reference's bytes,
+    and the bins' mean |x| per channel are NumPy's."""
+    from larq_prox.layers.batch_norm import _keep_magnitudes, magnitude_edges
+
+    x = _values(shape, seed=bits)
+    x[np.isinf(x) | np.isnan(x)] = 0.5
+    channels = shape[-1]
+    omega = np.abs(x).reshape(-1, channels).mean(0)
+    edges = magnitude_edges(bits)
+    planes, levels = kernels.library().lqp_magnitude_bins(
+        tf.constant(x), tf.constant(omega), edges=[float(e) for e in edges])
+    magnitude = np.abs(x).reshape(-1, channels)
+    index = sum((magnitude >= omega * np.float32(e)).astype(np.uint8) for e in edges)
+    for b in range(bits):
+        assert _same(planes[b].numpy(), _np_pack((index >> b) & 1)), b
+    for level in range(2**bits):
+        inside = index == level
+        want = np.where(inside, magnitude, 0).sum(0) / np.maximum(inside.sum(0), 1)
+        np.testing.assert_allclose(levels[level], want, rtol=1e-5, atol=1e-7)
+    _, _, reference_planes, _ = _keep_magnitudes(tf.constant(x), list(range(len(shape) - 1)),
+                                                 None, bits)
+    for got, want in zip(planes, reference_planes):
+        assert _same(got.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("bits", [0, 2])
 @pytest.mark.parametrize("case", ["nan", "inf", "constant_channel"])
-def test_binary_batch_norm_special_inputs(case, fallback):
+def test_binary_batch_norm_special_inputs(case, bits, fallback):
     rng = np.random.default_rng(4)
     y = rng.normal(size=(4, 3, 3, 8)).astype(np.float32)
     if case == "nan":
@@ -210,9 +242,9 @@ def test_binary_batch_norm_special_inputs(case, fallback):
     else:
         y[..., 2] = 7.0
     y, dx = tf.constant(y), tf.constant(rng.normal(size=y.shape).astype(np.float32))
-    got = _bn_step(y, dx)
+    got = _bn_step(y, dx, magnitude_bits=bits)
     with fallback():
-        want = _bn_step(y, dx)
+        want = _bn_step(y, dx, magnitude_bits=bits)
     for key in want:
         assert np.array_equal(np.isnan(got[key]), np.isnan(want[key])), key
         _close(got[key], want[key])

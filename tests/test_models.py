@@ -181,6 +181,18 @@ def test_convert_bad_input():
         models.convert(tf.keras.Sequential([tf.keras.layers.Dense(2)]))
     with pytest.raises(ValueError, match="not a binary quantizer"):
         models.convert(models.mlp(), quantizer="dorefa_quantizer")
+    with pytest.raises(ValueError, match="magnitude_bits.*batch_norm='proposed'"):
+        models.convert(models.mlp(), batch_norm="l1", magnitude_bits=1)
+
+
+def test_convert_magnitude_bits():
+    model = models.mlp()
+    new = models.convert(model, batch_norm="proposed", magnitude_bits=2)
+    bns = [l for l in new.layers if type(l).__name__ == "BinaryBatchNorm"]
+    assert bns and all(l.mode == "proposed" and l.magnitude_bits == 2 for l in bns)
+    # Converting again to the paper's 1-bit backward replaces them.
+    again = models.convert(new, batch_norm="proposed")
+    assert all(l.magnitude_bits == 0 for l in again.layers if type(l).__name__ == "BinaryBatchNorm")
 
 
 @pytest.mark.parametrize("batch_norm", ["l1", "proposed"])

@@ -8,6 +8,7 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `l1_moments` | `reduce_mean`, chunked `sum abs(y - mean)` | 2 reads of y |
 | `normalize_proposed` (forward) | normalize, chunked `sum abs(x)`, `pack_signs` | 1 read of y, 1 write of x (in y's buffer when free) |
 | `normalize_proposed` (backward) | `unpack_signs`, `proposed_gradient`, `dbeta` | 2 reads of dx, 1 write of dy |
+| `normalize_proposed(edges=...)` (`magnitude_bits`) | the bins of \|x\|, their bit planes and per-channel means; their unpacking in the backward | 1 more read of x forward; the planes read with the bits |
 | `sign_and_pack` | `x >= 0`, `pack_bits`, `where` | 1 read, bits + signs written |
 | `sign_pack_and_nan_rows` | the same plus `bitpack.nan_rows` and NaN signs for a sample holding a NaN | 1 read, bits + signs + flags written |
 | `pack_bits`, `pack_signs`, `unpack_bits`, `unpack_signs` | `larq_prox.bitpack` (same signatures, same bits) | 1 |
@@ -239,8 +240,8 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=()) -> tuple[tf.Tensor, tf.Tensor
 def apply_mask(dx: tf.Tensor, packed: tf.Tensor, inside, outside, select: bool) -> tf.Tensor:
     """`dx * where(bits, inside, outside)`; `select=True`: `where(bits, dx, 0)` (inside 1, outside 0)."""
     dx = tf.convert_to_tensor(dx)
+    inside, outside = (tf.cast(v, dx.dtype) for v in (inside, outside))
     if use(dx):
-        inside, outside = (tf.cast(v, dx.dtype) for v in (inside, outside))
         return library().lqp_apply_mask(dx, packed, inside, outside, select=bool(select))
     mask = bitpack.unpack_bits(packed, tf.shape(dx))
     if select:
@@ -269,7 +270,12 @@ def l1_moments(y: tf.Tensor, epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def normalize_proposed(
-    y: tf.Tensor, beta: tf.Tensor, mean: tf.Tensor, psi: tf.Tensor, gamma: tf.Tensor | None = None
+    y: tf.Tensor,
+    beta: tf.Tensor,
+    mean: tf.Tensor,
+    psi: tf.Tensor,
+    gamma: tf.Tensor | None = None,
+    edges=(),
 ) -> tf.Tensor:
     r"""BinaryBatchNorm(proposed)'s \(x = (y - \mu)/\psi + \beta\) with its custom gradient, fused;
     with `gamma` (scale=True) \(x = \gamma (y - \mu)/\psi + \beta\).
@@ -277,17 +283,25 @@ def normalize_proposed(
     Kernel only (see `bn_usable`): the forward writes x (\((y - \mu)/\psi\) with a
     scale, then the affine), \(\omega\) and its sign bits in one pass; the backward
     reads dx twice and the bits, and keeps between them only the bits, \(\psi\),
-    \(\omega\) (and \(\gamma\)).
+    \(\omega\) (and \(\gamma\)). `edges` (the `2^b - 1` bin edges of \(|x|/\omega\) of
+    `magnitude_bits=b`): a second forward pass also keeps b bit planes of each
+    element's bin and the bins' mean \(|x|\) per channel, which the backward uses
+    in place of \(\omega\).
     """
     library_ = library()
     channels = y.shape[-1]
     scaled = gamma is not None
+    edges = [float(e) for e in edges]
     flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
 
     @tf.custom_gradient
     def normalize(y, gamma, beta, mean, psi):
         shift = tf.zeros([channels], y.dtype) if scaled else flat(beta)
         x, omega, bits = library_.lqp_binary_batch_norm_forward(y, shift, flat(mean), flat(psi))
+        if edges:
+            planes, levels = library_.lqp_magnitude_bins(x, omega, edges=edges)
+            with tf.control_dependencies([planes]):  # before the affine may overwrite x
+                x = tf.identity(x)
         flat_psi = flat(psi)
         flat_gamma = flat(gamma) if scaled else None
         if scaled:
@@ -295,9 +309,16 @@ def normalize_proposed(
 
         def grad(dx):
             # Gated on dx (a single op, so nothing runs early in graph mode anyway).
-            # Without a scale gamma = 1, made here: nothing more is kept.
+            # Without a scale gamma = 1, and without bins no planes (bin 0 for
+            # all, its level omega), made here: nothing more is kept.
+            if edges:
+                kept_planes, kept_levels = planes, levels
+            else:
+                kept_planes = tf.zeros([0, tf.size(bits)], tf.uint8)
+                kept_levels = tf.reshape(omega, [1, channels])
             dy, dbeta, dgamma = library_.lqp_binary_batch_norm_grad(
-                dx, bits, flat_psi, omega, flat_gamma if scaled else tf.ones_like(omega))
+                dx, bits, flat_psi, kept_levels,
+                flat_gamma if scaled else tf.ones_like(flat_psi), kept_planes)
             dgamma = tf.reshape(dgamma, tf.shape(gamma)) if scaled else None
             return dy, dgamma, tf.reshape(dbeta, tf.shape(beta)), None, None
 

@@ -42,7 +42,9 @@ model = tf.keras.Sequential([
 ```
 """
 
+import math
 from collections.abc import Callable, Sequence
+from statistics import NormalDist
 
 import larq as lq
 import numpy as np
@@ -52,8 +54,8 @@ from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
 
 __all__ = [
-    "BinaryBatchNorm", "MODES", "l1_moments", "proposed_gradient", "l1_gradient",
-    "cross_replica_sum",
+    "BinaryBatchNorm", "MAGNITUDE_BITS", "MODES", "l1_moments", "magnitude_edges",
+    "proposed_gradient", "l1_gradient", "cross_replica_sum",
 ]
 
 MODES = ("proposed", "l1", "exact")
@@ -144,9 +146,12 @@ def proposed_gradient(
     axes: Sequence[int],
     chunks: int = 1,
     total: Total = None,
+    magnitudes: tf.Tensor | None = None,
 ) -> tf.Tensor:
     r"""\(\partial y = v - \operatorname{mean}(v) - \operatorname{mean}(v\,\operatorname{sign}(x)\,\omega)\,\operatorname{sign}(x)\), \(v = \partial x/\psi\).
 
+    `magnitudes` (per element, from `magnitude_bits`): \(|x|\) estimated per
+    element instead of the channel's \(\omega\) (which is then ignored).
     `total=cross_replica_sum`: the two means over the global batch (one
     all-reduce of two per-channel vectors); the signs stay on their replica.
     """
@@ -156,7 +161,11 @@ def proposed_gradient(
     # dx - centre overwrites dx) and the product dx * s exists only chunk
     # by chunk: the backward working set is dx and s, the step's memory peak.
     count = _count(dx, axes)
-    correlation = chunked_sum(tf.multiply, [dx, signs], axes, chunks)
+    if magnitudes is None:
+        correlation = chunked_sum(tf.multiply, [dx, signs], axes, chunks)
+    else:
+        correlation = chunked_sum(lambda d, s, m: d * s * m, [dx, signs, magnitudes], axes, chunks)
+        omega = 1.0
     centre = tf.reduce_sum(dx, axis=axes, keepdims=True)
     if total is not None:
         count, (correlation, centre) = total(count), total([correlation, centre])
@@ -191,7 +200,68 @@ def _keep_signs(x, axes, total):
     return omega, bitpack.pack_signs(x), tf.shape(x)
 
 
-def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None):
+MAGNITUDE_BITS = (0, 1, 2, 3)
+"""Valid values of `BinaryBatchNorm(magnitude_bits=...)`."""
+
+
+def magnitude_edges(bits: int) -> np.ndarray:
+    r"""Bin edges of \(|x| / \omega\) for `bits` magnitude bits: the \(2^{bits}\)
+    equal-mass bins of a half-normal with mean 1 (a normalized channel's \(|x|\)).
+
+    ```python
+    magnitude_edges(1)    # [0.845]: the median of |x| / omega
+    ```
+    """
+    sigma = math.sqrt(math.pi / 2)  # a half-normal with this sigma has mean 1
+    levels = 2**bits
+    return np.array([sigma * NormalDist().inv_cdf((1 + j / levels) / 2) for j in range(1, levels)])
+
+
+def _bin_index(magnitude, edges):
+    """The bin of each |x| (uint8): how many of the per-channel edges it reaches."""
+    index = None
+    for edge in edges:
+        reached = tf.cast(magnitude >= edge, tf.uint8)
+        index = reached if index is None else index + reached
+    return index
+
+
+def _keep_magnitudes(x, axes, total, bits):
+    r"""The sign bits of x, `bits` bit planes of the bin of \(|x|\) (edges
+    `magnitude_edges` times \(\omega\)) and each bin's mean \(|x|\) per channel
+    (shape (2^bits, *channel broadcast shape)): what the backward keeps of x."""
+    count = _count(x, axes)
+    omega = chunked_sum(tf.abs, [x], axes, _CHUNKS)
+    omega = omega / count if total is None else total(omega) / total(count)
+    edges = [omega * float(e) for e in magnitude_edges(bits)]
+    magnitude = tf.abs(x)
+    index = _bin_index(magnitude, edges)
+    sums, counts = [], []
+    for level in range(2**bits):
+        inside = tf.equal(index, level)
+        sums.append(tf.reduce_sum(tf.where(inside, magnitude, 0), axis=axes, keepdims=True))
+        counts.append(tf.reduce_sum(tf.cast(inside, x.dtype), axis=axes, keepdims=True))
+    if total is not None:
+        sums, counts = total(sums), total(counts)
+    # An empty bin's mean is 0: no element reads it.
+    levels = tf.stack([tf.math.divide_no_nan(s, c) for s, c in zip(sums, counts)])
+    planes = [bitpack.pack_bits(tf.bitwise.bitwise_and(index, 1 << b) > 0) for b in range(bits)]
+    return levels, bitpack.pack_signs(x), planes, tf.shape(x)
+
+
+def _unpack_magnitudes(levels, planes, shape, dtype):
+    """Each element's bin mean |x| from the bit planes (inverse of `_keep_magnitudes`)."""
+    index = None
+    for b, plane in enumerate(planes):
+        bit = bitpack.unpack_bits(plane, shape, tf.uint8) * (1 << b)
+        index = bit if index is None else index + bit
+    magnitudes = tf.zeros(shape, dtype) + levels[0]
+    for level in range(1, 2 ** len(planes)):
+        magnitudes = tf.where(tf.equal(index, level), levels[level], magnitudes)
+    return magnitudes
+
+
+def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None, magnitude_bits=0):
     r"""\(x = (y - \mu)/\psi + \beta\) keeping the sign bits of x; with `gamma`,
     \(x = \gamma \hat x + \beta\), \(\hat x = (y - \mu)/\psi\), keeping those of \(\hat x\).
 
@@ -200,9 +270,12 @@ def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None):
     approximation, applied to the normalized value):
     \(\partial\gamma = \hat\omega \sum \partial x \operatorname{sign}(\hat x)\) and
     \(\partial y = \gamma\) `proposed_gradient`\((\partial x)\) (linear per channel).
+    With `magnitude_bits` > 0, \(\omega\) is replaced per element by the mean
+    \(|x|\) of the element's magnitude bin.
     """
     if total is None and kernels.bn_usable(y, axes):
-        return kernels.normalize_proposed(y, beta, mean, psi, gamma)  # fused; below, its reference
+        edges = magnitude_edges(magnitude_bits) if magnitude_bits else ()
+        return kernels.normalize_proposed(y, beta, mean, psi, gamma, edges)  # fused; below, its reference
     scaled = gamma is not None
 
     @tf.custom_gradient
@@ -210,10 +283,15 @@ def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None):
         # After psi: then this is y's last reader and may overwrite y in place.
         with tf.control_dependencies([psi]):
             x = (y - mean) / psi if scaled else (y - mean) / psi + beta
-        omega, bits, shape = _keep_signs(x, axes, total)
+        if magnitude_bits:
+            levels, bits, planes, shape = _keep_magnitudes(x, axes, total, magnitude_bits)
+            kept = [levels, bits, *planes]
+        else:
+            omega, bits, shape = _keep_signs(x, axes, total)
+            kept = [omega, bits]
         # The next layer starts once omega and the bits exist, so that it does
         # not allocate its activations while x's reductions are still running.
-        with tf.control_dependencies([omega, bits]):
+        with tf.control_dependencies(kept):
             x = x * gamma + beta if scaled else tf.identity(x)
 
         # Closes over bits (uint8), the int shape and per-channel psi, omega (gamma) only.
@@ -221,12 +299,19 @@ def _normalize_proposed(y, beta, mean, psi, axes, total=None, gamma=None):
             # Gate the unpacking on dx, or graph mode schedules it during the forward.
             with tf.control_dependencies([dx]):
                 signs = bitpack.unpack_signs(bits, shape, dx.dtype)
-            dy = proposed_gradient(dx, signs, psi, omega, axes, _CHUNKS, total)
+                magnitudes = (_unpack_magnitudes(levels, planes, shape, dx.dtype)
+                              if magnitude_bits else None)
+            dy = proposed_gradient(dx, signs, psi, None if magnitude_bits else omega, axes,
+                                   _CHUNKS, total, magnitudes)
             # The same reductions as in proposed_gradient (TF computes them once).
             dbeta = tf.reshape(tf.reduce_sum(dx, axis=axes, keepdims=True), tf.shape(beta))
             if not scaled:
                 return dy, None, dbeta, None, None
-            dgamma = omega * chunked_sum(tf.multiply, [dx, signs], axes, _CHUNKS)
+            if magnitude_bits:
+                dgamma = chunked_sum(lambda d, s, m: d * s * m, [dx, signs, magnitudes], axes,
+                                     _CHUNKS)
+            else:
+                dgamma = omega * chunked_sum(tf.multiply, [dx, signs], axes, _CHUNKS)
             return dy * gamma, tf.reshape(dgamma, tf.shape(gamma)), dbeta, None, None
 
         return x, grad
@@ -309,6 +394,11 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             \(\partial\gamma = \hat\omega \sum \partial x\, \operatorname{sign}\).
         mode: backward pass, one of `MODES`: "proposed" (sign bits of x, psi,
             omega), "l1" (Eq. 1, keeps float x), "exact" (autodiff).
+        magnitude_bits: "proposed" only: bits per element of \(|x|\) kept next to
+            the sign (0, the paper: none). The backward then estimates each
+            \(|x|\) by the per-channel mean of its bin (`magnitude_edges`:
+            \(2^{bits}\) equal-mass bins) instead of the channel's \(\omega\),
+            for 1 + `magnitude_bits` bits per element.
         beta_initializer, beta_regularizer, beta_constraint: for \(\beta\).
         gamma_initializer, gamma_regularizer, gamma_constraint: for \(\gamma\).
         moving_mean_initializer, moving_psi_initializer: for the moving statistics.
@@ -341,6 +431,7 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         moving_mean_initializer="zeros",
         moving_psi_initializer="ones",
         synchronized: bool = False,
+        magnitude_bits: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -362,6 +453,16 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         self.center = bool(center)
         self.scale = bool(scale)
         self.mode = mode
+        if magnitude_bits not in MAGNITUDE_BITS or isinstance(magnitude_bits, bool):
+            raise ValueError(
+                f"`magnitude_bits` must be one of {MAGNITUDE_BITS}, got {magnitude_bits!r}."
+            )
+        if magnitude_bits and mode != "proposed":
+            raise ValueError(
+                f"`magnitude_bits` applies to mode='proposed' only (mode={mode!r} keeps float "
+                "values); use magnitude_bits=0 or mode='proposed'."
+            )
+        self.magnitude_bits = int(magnitude_bits)
         if not isinstance(synchronized, bool):
             raise TypeError(f"`synchronized` must be True or False, got {synchronized!r}.")
         self.synchronized = synchronized
@@ -482,7 +583,8 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             # The custom backward is the whole gradient of y; the moments are
             # inputs without their own gradient path.
             mean, psi = tf.stop_gradient(mean), tf.stop_gradient(psi)
-        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes, total, gamma)
+        options = {"magnitude_bits": self.magnitude_bits} if self.mode == "proposed" else {}
+        x = _NORMALIZE[self.mode](y, beta, mean, psi, self._reduction_axes, total, gamma, **options)
         decay = 1.0 - self.momentum
         # Without examples (a replica's share of an uneven last batch) the
         # statistics are 0/0: such a replica keeps its moving values.
@@ -534,7 +636,12 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         gamma = [vector("gamma")] if self.scale else []
         if self.mode == "proposed":
             signs = "normalized signs" if self.scale else "x signs"
-            return [Kept(signs, per_sample, 1), vector("psi"), vector("omega"), *gamma]
+            kept = [Kept(signs, per_sample, 1), vector("psi")]
+            if self.magnitude_bits:
+                magnitudes = [Kept("magnitude bins", per_sample, self.magnitude_bits)]
+                levels = Kept("bin means", channels * 2**self.magnitude_bits, bits, per_sample=False)
+                return [*kept, *magnitudes, levels, *gamma]
+            return [*kept, vector("omega"), *gamma]
         if self.mode == "l1":
             return [Kept("normalized" if self.scale else "x", per_sample, bits), vector("psi"),
                     *gamma]
@@ -555,6 +662,7 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
             "scale": self.scale,
             "mode": self.mode,
             "synchronized": self.synchronized,
+            "magnitude_bits": self.magnitude_bits,
             "beta_initializer": ser(self.beta_initializer),
             "beta_regularizer": tf.keras.regularizers.serialize(self.beta_regularizer),
             "beta_constraint": tf.keras.constraints.serialize(self.beta_constraint),

@@ -121,8 +121,15 @@ class _Conversion:
         storage_dtype: str | None = None,
         backward_bits: int | None = 8,
         saved_dtype: str | None = None,
+        magnitude_bits: int = 0,
     ):
         _check_batch_norm(batch_norm, allow_none=True)
+        if magnitude_bits and batch_norm != "proposed":
+            raise ValueError(
+                f"`magnitude_bits`={magnitude_bits!r} needs batch_norm='proposed' (the only "
+                f"kind that keeps bits), got batch_norm={batch_norm!r}."
+            )
+        self.magnitude_bits = magnitude_bits
         _check_storage(storage_dtype, low_memory)
         _check_low_memory_options(backward_bits, saved_dtype, low_memory)
         self.options = {
@@ -217,7 +224,8 @@ class _Conversion:
             return None
         if self.batch_norm == "standard":
             return None if is_keras_bn else tf.keras.layers.BatchNormalization
-        if name == "BinaryBatchNorm" and getattr(layer, "mode", None) == self.batch_norm:
+        if (name == "BinaryBatchNorm" and getattr(layer, "mode", None) == self.batch_norm
+                and getattr(layer, "magnitude_bits", 0) == self.magnitude_bits):
             return None
         return lqp_layers.BinaryBatchNorm
 
@@ -239,6 +247,8 @@ class _Conversion:
         kwargs["scale"] = config.get("scale", True)
         if bn_cls is tf.keras.layers.BatchNormalization:
             return bn_cls(**kwargs)
+        if self.batch_norm == "proposed":
+            kwargs["magnitude_bits"] = self.magnitude_bits
         return bn_cls(mode=self.batch_norm, **kwargs)
 
     def copy_weights(self) -> None:
@@ -373,6 +383,7 @@ def convert(
     storage_dtype: str | None = None,
     backward_bits: int | None = 8,
     saved_dtype: str | None = None,
+    magnitude_bits: int = 0,
 ) -> tf.keras.Model:
     """A copy of `model` with PC++ pairs, BinaryBatchNorm and/or low-memory layers, weights kept.
 
@@ -405,6 +416,9 @@ def convert(
         saved_dtype: with low_memory=True, "float16" or "bfloat16": the type in
             which float layers (float convs, dense, depthwise, BN, PReLU) keep
             their input for the backward pass; None leaves those layers as they are.
+        magnitude_bits: with batch_norm="proposed", bits of |x| per element that
+            each BinaryBatchNorm keeps next to the sign (`BinaryBatchNorm`);
+            0 (default) is the paper's sign-only backward.
 
     # Returns
         The new model. `model.converted` lists what changed per layer and
@@ -418,15 +432,32 @@ def convert(
             "`model` is not built: give it an Input shape or call it on data before convert()."
         )
     conversion = _Conversion(
-        quantizer, batch_norm, low_memory, storage_dtype, backward_bits, saved_dtype
+        quantizer, batch_norm, low_memory, storage_dtype, backward_bits, saved_dtype,
+        magnitude_bits,
     )
-    new = _convert_model(model, conversion)
+    new = _plain_functional(_convert_model(model, conversion))
     conversion.copy_weights()
     new.converted = conversion.converted
     new.not_converted = [f"{name} ({kind}): {reason}" for name, kind, reason in conversion.skipped]
     if conversion.skipped:
         warnings.warn(_summary(conversion.skipped), stacklevel=2)
     return new
+
+
+def _plain_functional(model: tf.keras.Model) -> tf.keras.Model:
+    """`model` as a plain `tf.keras.Model` when its class is a name-only subclass.
+
+    larq-zoo's `BinaryDenseNet` is `class BinaryDenseNet(tf.keras.Model): pass`,
+    and the clone keeps that class: its JSON then names a class Keras cannot
+    find, so `model_from_json` returns a string. A subclass with its own
+    attributes (a custom `train_step`, say) is kept as it is.
+    """
+    cls = type(model)
+    own = set(vars(cls)) - {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__"}
+    if isinstance(model, tf.keras.Sequential) or own or cls.__module__.startswith(
+            ("keras", "tf_keras", "tensorflow")):
+        return model
+    return tf.keras.Model(model.inputs, model.outputs, name=model.name)
 
 
 def _summary(skipped: list[tuple[str, str, str]]) -> str:

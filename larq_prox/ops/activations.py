@@ -53,7 +53,6 @@ def masked_relu(x: tf.Tensor) -> tf.Tensor:
 
     @tf.custom_gradient
     def _op(x):
-        shape = tf.shape(x)
         packed = kernels.pack_bits(x > 0)
         # The output waits for the bits: graph mode would otherwise pack late and
         # keep x alive meanwhile.
@@ -61,12 +60,10 @@ def masked_relu(x: tf.Tensor) -> tf.Tensor:
             outputs = tf.nn.relu(x)
 
         def grad(dy):
-            with tf.control_dependencies([dy]):
-                # 0 / 1 in dy's dtype straight from the bits: no boolean temporary.
-                mask = kernels.unpack_bits(packed, shape, dy.dtype)
-            # ReluGrad's product (not a select, which would save the float mask
-            # but give 0 for NaN/inf dy and +0 for negative dy where x <= 0).
-            return dy * mask
+            # ReluGrad's product dy * [x > 0] (not a select, which would give 0
+            # for NaN/inf dy and +0 for negative dy where x <= 0), read from the
+            # bits: the kernel writes it in dy's buffer, with no float mask.
+            return kernels.apply_mask(dy, packed, 1, 0, select=False)
 
         return outputs, grad
 

@@ -307,8 +307,9 @@ REGISTER_OP("LqpBinaryBatchNormGrad")
     .Input("dx: T")
     .Input("bits: uint8")
     .Input("psi: T")
-    .Input("omega: T")
+    .Input("levels: T")
     .Input("gamma: T")
+    .Input("planes: uint8")
     .Output("dy: T")
     .Output("dbeta: T")
     .Output("dgamma: T")
@@ -322,8 +323,9 @@ REGISTER_OP("LqpBinaryBatchNormGrad")
       c->set_output(2, c->Vector(channels));
       return tensorflow::OkStatus();
     })
-    .Doc("dy = gamma (dx - mean(dx) - omega mean(dx s) s) / psi with s = +-1 from bits; "
-         "dbeta = sum(dx); dgamma = omega sum(dx s). gamma = 1: the layer without a scale.");
+    .Doc("dy = gamma (dx - mean(dx) - mean(dx a) s) / psi with s = +-1 from bits and "
+         "a = s * levels[bin, channel], the bin from the bit planes ([b, bytes], b = 0: "
+         "bin 0, levels = omega); dbeta = sum(dx); dgamma = sum(dx a). gamma = 1: no scale.");
 
 template <typename T>
 class BinaryBatchNormGradOp : public OpKernel {
@@ -339,16 +341,27 @@ class BinaryBatchNormGradOp : public OpKernel {
     OP_REQUIRES(ctx, ctx->input(1).NumElements() == (n + 7) / 8,
                 InvalidArgument("LqpBinaryBatchNormGrad: bits need ", (n + 7) / 8, " bytes, got ",
                                 ctx->input(1).NumElements()));
-    for (int i = 2; i < 5; ++i) {
+    for (int i : {2, 4}) {
       OP_REQUIRES(ctx, ctx->input(i).NumElements() == channels,
-                  InvalidArgument("LqpBinaryBatchNormGrad: psi, omega, gamma need ", channels,
+                  InvalidArgument("LqpBinaryBatchNormGrad: psi, gamma need ", channels,
                                   " elements"));
     }
+    const Tensor& planes_t = ctx->input(5);
+    OP_REQUIRES(ctx, planes_t.dims() == 2 && planes_t.dim_size(1) == (n + 7) / 8 &&
+                         planes_t.dim_size(0) <= 3,
+                InvalidArgument("LqpBinaryBatchNormGrad: planes need shape [bits <= 3, ",
+                                (n + 7) / 8, "], got ", planes_t.shape().DebugString()));
+    const int planes_count = static_cast<int>(planes_t.dim_size(0));
+    OP_REQUIRES(ctx, ctx->input(3).NumElements() == (int64_t{1} << planes_count) * channels,
+                InvalidArgument("LqpBinaryBatchNormGrad: levels need 2^bits x ", channels,
+                                " elements, got ", ctx->input(3).NumElements()));
     const T* dx = dx_t.flat<T>().data();
     const uint8_t* bits = ctx->input(1).flat<uint8_t>().data();
     const T* psi = ctx->input(2).flat<T>().data();
-    const T* omega = ctx->input(3).flat<T>().data();
+    const T* levels = ctx->input(3).flat<T>().data();
     const T* gamma = ctx->input(4).flat<T>().data();
+    const uint8_t* planes = planes_t.flat<uint8_t>().data();
+    const int64_t plane_bytes = (n + 7) / 8;
     Tensor *dy_t = nullptr, *dbeta_t, *dgamma_t;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &dbeta_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({channels}), &dgamma_t));
@@ -357,10 +370,11 @@ class BinaryBatchNormGradOp : public OpKernel {
     const int64_t per_block = block_rows(channels);
     const int64_t blocks = (rows + per_block - 1) / per_block;
     std::vector<double> partial(static_cast<size_t>(2 * blocks * channels));
-    // Sweep 1: sum(dx) and sum(dx * s) per channel.
-    parallel_for(ctx, blocks, per_block * channels * 4, [&](int64_t b0, int64_t b1) {
-      std::vector<T> sum(channels), corr(channels);
-      std::vector<uint8_t> m(channels);
+    // Sweep 1: sum(dx) and sum(dx * a) per channel, a = s * levels[bin].
+    parallel_for(ctx, blocks, per_block * channels * (4 + planes_count), [&](int64_t b0, int64_t b1) {
+      std::vector<T> sum(channels), corr(channels), level(channels);
+      std::vector<uint8_t> m(channels), bin(channels), plane(channels);
+      if (planes_count == 0) std::copy(levels, levels + channels, level.begin());  // omega
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(sum.begin(), sum.end(), T(0));
         std::fill(corr.begin(), corr.end(), T(0));
@@ -368,9 +382,18 @@ class BinaryBatchNormGradOp : public OpKernel {
         for (int64_t r = b * per_block; r < r1; ++r) {
           const T* g = dx + r * channels;
           expand_bits(bits, r * channels, channels, m.data());
+          if (planes_count > 0) {
+            std::fill(bin.begin(), bin.end(), uint8_t{0});
+            for (int p = 0; p < planes_count; ++p) {
+              expand_bits(planes + p * plane_bytes, r * channels, channels, plane.data());
+              for (int64_t c = 0; c < channels; ++c) bin[c] |= static_cast<uint8_t>(plane[c] << p);
+            }
+            for (int64_t c = 0; c < channels; ++c) level[c] = levels[bin[c] * channels + c];
+          }
           for (int64_t c = 0; c < channels; ++c) {
             sum[c] += g[c];
-            corr[c] += blend(m[c], g[c], static_cast<T>(-g[c]));
+            const T ga = g[c] * level[c];
+            corr[c] += blend(m[c], ga, static_cast<T>(-ga));
           }
         }
         double* out = partial.data() + 2 * b * channels;
@@ -389,9 +412,9 @@ class BinaryBatchNormGradOp : public OpKernel {
       }
       const T count = static_cast<T>(rows);
       dbeta[c] = static_cast<T>(s);
-      dgamma[c] = omega[c] * static_cast<T>(q);
+      dgamma[c] = static_cast<T>(q);
       centre[c] = static_cast<T>(s) / count;
-      k[c] = omega[c] * static_cast<T>(q) / count;
+      k[c] = static_cast<T>(q) / count;
     }
     // dy may take dx's buffer.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &dy_t));
@@ -415,6 +438,121 @@ class BinaryBatchNormGradOp : public OpKernel {
       }
     });
   }
+};
+
+// ------------------------------------ BinaryBatchNorm(proposed, magnitude_bits)
+REGISTER_OP("LqpMagnitudeBins")
+    .Input("x: T")
+    .Input("omega: T")
+    .Output("planes: uint8")
+    .Output("levels: T")
+    .Attr("T: {float, double}")
+    .Attr("edges: list(float)")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x, bits;
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(channels_last(c, &x, &channels));
+      std::vector<float> edges;
+      TF_RETURN_IF_ERROR(c->GetAttr("edges", &edges));
+      const int64_t levels = static_cast<int64_t>(edges.size()) + 1;
+      int64_t planes = 0;
+      while ((int64_t{1} << planes) < levels) ++planes;
+      TF_RETURN_IF_ERROR(packed_shape(c, x, &bits));
+      c->set_output(0, c->Matrix(planes, c->Dim(bits, 0)));
+      c->set_output(1, c->Matrix(levels, channels));
+      return tensorflow::OkStatus();
+    })
+    .Doc("The bin of |x| (how many of omega * edges it reaches) as bit planes, and each "
+         "bin's mean |x| per channel (0 for an empty bin).");
+
+template <typename T>
+class MagnitudeBinsOp : public OpKernel {
+ public:
+  explicit MagnitudeBinsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("edges", &edges_));
+    const int64_t levels = static_cast<int64_t>(edges_.size()) + 1;
+    planes_ = 0;
+    while ((int64_t{1} << planes_) < levels) ++planes_;
+    OP_REQUIRES(ctx, (int64_t{1} << planes_) == levels && planes_ >= 1 && planes_ <= 3,
+                InvalidArgument("LqpMagnitudeBins: edges need 2^bits - 1 values, bits 1..3, got ",
+                                edges_.size()));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x_t = ctx->input(0);
+    OP_REQUIRES(ctx, x_t.dims() >= 1, InvalidArgument("LqpMagnitudeBins: x needs rank >= 1"));
+    const int64_t channels = x_t.dim_size(x_t.dims() - 1);
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == channels,
+                InvalidArgument("LqpMagnitudeBins: omega needs ", channels, " elements"));
+    const int64_t n = x_t.NumElements();
+    const int64_t rows = channels ? n / channels : 0;
+    const int64_t levels = int64_t{1} << planes_;
+    const int64_t plane_bytes = (n + 7) / 8;
+    Tensor *planes_t, *levels_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({planes_, plane_bytes}), &planes_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({levels, channels}), &levels_t));
+    const T* x = x_t.flat<T>().data();
+    const T* omega = ctx->input(1).flat<T>().data();
+    uint8_t* planes = planes_t->flat<uint8_t>().data();
+    T* out_levels = levels_t->flat<T>().data();
+    // The edges per channel in T, as the reference computes them (omega * edge).
+    std::vector<T> edge(edges_.size() * channels);
+    for (size_t j = 0; j < edges_.size(); ++j) {
+      for (int64_t c = 0; c < channels; ++c) edge[j * channels + c] = omega[c] * static_cast<T>(edges_[j]);
+    }
+    const int64_t n_edges = static_cast<int64_t>(edges_.size());
+    auto bin_of = [&](int64_t e) {
+      const int64_t c = e % channels;
+      const T m = std::abs(x[e]);
+      int b = 0;
+      for (int64_t j = 0; j < n_edges; ++j) b += m >= edge[j * channels + c];
+      return b;
+    };
+    const int64_t per_block = block_rows(channels);
+    const int64_t blocks = (rows + per_block - 1) / per_block;
+    std::vector<double> partial(static_cast<size_t>(2 * levels * blocks * channels));
+    parallel_for(ctx, blocks, per_block * channels * (4 + 2 * n_edges), [&](int64_t b0, int64_t b1) {
+      std::vector<T> sums(levels * channels), counts(levels * channels);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(sums.begin(), sums.end(), T(0));
+        std::fill(counts.begin(), counts.end(), T(0));
+        const int64_t r0 = b * per_block, r1 = std::min(rows, (b + 1) * per_block);
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* in = x + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const T m = std::abs(in[c]);
+            int bin = 0;
+            for (int64_t j = 0; j < n_edges; ++j) bin += m >= edge[j * channels + c];
+            sums[bin * channels + c] += m;
+            counts[bin * channels + c] += T(1);
+          }
+        }
+        const int64_t e0 = r0 * channels, e1 = r1 * channels;
+        const int64_t k1 = (r1 == rows) ? plane_bytes : e1 / 8;
+        for (int p = 0; p < planes_; ++p) {
+          pack_range(planes + p * plane_bytes, e0 / 8, k1, n,
+                     [&bin_of, p](int64_t e) { return (bin_of(e) >> p) & 1; });
+        }
+        double* out = partial.data() + 2 * levels * b * channels;
+        for (int64_t i = 0; i < levels * channels; ++i) {
+          out[i] = static_cast<double>(sums[i]);
+          out[levels * channels + i] = static_cast<double>(counts[i]);
+        }
+      }
+    });
+    for (int64_t i = 0; i < levels * channels; ++i) {
+      double sum = 0.0, count = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        sum += partial[2 * levels * b * channels + i];
+        count += partial[2 * levels * b * channels + levels * channels + i];
+      }
+      out_levels[i] = count > 0 ? static_cast<T>(sum / count) : T(0);
+    }
+  }
+
+ private:
+  std::vector<float> edges_;
+  int64_t planes_;
 };
 
 // ------------------------------------------------------------- bit packing
@@ -1167,7 +1305,9 @@ class ArgmaxMaxPoolGradOp : public OpKernel {
       Name("LqpBinaryBatchNormForward").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
       BinaryBatchNormForwardOp<T>);                                                          \
   REGISTER_KERNEL_BUILDER(Name("LqpBinaryBatchNormGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          BinaryBatchNormGradOp<T>);
+                          BinaryBatchNormGradOp<T>);                                         \
+  REGISTER_KERNEL_BUILDER(Name("LqpMagnitudeBins").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          MagnitudeBinsOp<T>);
 LQP_FLOATS(float)
 LQP_FLOATS(double)
 
