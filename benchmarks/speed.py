@@ -8,16 +8,24 @@ alternating the setups step by step so that load on the machine hits all alike:
 - kernels: low-memory layers + BinaryBatchNorm(proposed) + BinaryGradient(Adam),
   with larq_prox.kernels (the fused C++ ops) loaded
 - fallback: the same model traced with LARQ_PROX_KERNELS=0 (the pure-TF ops)
+- kernels_tf_update (16-bit storage only): the kernels, but the wrapped
+  optimizer's own 16-bit update (LARQ_PROX_FUSED_UPDATE=0) instead of the
+  fused one (`larq_prox.fused_update`)
 
 in graph mode, for float32 and float16 kernel storage (`storage_dtype`), and
 with `jit_compile=True` (where the kernels do not apply: XLA clusters run the
 pure-TF ops). Next to it, the measured peak memory of a training step of each
 setup, one fresh process each (`harness.run_fresh`, TF's BFC allocator);
 and a per-op table: each kernel against the pure-TF ops it replaces, on a
-100x32x32x128 activation (graph mode, median of repeats).
+100x32x32x128 activation (graph mode, median of repeats); and an update table:
+one BinaryGradient step of a 3x3x512x512 binary kernel (sign, scale, the
+wrapped optimizer's update) with TF's float16/bfloat16 training ops, the fused
+16-bit update, and TF's float32 ops.
 
     python benchmarks/speed.py                     # everything (about 15 min on 2 cores)
     python benchmarks/speed.py --models mlp --steps 5 --no-memory
+    python benchmarks/speed.py --parts updates,steps --models mlp,binarynet --storages float16 \
+        --modes graph --append        # adds rows to the existing JSON
 
 Writes benchmarks/results/speed.json and speed.png.
 """
@@ -43,22 +51,36 @@ from harness import measure_steps, run_fresh  # noqa: E402
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SHAPES = {"mlp": (28, 28, 1), "cnv": (32, 32, 3), "binarynet": (32, 32, 3)}
 SETUPS = ("standard", "kernels", "fallback")
+UPDATE_SETUP = "kernels_tf_update"  # 16-bit storage: kernels, but the optimizer's own update
 
 
 @contextlib.contextmanager
-def kernels_off(off: bool):
-    """LARQ_PROX_KERNELS=0 while building/tracing (the switch is read at trace time)."""
-    previous = os.environ.get(lqp.kernels.ENV)
+def switched_off(off: bool, variable: str = lqp.kernels.ENV):
+    """`variable`=0 while building/tracing (the switches are read at trace time)."""
+    previous = os.environ.get(variable)
     if off:
-        os.environ[lqp.kernels.ENV] = "0"
+        os.environ[variable] = "0"
     try:
         yield
     finally:
         if off:
             if previous is None:
-                del os.environ[lqp.kernels.ENV]
+                del os.environ[variable]
             else:
-                os.environ[lqp.kernels.ENV] = previous
+                os.environ[variable] = previous
+
+
+def kernels_off(off: bool):
+    """LARQ_PROX_KERNELS=0 while building/tracing."""
+    return switched_off(off)
+
+
+def setup_switches(setup: str):
+    """The switches of a setup: the fallback has no kernels, kernels_tf_update no fused update."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(switched_off(setup == "fallback"))
+    stack.enter_context(switched_off(setup == UPDATE_SETUP, lqp.fused_update.ENV))
+    return stack
 
 
 def build(model_name: str, setup: str, jit: bool, storage: str | None) -> tf.keras.Model:
@@ -87,10 +109,10 @@ def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warm
     tf.keras.utils.set_random_seed(0)
     x, y = _data(model_name, batch)
     # Under XLA the kernels never run: one low-memory setup (the pure-TF ops).
-    setups = ("standard", "fallback") if jit else SETUPS
+    setups = ("standard", "fallback") if jit else SETUPS + ((UPDATE_SETUP,) if storage else ())
     models = {}
     for setup in setups:
-        with kernels_off(setup == "fallback"):
+        with setup_switches(setup):
             models[setup] = build(model_name, setup, jit, storage)
             for _ in range(warmup):  # traces here, with the switch as set
                 models[setup].train_on_batch(x, y)
@@ -117,6 +139,8 @@ def memory_worker(model_name: str, setup: str, storage: str | None, batch: int,
     """One setup in this (fresh) process: BFC peak of warm training steps."""
     if setup == "fallback":
         os.environ[lqp.kernels.ENV] = "0"
+    if setup == UPDATE_SETUP:
+        os.environ[lqp.fused_update.ENV] = "0"
     tf.keras.utils.set_random_seed(0)
     model = build(model_name, setup, jit, storage)
     x, y = _data(model_name, batch)
@@ -128,13 +152,15 @@ def memory_worker(model_name: str, setup: str, storage: str | None, batch: int,
             "kernels_used": lqp.kernels.use(tf.constant(0.0)) if setup == "kernels" else False}
 
 
-def memory_rows(models, storages, batch: int, jit_models=("binarynet",)) -> list[dict]:
+def memory_rows(models, storages, batch: int, jit_models=("binarynet",),
+                setups=("standard", "kernels", "fallback", UPDATE_SETUP, "jit")) -> list[dict]:
     """Peaks per setup; for `jit_models` also standard and low-memory under jit_compile=True."""
     rows = []
     for model_name in models:
-        runs = [("standard", None, "graph")] + [
-            (s, st, "graph") for st in storages for s in ("kernels", "fallback")]
-        if model_name in jit_models:
+        runs = [("standard", None, "graph")] if "standard" in setups else []
+        runs += [(s, st, "graph") for st in storages for s in ("kernels", "fallback", UPDATE_SETUP)
+                 if s in setups and (st is not None or s != UPDATE_SETUP)]
+        if model_name in jit_models and "jit" in setups:
             runs += [("standard", None, "jit"), ("fallback", None, "jit")]
         for setup, storage, mode in runs:
             result, error = run_fresh(__file__, ["--memory-worker", model_name, setup,
@@ -234,12 +260,105 @@ def op_timings(repeats: int, shape=(100, 32, 32, 128)) -> list[dict]:
     return rows
 
 
+def update_timings(repeats: int, shape=(3, 3, 512, 512)) -> list[dict]:
+    """One BinaryGradient step of a binary kernel: TF's 16-bit ops vs the fused update vs float32.
+
+    Each setup is a float variable with `precision = 1` (what larq's binary
+    kernels declare) and a random gradient; the step is sign, scale and the
+    wrapped optimizer's update, traced once per setup and alternated.
+    """
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 0.3, shape).astype(np.float32)
+    grad = rng.normal(0, 0.01, shape).astype(np.float32)
+    rules = {"Adam": lambda: tf.keras.optimizers.legacy.Adam(1e-3),
+             "SGD momentum 0.9": lambda: tf.keras.optimizers.legacy.SGD(1e-2, momentum=0.9)}
+    setups = {"tf_float16": (tf.float16, True), "fused_float16": (tf.float16, False),
+              "tf_bfloat16": (tf.bfloat16, True), "fused_bfloat16": (tf.bfloat16, False),
+              "tf_float32": (tf.float32, True)}
+    rows = []
+    for rule, make in rules.items():
+        steps = {}
+        for setup, (dtype, tf_update) in setups.items():
+            variable = tf.Variable(tf.cast(values, dtype))
+            variable.precision = 1
+            g = tf.constant(tf.cast(grad, dtype))
+            optimizer = lqp.optimizers.BinaryGradient(make())
+
+            def step(optimizer=optimizer, g=g, variable=variable):
+                optimizer.apply_gradients([(g, variable)])
+
+            with switched_off(tf_update, lqp.fused_update.ENV):
+                steps[setup] = tf.function(step)
+                steps[setup]()  # trace with the switch as set
+        samples = {setup: [] for setup in steps}
+        for _ in range(3):
+            for setup, function in steps.items():
+                function()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    function()
+                    times.append(time.perf_counter() - start)
+                samples[setup].append(1e3 * float(np.median(times)))
+        row = {"op": f"BinaryGradient({rule}) step of a binary kernel", "shape": list(shape),
+               **{f"{s}_ms": float(np.median(v)) for s, v in samples.items()}}
+        for dtype in ("float16", "bfloat16"):
+            row[f"speedup_{dtype}"] = row[f"tf_{dtype}_ms"] / row[f"fused_{dtype}_ms"]
+            row[f"fused_{dtype}_over_tf_float32"] = row[f"fused_{dtype}_ms"] / row["tf_float32_ms"]
+        rows.append(row)
+        print(f"{row['op']:52s} " + "  ".join(f"{s} {row[f'{s}_ms']:7.1f} ms" for s in setups)
+              + f"  fused/TF float16 {1 / row['speedup_float16']:.2f}", flush=True)
+    return rows
+
+
+def _latest(rows: list[dict], key) -> list[dict]:
+    latest = {}
+    for row in rows:
+        latest[key(row)] = row  # later rows (an --append run) replace earlier ones
+    return list(latest.values())
+
+
+def plot_update(ops: list[dict], steps: list[dict], path: pathlib.Path) -> None:
+    """Update-op times relative to TF float32, and the 16-bit step ratios with and without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    setups = (("tf_float16", "tab:red"), ("fused_float16", "tab:green"),
+              ("tf_bfloat16", "salmon"), ("fused_bfloat16", "lightgreen"),
+              ("tf_float32", "tab:gray"))
+    positions = np.arange(len(ops))
+    for k, (setup, color) in enumerate(setups):
+        axes[0].bar(positions + (k - 2) * 0.16, [r[f"{setup}_ms"] / r["tf_float32_ms"] for r in ops],
+                    0.16, color=color, label=setup.replace("_", " "))
+    axes[0].set_xticks(positions, [r["op"].replace(" step of a binary kernel", "") for r in ops])
+    axes[0].set_ylabel("time / TF float32 update (3x3x512x512)")
+    axes[0].legend(fontsize=8)
+    rows = [r for r in steps if f"ratio_{UPDATE_SETUP}" in r]
+    positions = np.arange(len(rows))
+    for k, (setup, color) in enumerate(((UPDATE_SETUP, "tab:red"), ("kernels", "tab:green"),
+                                        ("fallback", "tab:orange"))):
+        axes[1].bar(positions + (k - 1) * 0.27, [r[f"ratio_{setup}"] for r in rows], 0.27,
+                    color=color, label={"kernels": "kernels + fused update",
+                                        UPDATE_SETUP: "kernels + TF's 16-bit update",
+                                        "fallback": "pure TF"}[setup])
+    axes[1].axhline(1.0, color="black", lw=0.8, label="standard larq")
+    axes[1].set_xticks(positions, [f"{r['model']}\n{r['storage']}" for r in rows])
+    axes[1].set_ylabel("step time / standard larq (graph mode)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(steps: list[dict], memory: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = _latest(steps, lambda r: (r["model"], r["mode"], r["storage"]))
     graph = [r for r in steps if r["mode"] == "graph"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     if not graph:
@@ -263,7 +382,7 @@ def plot(steps: list[dict], memory: list[dict], path: pathlib.Path) -> None:
             for model_name, storage in keys:
                 match = [m for m in memory if m["model"] == model_name and m["setup"] == setup
                          and (setup == "standard" or m["storage"] == storage)]
-                values.append(match[0]["peak_bytes"] / 2**20 if match else 0)
+                values.append(match[-1]["peak_bytes"] / 2**20 if match else 0)
             axes[1].bar(mpos + (k - 1) * 0.27, values, 0.27, color=color, label=setup)
         axes[1].set_xticks(mpos, [f"{m}\n{s}" for m, s in keys])
         axes[1].set_ylabel("training step peak (MiB, BFC)")
@@ -288,10 +407,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--op-repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--parts", default="ops,steps,memory", type=lambda s: s.split(","),
-                        help="what to measure: ops, steps, memory")
+    parser.add_argument("--parts", default="ops,updates,steps,memory",
+                        type=lambda s: s.split(","),
+                        help="what to measure: ops, updates, steps, memory")
+    parser.add_argument("--update-repeats", type=int, default=5)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing --out file: add step rows, replace "
+                             "the parts measured now")
     parser.add_argument("--memory-models", default=None, type=lambda s: s.split(","),
                         help="models whose memory is measured (default: --models)")
+    parser.add_argument("--memory-setups", default=f"standard,kernels,fallback,{UPDATE_SETUP},jit",
+                        type=lambda s: s.split(","), help="setups whose memory is measured")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = parser.parse_args(argv)
 
@@ -303,7 +429,11 @@ def main(argv=None) -> int:
     meta = {"tensorflow": tf.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_average_at_start": os.getloadavg(),
             "kernels_loaded": lqp.kernels.library() is not None, "args": vars(args)}
-    result = {"meta": meta, "steps": [], "ops": [], "memory": []}
+    result = {"meta": meta, "steps": [], "ops": [], "update_ops": [], "memory": []}
+    if args.append and out.exists():
+        previous = json.loads(out.read_text())
+        result = {**result, **previous}
+        result.setdefault("runs", []).append(meta)
 
     def save():  # after every part: a long run that is stopped keeps what it measured
         out.write_text(json.dumps(result, indent=1))
@@ -311,20 +441,29 @@ def main(argv=None) -> int:
     if "ops" in args.parts:
         result["ops"] = op_timings(args.op_repeats)
         save()
+    if "updates" in args.parts:
+        result["update_ops"] = update_timings(args.update_repeats)
+        save()
     if "steps" in args.parts:
         for m in args.models:
             for mode in args.modes:
                 for st in storages:
                     if not (mode == "jit" and st is not None):
-                        result["steps"].append(
-                            time_steps(m, st, mode == "jit", args.steps, args.warmup,
-                                       args.batch_size))
+                        row = time_steps(m, st, mode == "jit", args.steps, args.warmup,
+                                         args.batch_size)
+                        row["load_average"] = os.getloadavg()
+                        result["steps"].append(row)
                         save()
     if "memory" in args.parts and not args.no_memory:
-        result["memory"] = memory_rows(args.memory_models or args.models, storages,
-                                       args.batch_size)
+        rows = memory_rows(args.memory_models or args.models, storages, args.batch_size,
+                           setups=args.memory_setups)
+        result["memory"] = (result["memory"] + rows) if args.append else rows
         save()
     plot(result["steps"], result["memory"], out.with_suffix(".png"))
+    if result["update_ops"]:
+        update_png = out.with_name(out.stem + "_update.png")
+        plot_update(result["update_ops"], result["steps"], update_png)
+        print(f"wrote {update_png}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -81,7 +81,8 @@ _import_tensorflow()
 
 # Modules that register Keras objects are imported eagerly so that string
 # aliases such as "pcpp_bnn" resolve right after `import larq_prox`.
-from larq_prox import prox, quantizers, pcpp, bitpack, kernels, layers, optimizers  # noqa: E402
+from larq_prox import prox, quantizers, pcpp, bitpack, kernels, layers, fused_update  # noqa: E402
+from larq_prox import optimizers  # noqa: E402
 from larq_prox import memory, callbacks  # noqa: E402
 
 # Modules with heavy imports (TFDS, LCE) load on first use.

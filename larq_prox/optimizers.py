@@ -45,7 +45,7 @@ from collections.abc import Callable
 import larq as lq
 import tensorflow as tf
 
-from larq_prox import bitpack
+from larq_prox import bitpack, fused_update
 
 __all__ = [
     "AGGREGATIONS",
@@ -473,10 +473,21 @@ class BinaryGradient(Optimizer):
         if experimental_aggregate_gradients:
             # Across replicas first ("sum": the sign of a sum is not a sum of signs).
             grads_and_vars = self.gradient_aggregator(grads_and_vars)
-        grads_and_vars = self._binary(grads_and_vars)
+        # 16-bit variables whose optimizer has a fused rule: sign, scale and the
+        # update in one kernel pass (`larq_prox.fused_update`); the rest as before.
+        fused, rest = fused_update.split(self._optimizer, grads_and_vars, self._gradient_of)
+        rest = self._binary(rest)
+        if fused:
+            return fused_update.apply_gradients(self._optimizer, fused, rest, name=name)
         return self._optimizer.apply_gradients(
-            grads_and_vars, name=name, experimental_aggregate_gradients=False
+            rest, name=name, experimental_aggregate_gradients=False
         )
+
+    def _gradient_of(self, variable) -> tuple[bool, float]:
+        # What the wrapped optimizer receives for `variable`: sign(g) * scale or g.
+        if not is_binary_variable(variable):
+            return False, 1.0
+        return True, 1.0 / math.sqrt(fan_in(variable)) if self.scale == "fan_in" else 1.0
 
     def get_config(self):
         return {

@@ -14,6 +14,7 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `pack_bits`, `pack_signs`, `unpack_bits`, `unpack_signs` | `larq_prox.bitpack` (same signatures, same bits) | 1 |
 | `apply_mask` | `unpack_bits` + `where` / multiply of a binary input's STE mask | 1 |
 | `first_max_bits`, `unpool_bits` | `bitmask_max_pool2d`'s window mask and its scatter | 1 |
+| `fused_apply_adam`, `fused_apply_momentum` | TF's `ResourceApplyAdam` / `ResourceApplyKerasMomentum` on a 16-bit variable (and BinaryGradient's `sign(g) * scale`), see `larq_prox.fused_update` | 1 read of the variable, its slots and g; 1 write each |
 | `argmax_max_pool`, `argmax_unpool` | `argmax_max_pool2d`'s max pool + offset scan + bit planes, and its unpack + int64 indices + `MaxPoolGradWithArgmax` | 1 read of x / of dy and the bits |
 
 Each public function runs its kernel when `use()` says so and the reference
@@ -52,10 +53,13 @@ from larq_prox import bitpack
 
 __all__ = [
     "ENV",
+    "UPDATE_DTYPES",
     "apply_mask",
     "argmax_max_pool",
     "argmax_unpool",
     "first_max_bits",
+    "fused_apply_adam",
+    "fused_apply_momentum",
     "l1_moments",
     "library",
     "normalize_proposed",
@@ -86,6 +90,8 @@ _said: set = set()
 _BN_DTYPES = (tf.float32, tf.float64)
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _UNPACK_DTYPES = (tf.bool, tf.uint8, tf.int32, *_FLOAT_DTYPES)
+UPDATE_DTYPES = (tf.float16, tf.bfloat16)
+"""Variable dtypes of the fused optimizer updates (TF's own float32/64 ops are fast already)."""
 
 
 # Python decisions at graph-build time: nothing for autograph to convert.
@@ -319,6 +325,48 @@ def normalize_proposed(
         return x, grad
 
     return normalize(y, gamma if scaled else tf.ones([channels], y.dtype), beta, mean, psi)
+
+
+# ------------------------------------------------------------ optimizer updates
+def _f32(value) -> tf.Tensor:
+    return tf.cast(value, tf.float32)
+
+
+def _clip(clip) -> tf.Tensor:
+    return tf.constant(float("inf") if clip is None else float(clip), tf.float32)
+
+
+def fused_apply_adam(var, m, v, grad, *, lr, beta_1, beta_2, epsilon, beta_1_power,
+                     beta_2_power, grad_scale=1.0, sign_gradient: bool = False,
+                     clip: float | None = None, use_locking: bool = False) -> tf.Operation:
+    r"""`ResourceApplyAdam` of a 16-bit `var` and its slots `m`, `v`, in float32, one pass (kernel only).
+
+    With \(g\) = `grad * grad_scale` (`sign(grad) * grad_scale` with `sign_gradient`)
+    and \(\alpha = \text{lr} \sqrt{1 - \beta_2^t} / (1 - \beta_1^t)\):
+    \(m \mathrel{+}= (g - m)(1 - \beta_1)\), \(v \mathrel{+}= (g^2 - v)(1 - \beta_2)\),
+    \(\text{var} \mathrel{-}= \alpha m / (\sqrt v + \epsilon)\), then
+    `clip_by_value(var, -clip, clip)` (a weight_clip constraint; None: none),
+    each stored rounded once. The scalars are cast to float32. Call where
+    `use(var, grad, dtypes=UPDATE_DTYPES)`.
+    """
+    return library().lqp_fused_apply_adam(
+        var.handle, m.handle, v.handle, _f32(beta_1_power), _f32(beta_2_power), _f32(lr),
+        _f32(beta_1), _f32(beta_2), _f32(epsilon), grad, _f32(grad_scale), _clip(clip),
+        sign_gradient=bool(sign_gradient), use_locking=bool(use_locking))
+
+
+def fused_apply_momentum(var, accum, grad, *, lr, momentum, nesterov: bool = False,
+                         grad_scale=1.0, sign_gradient: bool = False,
+                         clip: float | None = None, use_locking: bool = False) -> tf.Operation:
+    r"""`ResourceApplyKerasMomentum` of a 16-bit `var` and `accum`, in float32, one pass (kernel only).
+
+    \(a = a \mu - g\,\text{lr}\); \(\text{var} \mathrel{+}= a\), or with `nesterov`
+    \(\text{var} \mathrel{+}= a \mu - g\,\text{lr}\); \(g\) and `clip` as in `fused_apply_adam`.
+    """
+    return library().lqp_fused_apply_momentum(
+        var.handle, accum.handle, _f32(lr), grad, _f32(momentum), _f32(grad_scale), _clip(clip),
+        use_nesterov=bool(nesterov), sign_gradient=bool(sign_gradient),
+        use_locking=bool(use_locking))
 
 
 # ------------------------------------------------------------ max pool

@@ -27,10 +27,14 @@ import time
 
 __all__ = ["SOURCES", "BuildError", "build", "cache_dir", "library_path"]
 
-SOURCES = (pathlib.Path(__file__).resolve().parent / "src" / "lqp_kernels.cc",)
-"""The C++ sources of the library."""
+_SRC = pathlib.Path(__file__).resolve().parent / "src"
+SOURCES = (_SRC / "lqp_kernels.cc", _SRC / "lqp_update.cc")
+"""The C++ sources of the library: the low-memory ops and the fused 16-bit optimizer updates."""
 
-_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-Wno-deprecated-declarations")
+# -fno-math-errno lets sqrt vectorize; -ffp-contract=off keeps a*b+c two
+# roundings on every target (aarch64 would fuse them), as TF's float32 ops.
+_FLAGS = ("-std=c++17", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared",
+          "-Wno-deprecated-declarations")
 
 
 class BuildError(RuntimeError):
