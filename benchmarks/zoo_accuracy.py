@@ -75,32 +75,11 @@ def train(config: str, epochs: int, train_split: str, test_split: str, batch_siz
     history = model.fit(_data(train_split, batch_size), epochs=epochs, verbose=0,
                         validation_data=_data(test_split, 500))
     seconds = time.perf_counter() - start
-    recalibrate_batch_norm(model, _data(train_split, batch_size))
+    lqp.models.recalibrate_batch_norm(model, _data(train_split, batch_size), batches=20)
     recalibrated = model.evaluate(_data(test_split, 500), verbose=0, return_dict=True)
     return {"config": config, "seed": seed, "test_accuracy": history.history["val_accuracy"],
             "test_accuracy_recalibrated": recalibrated["accuracy"],
             "train_loss": history.history["loss"], "seconds": seconds}
-
-
-def recalibrate_batch_norm(model, data, batches: int = 20) -> None:
-    """Every BN's moving statistics set to their plain average over `batches` training batches.
-
-    With momentum m the moving averages still weigh their initial values by
-    m^steps: 0.99^94 = 0.39 after 2 epochs of 3,000 images, so the test
-    accuracy measures how far the statistics lag as much as the weights.
-    """
-    import larq_prox as lqp
-    import tensorflow as tf
-
-    kinds = (tf.keras.layers.BatchNormalization, lqp.layers.BinaryBatchNorm)
-    layers = [layer for layer in model.submodules if isinstance(layer, kinds)]
-    momenta = [layer.momentum for layer in layers]
-    for k, (x, _) in enumerate(data.take(batches)):
-        for layer in layers:
-            layer.momentum = k / (k + 1)  # moving <- mean over the k + 1 batches so far
-        model(x, training=True)
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
 
 
 def main(argv=None) -> int:
