@@ -195,9 +195,13 @@ _CHUNKS = 4
 def _keep_signs(x, axes, total):
     """omega = mean|x| per channel, the packed sign bits of x, and x's shape: what the
     proposed backward keeps of x."""
+    return _omega(x, axes, total), bitpack.pack_signs(x), tf.shape(x)
+
+
+def _omega(x, axes, total):
+    """mean|x| per channel (over the global batch with `total`)."""
     omega = chunked_sum(tf.abs, [x], axes, _CHUNKS)
-    omega = omega / _count(x, axes) if total is None else total(omega) / total(_count(x, axes))
-    return omega, bitpack.pack_signs(x), tf.shape(x)
+    return omega / _count(x, axes) if total is None else total(omega) / total(_count(x, axes))
 
 
 MAGNITUDE_BITS = (0, 1, 2, 3)
@@ -230,10 +234,7 @@ def _keep_magnitudes(x, axes, total, bits):
     r"""The sign bits of x, `bits` bit planes of the bin of \(|x|\) (edges
     `magnitude_edges` times \(\omega\)) and each bin's mean \(|x|\) per channel
     (shape (2^bits, *channel broadcast shape)): what the backward keeps of x."""
-    count = _count(x, axes)
-    omega = chunked_sum(tf.abs, [x], axes, _CHUNKS)
-    omega = omega / count if total is None else total(omega) / total(count)
-    edges = [omega * float(e) for e in magnitude_edges(bits)]
+    edges = [_omega(x, axes, total) * float(e) for e in magnitude_edges(bits)]
     magnitude = tf.abs(x)
     index = _bin_index(magnitude, edges)
     sums, counts = [], []

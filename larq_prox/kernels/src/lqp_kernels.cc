@@ -132,6 +132,14 @@ Status channels_last(InferenceContext* c, ShapeHandle* y, DimensionHandle* chann
   return tensorflow::OkStatus();
 }
 
+// The output's shape is the value of input 2 (a shape tensor): the unpool ops' dx.
+Status shape_from_input_2(InferenceContext* c) {
+  ShapeHandle out;
+  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &out));
+  c->set_output(0, out);
+  return tensorflow::OkStatus();
+}
+
 Status packed_shape(InferenceContext* c, ShapeHandle shape, ShapeHandle* out) {
   DimensionHandle n = c->NumElements(shape);
   if (!c->ValueKnown(n)) {
@@ -893,12 +901,7 @@ REGISTER_OP("LqpUnpoolBits")
     .Output("dx: T")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("pool: list(int)")
-    .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle out;
-      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &out));
-      c->set_output(0, out);
-      return tensorflow::OkStatus();
-    })
+    .SetShapeFn(shape_from_input_2)
     .Doc("dx of the bit-mask max pool: dy at the set bits of each window, 0 elsewhere "
          "(and in the rows and columns beyond the last full window).");
 
@@ -1211,12 +1214,7 @@ REGISTER_OP("LqpArgmaxMaxPoolGrad")
     .Attr("ksize: list(int)")
     .Attr("strides: list(int)")
     .Attr("padding: {'SAME', 'VALID'}")
-    .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle out;
-      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &out));
-      c->set_output(0, out);
-      return tensorflow::OkStatus();
-    })
+    .SetShapeFn(shape_from_input_2)
     .Doc("dx of LqpArgmaxMaxPool from its packed offsets: each dy added at its window's "
          "argmax, in increasing output index from +0 (TF's MaxPoolGrad's sums, bit for bit).");
 
