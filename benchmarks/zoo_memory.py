@@ -52,7 +52,16 @@ CONFIGS = {  # name -> convert() options (None: the model as built)
     "standard": None,
     "low_memory": LOW_MEMORY,
     "low_memory_m2": {**LOW_MEMORY, "magnitude_bits": 2},  # BinaryBatchNorm(magnitude_bits=2)
+    # 16-bit activations and activation gradients (Keras policy; float32 arithmetic).
+    "low_memory_bf16": {**LOW_MEMORY, "policy": "mixed_bfloat16"},
 }
+
+
+def _set_policy(config: str) -> None:
+    """The configuration's Keras policy, set before any layer is built (float32 by default)."""
+    import tensorflow as tf
+
+    tf.keras.mixed_precision.set_global_policy((CONFIGS[config] or {}).get("policy", "float32"))
 
 
 def converted_json(name: str, size: int, config: str = "low_memory") -> str:
@@ -62,6 +71,7 @@ def converted_json(name: str, size: int, config: str = "low_memory") -> str:
     import larq_prox as lqp
     import larq_zoo as lqz
 
+    _set_policy(config)
     module, cls = ZOO[name]
     model = getattr(getattr(lqz, module), cls)(
         input_shape=(size, size, 3), weights=None, num_classes=1000)
@@ -75,6 +85,7 @@ def build(name: str, config: str, size: int, model_json: str | None = None):
     import larq_prox as lqp
     import tensorflow as tf
 
+    _set_policy(config)
     if model_json is not None:
         from larq_zoo.sota.quicknet import blurpool_initializer  # QuickNet's, not registered
 

@@ -87,7 +87,7 @@ _XLA = (
 _state: dict = {"tried": False, "library": None, "reason": None}
 _said: set = set()
 
-_BN_DTYPES = (tf.float32, tf.float64)
+_BN_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _UNPACK_DTYPES = (tf.bool, tf.uint8, tf.int32, *_FLOAT_DTYPES)
 UPDATE_DTYPES = (tf.float16, tf.bfloat16)
@@ -264,9 +264,15 @@ def l1_moments(y: tf.Tensor, epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
     r"""Per-channel \(\mu\), \(\psi = \operatorname{mean}|y - \mu| + \epsilon\) (channels last), shape [C].
 
     Kernel only: call where `bn_usable(y, axes)`; no gradient (the moments enter
-    BinaryBatchNorm's custom backward as constants).
+    BinaryBatchNorm's custom backward as constants). A 16-bit y gives float32
+    moments (float32 arithmetic).
     """
-    return library().lqp_l1_moments(y, epsilon=float(epsilon))
+    return library().lqp_l1_moments(y, epsilon=float(epsilon), U=_statistics_dtype(y))
+
+
+def _statistics_dtype(y: tf.Tensor) -> tf.DType:
+    """float32 for a 16-bit y (the BatchNorm kernels' arithmetic), else y's dtype."""
+    return tf.float32 if y.dtype in (tf.float16, tf.bfloat16) else y.dtype
 
 
 def normalize_proposed(
@@ -287,16 +293,21 @@ def normalize_proposed(
     `magnitude_bits=b`): a second forward pass also keeps b bit planes of each
     element's bin and the bins' mean \(|x|\) per channel, which the backward uses
     in place of \(\omega\).
+
+    A 16-bit y (a mixed-precision policy's): x and dy are 16-bit, the
+    statistics, `beta`, `mean`, `psi`, `gamma` float32, the kernels' arithmetic
+    float32 (each value rounded once; with `gamma` the affine runs in y's type).
     """
     library_ = library()
     channels = y.shape[-1]
+    stats = _statistics_dtype(y)
     scaled = gamma is not None
     edges = [float(e) for e in edges]
     flat = lambda v: tf.reshape(v, [channels])  # noqa: E731
 
     @tf.custom_gradient
     def normalize(y, gamma, beta, mean, psi):
-        shift = tf.zeros([channels], y.dtype) if scaled else flat(beta)
+        shift = tf.zeros([channels], stats) if scaled else flat(beta)
         x, omega, bits = library_.lqp_binary_batch_norm_forward(y, shift, flat(mean), flat(psi))
         if edges:
             planes, levels = library_.lqp_magnitude_bins(x, omega, edges=edges)
@@ -305,7 +316,7 @@ def normalize_proposed(
         flat_psi = flat(psi)
         flat_gamma = flat(gamma) if scaled else None
         if scaled:
-            x = x * flat_gamma + flat(beta)
+            x = x * tf.cast(flat_gamma, x.dtype) + tf.cast(flat(beta), x.dtype)
 
         def grad(dx):
             # Gated on dx (a single op, so nothing runs early in graph mode anyway).
@@ -324,7 +335,7 @@ def normalize_proposed(
 
         return x, grad
 
-    return normalize(y, gamma if scaled else tf.ones([channels], y.dtype), beta, mean, psi)
+    return normalize(y, gamma if scaled else tf.ones([channels], stats), beta, mean, psi)
 
 
 # ------------------------------------------------------------ optimizer updates

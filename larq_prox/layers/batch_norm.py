@@ -601,15 +601,21 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
     def _infer(self, y: tf.Tensor) -> tf.Tensor:
         scale, offset = self.inference_affine()
         shape = self._broadcast_shape
-        return y * tf.reshape(scale, shape) + tf.reshape(offset, shape)
+        x = tf.cast(y, scale.dtype) * tf.reshape(scale, shape) + tf.reshape(offset, shape)
+        return tf.cast(x, y.dtype)
 
     # Graph-building Python (no tensor-dependent control flow): autograph's
     # conversion only costs tracing time (about a third of it on zoo models).
     @tf.autograph.experimental.do_not_convert
     def call(self, inputs, training=None):
         training = self._training_value(training)
-        # Statistics in float32 (or float64) even when the layer computes in float16.
-        y = tf.cast(inputs, self._param_dtype)
+        # Statistics in float32 (or float64) even when the layer computes in 16
+        # bits; the proposed mode's kernels read and write 16-bit activations
+        # themselves (float32 arithmetic), with no float32 copy of y or dy.
+        half_kernels = (self.mode == "proposed" and not self.synchronized
+                        and inputs.dtype in (tf.float16, tf.bfloat16)
+                        and kernels.bn_usable(inputs, self._reduction_axes))
+        y = inputs if half_kernels else tf.cast(inputs, self._param_dtype)
         x = tf.__internal__.smart_cond.smart_cond(
             training, lambda: self._train(y), lambda: self._infer(y)
         )

@@ -92,6 +92,7 @@ from larq_prox.ops.activations import apply_activation
 from larq_prox.ops.binary import BACKWARD_BITS, InputBackward, KernelSign, kernel_kept
 from larq_prox.ops.kept import Kept
 from larq_prox.ops.pooling import bitmask_max_pool2d  # noqa: F401  (moved; old import path)
+from larq_prox.ops.precision import HALF_DTYPES
 from larq_prox.ops.saved import check_saved_dtype, saved_conv2d, saved_dense
 
 __all__ = [
@@ -214,8 +215,10 @@ class _LowMemoryKernel(_WarnOnce):
         self._input_backward = None if needs is None else InputBackward(needs, backward_bits)
         self._reason = None
         # A float input (no input quantizer: zoo stems, QuickNet's float convs)
-        # is kept in `saved_dtype` for the kernel gradient.
-        self._float_input = self.input_quantizer is None and self.saved_dtype is not None
+        # is kept in `saved_dtype` for the kernel gradient; under a 16-bit
+        # policy it is kept as it is (ops.precision: float32 arithmetic).
+        half = tf.as_dtype(self.compute_dtype) in HALF_DTYPES
+        self._float_input = self.input_quantizer is None and (self.saved_dtype is not None or half)
         if needs is None and not self._float_input:
             self._reason = (
                 f"its input quantizer {_quantizer_name(self.input_quantizer)} has no sign "
@@ -223,6 +226,13 @@ class _LowMemoryKernel(_WarnOnce):
                     "; a float input is kept in 16 bits with saved_dtype='float16'"
                     if self.input_quantizer is None else "")
             )
+
+    @property
+    def _saved_input_dtype(self) -> str:
+        """The type in which the float-input op keeps its input (a 16-bit input as it is)."""
+        if tf.as_dtype(self.compute_dtype) in HALF_DTYPES:
+            return self.compute_dtype
+        return self.saved_dtype
 
     @property
     def low_memory(self) -> bool:
@@ -303,10 +313,10 @@ class _LowMemoryKernel(_WarnOnce):
         output_shape = tf.TensorShape(self.compute_output_shape(input_shape))
         activation = activation_kept(self.activation, int(np.prod(output_shape[1:])), self)
         if self._float_input:
-            saved_bits = tf.as_dtype(self.saved_dtype).size * 8
+            saved = self._saved_input_dtype
+            saved_bits = tf.as_dtype(saved).size * 8
             # ops.saved keeps the (quantized) kernel tensor as it is.
-            return [Kept(f"input ({self.saved_dtype})", per_sample, saved_bits,
-                         shared=f"input:{self.saved_dtype}"),
+            return [Kept(f"input ({saved})", per_sample, saved_bits, shared=f"input:{saved}"),
                     *[kernel_kept(kernel_shape, False, bits) for _ in kernel], *activation]
         return [Kept("input signs", per_sample, 1), *self._input_backward.kept(per_sample), *kernel,
                 *activation]
@@ -414,7 +424,8 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
         def low_memory():
             if self._float_input:
                 outputs = saved_conv2d(inputs, self._quantized_kernel(inputs), self.strides,
-                                       self.padding.upper(), self.dilation_rate, self.saved_dtype)
+                                       self.padding.upper(), self.dilation_rate,
+                                       self._saved_input_dtype)
                 return self._finish(outputs)
             outputs = binary_conv2d(
                 inputs,
@@ -476,7 +487,7 @@ class QuantDense(_LowMemoryKernel, lq.layers.QuantDense):
         def low_memory():
             kernel = self._quantized_kernel(inputs)
             if self._float_input:
-                return self._finish(saved_dense(inputs, kernel, self.saved_dtype))
+                return self._finish(saved_dense(inputs, kernel, self._saved_input_dtype))
             # Rank > 2 (tokens): binary_dense flattens the leading axes around the op.
             return self._finish(binary_dense(inputs, kernel, binary_kernel=self._binary_kernel,
                                              input_backward=self._input_backward))

@@ -14,9 +14,11 @@ computation unchanged.
 Options the ops do not cover (`groups != 1`, `data_format="channels_first"`,
 BatchNormalization on a non-last axis, with `renorm`, `virtual_batch_size`,
 `adjustment`, `synchronized` or a mask, a compute dtype other than float32,
-ragged or sparse Dense inputs) run Keras' computation with a one-time warning
+float16 or bfloat16, ragged or sparse Dense inputs) run Keras' computation with a one-time warning
 naming the layer. `layer.low_memory` says whether the saved-dtype op runs,
 `layer.kept_tensors()` what the training step keeps for the backward pass.
+Under a mixed-precision policy (compute dtype float16 or bfloat16) the ops
+keep the 16-bit input itself and compute in float32 (`larq_prox.ops.precision`).
 An activation is applied after the op as Keras does, and keeps what its own
 gradient reads (ReLU: its float output).
 
@@ -98,8 +100,8 @@ class _SavedInput:
 
     def _unsupported(self) -> str | None:
         """Why the saved-dtype op cannot run for this configuration (None: it can)."""
-        if self.compute_dtype != "float32":
-            return f"compute dtype {self.compute_dtype} (the op needs float32)"
+        if self.compute_dtype not in ("float32", "float16", "bfloat16"):
+            return f"compute dtype {self.compute_dtype} (the op needs float32, float16 or bfloat16)"
         if getattr(self, "data_format", "channels_last") != "channels_last":
             return "data_format='channels_first' is not supported"
         return None
@@ -134,8 +136,12 @@ class _SavedInput:
         return tf.TensorShape(input_shape)
 
     def _kept_input(self, input_shape) -> Kept:
-        """The kept input: the 16-bit copy, or Keras' own input in the compute dtype."""
-        dtype = self.saved_dtype if self.low_memory else self.compute_dtype
+        """The kept input: the 16-bit copy, or the input itself in the compute dtype.
+
+        The op keeps a 16-bit input (a mixed-precision policy's) as it is.
+        """
+        half = tf.as_dtype(self.compute_dtype).size == 2
+        dtype = self.saved_dtype if self.low_memory and not half else self.compute_dtype
         bits = tf.as_dtype(dtype).size * 8
         return Kept(f"input ({dtype})", _elements(input_shape), bits, shared=f"input:{dtype}")
 

@@ -54,7 +54,7 @@ class _Builder:
             pcpp_quantizers.get(value)  # validates the name early with a clear error
         self.model_name, self.input_shape, self.expected = model_name, input_shape, expected
         self.kernel_quantizer, self.input_quantizer = kernel_quantizer, input_quantizer
-        self.batch_norm, self.momentum = batch_norm, momentum
+        self.batch_norm, self.momentum, self.low_memory = batch_norm, momentum, low_memory
         if low_memory:
             self.conv_cls, self.dense_cls = lqp_layers.QuantConv2D, lqp_layers.QuantDense
             self.pool_cls = lqp_layers.MaxPool2D
@@ -97,8 +97,10 @@ class _Builder:
         else:
             self.shape = (self.shape[0], self.shape[1], filters)
         kwargs = self._quantizers()
-        # The first layer sees the float image: nothing to bit-pack, so larq's layer.
-        if kwargs["input_quantizer"] is None:
+        # The first layer sees the float image: nothing to bit-pack, so larq's
+        # layer, or under a 16-bit policy ours (float32 arithmetic, the 16-bit
+        # image kept as it is; larq's would run TF's emulated 16-bit conv).
+        if kwargs["input_quantizer"] is None and not (self.low_memory and _half_policy()):
             cls = lq.layers.QuantConv2D
         else:
             cls, kwargs = self.conv_cls, {**kwargs, **self.storage}
@@ -117,7 +119,7 @@ class _Builder:
             self.shape = (int(np.prod(self.shape)),)
         self.shape = (units,)
         kwargs = self._quantizers()
-        if kwargs["input_quantizer"] is None:
+        if kwargs["input_quantizer"] is None and not (self.low_memory and _half_policy()):
             cls = lq.layers.QuantDense
         else:
             cls, kwargs = self.dense_cls, {**kwargs, **self.storage}
@@ -129,8 +131,14 @@ class _Builder:
         )
 
     def model(self) -> tf.keras.Model:
-        self.layers.append(tf.keras.layers.Activation("softmax", name="softmax"))
+        # float32 probabilities under a mixed-precision policy (Keras' advice).
+        self.layers.append(tf.keras.layers.Activation("softmax", name="softmax", dtype="float32"))
         return tf.keras.Sequential(self.layers, name=self.model_name)
+
+
+def _half_policy() -> bool:
+    """Whether the global Keras policy computes in 16 bits ("mixed_bfloat16", "mixed_float16")."""
+    return tf.keras.mixed_precision.global_policy().compute_dtype in ("float16", "bfloat16")
 
 
 def _check_classes(num_classes: int) -> int:

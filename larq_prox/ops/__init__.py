@@ -7,6 +7,8 @@
   the float input in 16 bits (`saved_copy`, shared between readers).
 - `pooling`: max pools keeping bits of the argmax (`bitmask_max_pool2d`, `argmax_max_pool2d`).
 - `activations`: `masked_relu` (1 bit), `saved_prelu` (input in 16 bits).
+- `precision`: under a mixed-precision policy the ops keep 16-bit activations
+  and gradients but compute in float32 (`arithmetic_dtype`).
 """
 
 from larq_prox.ops.activations import masked_relu, saved_prelu

@@ -40,6 +40,7 @@ from tensorflow.python.ops import control_flow_util  # XLA context: no public AP
 
 from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
+from larq_prox.ops.precision import arithmetic_dtype, upcast
 from larq_prox.quantizers import BackwardNeeds
 
 __all__ = [
@@ -126,6 +127,9 @@ class InputBackward:
                 for bit in (True, False)
             )
             return dict(bits=kernels.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
+        # B' in float32 for 16-bit activations: its 8-bit codes need more than
+        # bfloat16's 8 bits of precision to round right.
+        x = upcast(x)
         derivative = tf.reshape(tf.cast(self.needs.derivative(x), x.dtype), [-1])
         if self.backward_bits is None:
             return dict(values=derivative)
@@ -161,10 +165,11 @@ class InputBackward:
                 select = _is_constant(inside, 1) and _is_constant(outside, 0)
                 return kernels.apply_mask(dx, packed, inside, outside, select)
             if "values" in kept:
-                derivative = rows(kept["values"], per_sample)
+                derivative = tf.cast(rows(kept["values"], per_sample), dx.dtype)
             else:
                 codes = rows(kept["codes"], per_sample)
-                derivative = kept["lo"] + tf.cast(codes, dx.dtype) * kept["step"]
+                lo, step = (tf.cast(kept[k], dx.dtype) for k in ("lo", "step"))
+                derivative = lo + tf.cast(codes, dx.dtype) * step
         return dx * tf.reshape(derivative, tf.shape(dx))
 
 
@@ -237,8 +242,8 @@ def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     return signs, packed_signs, tf.reduce_any(nan_rows)
 
 
-def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
-    """A function of the gate (dy) giving back the kernel in the backward pass.
+def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
+    """A function of the gate (dy) giving back the kernel, in `dtype`, in the backward pass.
 
     A +-1 kernel is kept as sign bits: all binary kernels of a BinaryNet
     together are as large as its largest activation, and closing over them
@@ -248,14 +253,14 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool):
 
         def gated(gate):
             with tf.control_dependencies([gate]):
-                return tf.identity(kernel)
+                return tf.cast(tf.identity(kernel), dtype)
 
         return gated
     packed = kernels.pack_signs(kernel)
     # A NaN latent weight gives a NaN binary weight, which has no sign bit:
     # the flag restores the kernel as NaN, so that dx is NaN as larq's is.
     nan = tf.reduce_any(tf.math.is_nan(kernel))
-    shape, dtype = kernel.shape.as_list(), kernel.dtype
+    shape = kernel.shape.as_list()
 
     def restore(gate):
         with tf.control_dependencies([gate]):
@@ -321,15 +326,24 @@ def binary_conv2d(
     @tf.custom_gradient
     def _op(x, kernel):
         shape = tf.shape(x)
+        compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
         signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
-        outputs = tf.nn.conv2d(_padded(signs), kernel, strides, padding, dilations=dilations)
         kernel_shape = tf.shape(kernel)
-        kept_kernel = _kept_kernel(kernel, binary_kernel)
+        kept_kernel = _kept_kernel(kernel, binary_kernel, compute)
 
         per_sample = x.shape[1:].num_elements()
         k = chunks if per_sample is not None and per_sample % 8 == 0 else 1
         bytes_per_sample = (per_sample or 0) // 8
         bounds = [shape[0] * i // k for i in range(k + 1)]
+
+        def conv(signs_part):
+            return tf.nn.conv2d(_padded(tf.cast(signs_part, compute)), tf.cast(kernel, compute),
+                                strides, padding, dilations=dilations)
+
+        if compute == x.dtype:
+            outputs = conv(signs)
+        else:
+            outputs = _chunked_forward(conv, signs, bounds, x.dtype)
         border = tf.constant([0, 0, 0, 0])
         if explicit is not None:
             rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
@@ -344,15 +358,15 @@ def binary_conv2d(
             # TF's CPU Conv2DBackpropFilter/Input refuse dilations > 1 (without
             # oneDNN): differentiate tf.nn.convolution (space_to_batch) instead.
             with tf.control_dependencies([dy]):
-                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype, nan=nan)
+                signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
             restored = kept_kernel(signs)
             with tf.GradientTape() as tape:
                 tape.watch([signs, restored])
                 y = tf.nn.convolution(
                     _padded(signs), restored, strides[1:3], padding, dilations=dilations[1:3]
                 )
-            dx, dkernel = tape.gradient(y, [signs, restored], output_gradients=dy)
-            return backward.apply(dx, kept), dkernel
+            dx, dkernel = tape.gradient(y, [signs, restored], output_gradients=upcast(dy))
+            return tf.cast(backward.apply(dx, kept), x.dtype), tf.cast(dkernel, kernel.dtype)
 
         def grad(dy):
             if any(d > 1 for d in dilations):
@@ -367,9 +381,10 @@ def binary_conv2d(
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
                 with tf.control_dependencies([gate]):
                     bits = part(packed_signs, i, bytes_per_sample)
-                    signs = _padded(bitpack.unpack_signs(bits, rows, dy.dtype, nan=nan))
+                    signs = _padded(bitpack.unpack_signs(bits, rows, compute, nan=nan))
+                    dy_part = upcast(part(dy, i))  # 16-bit dy: its float32 chunk, in turn
                 partial = tf.compat.v1.nn.conv2d_backprop_filter(
-                    signs, kernel_shape, part(dy, i), strides, padding, dilations=dilations
+                    signs, kernel_shape, dy_part, strides, padding, dilations=dilations
                 )
                 dkernel = partial if dkernel is None else dkernel + partial
                 gate = dkernel
@@ -381,14 +396,15 @@ def binary_conv2d(
             dxs = []
             if in_place:
                 with tf.control_dependencies([gate]):
-                    dx_all = tf.raw_ops.Empty(shape=shape, dtype=dy.dtype, init=False)
+                    dx_all = tf.raw_ops.Empty(shape=shape, dtype=x.dtype, init=False)
                 gate = dx_all
             for i in range(k):
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
                 with tf.control_dependencies([gate]):
+                    dy_part = upcast(part(dy, i))
+                with tf.control_dependencies([dy_part]):
                     dx = tf.compat.v1.nn.conv2d_backprop_input(
-                        rows + border, restored, part(dy, i), strides, padding,
-                        dilations=dilations,
+                        rows + border, restored, dy_part, strides, padding, dilations=dilations
                     )
                 if explicit is not None:
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
@@ -396,12 +412,14 @@ def binary_conv2d(
                     dx = backward.apply(dx, kept)
                 else:
                     dx = backward.apply(dx, kept, bounds[i], bounds[i + 1], per_sample)
+                dx = tf.cast(dx, x.dtype)  # the chunk's float32 result, rounded once
                 if in_place:
                     rows_i = tf.range(bounds[i], bounds[i + 1])
                     dx_all = gate = tf.raw_ops.InplaceUpdate(x=dx_all, i=rows_i, v=dx)
                 else:
                     dxs.append(dx)
                     gate = dx
+            dkernel = tf.cast(dkernel, kernel.dtype)
             if in_place:
                 return dx_all, dkernel
             return (dxs[0] if k == 1 else tf.concat(dxs, 0)), dkernel
@@ -409,6 +427,36 @@ def binary_conv2d(
         return outputs, grad
 
     return _op(x, kernel)
+
+
+def _chunked_forward(conv, signs: tf.Tensor, bounds, dtype: tf.DType) -> tf.Tensor:
+    """`conv(signs)` rounded to `dtype` (16-bit), computed in float32 one batch chunk at a time.
+
+    In one piece, the float32 signs and outputs of the whole batch would be
+    the forward pass's largest buffers (4x the 16-bit output); per chunk they
+    are 1/k of that, each chunk's rounded result written into the output in
+    place (as the backward's dx).
+    """
+    k = len(bounds) - 1
+    first = tf.cast(conv(signs[bounds[0] : bounds[1]]), dtype)
+    if k == 1:
+        return first
+    if _in_xla_context():  # no InplaceUpdate: XLA places a concat's parts in its output
+        parts, gate = [first], first
+        for i in range(1, k):
+            with tf.control_dependencies([gate]):
+                gate = tf.cast(conv(signs[bounds[i] : bounds[i + 1]]), dtype)
+            parts.append(gate)
+        return tf.concat(parts, 0)
+    shape = tf.concat([[bounds[k]], tf.shape(first)[1:]], 0)
+    with tf.control_dependencies([first]):
+        outputs = tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
+    outputs = tf.raw_ops.InplaceUpdate(x=outputs, i=tf.range(bounds[0], bounds[1]), v=first)
+    for i in range(1, k):
+        with tf.control_dependencies([outputs]):
+            part = tf.cast(conv(signs[bounds[i] : bounds[i + 1]]), dtype)
+        outputs = tf.raw_ops.InplaceUpdate(x=outputs, i=tf.range(bounds[i], bounds[i + 1]), v=part)
+    return outputs
 
 
 def _in_xla_context() -> bool:
@@ -458,18 +506,20 @@ def binary_dense(
     @tf.custom_gradient
     def _op(x, kernel):
         shape = tf.shape(x)
+        compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
         signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
-        outputs = tf.matmul(signs, kernel)
-        kept_kernel = _kept_kernel(kernel, binary_kernel)
+        outputs = tf.cast(tf.matmul(tf.cast(signs, compute), tf.cast(kernel, compute)), x.dtype)
+        kept_kernel = _kept_kernel(kernel, binary_kernel, compute)
 
         def grad(dy):
+            dy = upcast(dy)
             # dx first: the restored kernel (the large tensor of a dense layer)
             # is freed before dkernel, of the same size, is allocated.
             dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
             with tf.control_dependencies([dx]):
-                signs = bitpack.unpack_signs(packed_signs, shape, dy.dtype, nan=nan)
+                signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
             dkernel = tf.matmul(signs, dy, transpose_a=True)
-            return backward.apply(dx, kept), dkernel
+            return tf.cast(backward.apply(dx, kept), x.dtype), tf.cast(dkernel, kernel.dtype)
 
         return outputs, grad
 

@@ -51,6 +51,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from larq_prox.ops.precision import HALF_DTYPES, arithmetic_dtype, compute, upcast
+
 __all__ = [
     "SAVED_DTYPES",
     "check_saved_dtype",
@@ -85,7 +87,8 @@ def saved_copy(x: tf.Tensor, saved_dtype: str) -> tf.Tensor:
     Inside a `tf.function` graph the cast is created once per tensor: every op
     of this module that keeps `x` then keeps the same copy. Eager calls cast
     each time (there is no graph to share it in). `x` itself when it already
-    has that dtype.
+    has that dtype, or is 16-bit already (a mixed-precision policy's
+    activation: a second 16-bit copy would only add bytes and a rounding).
 
     ```python
     saved_copy(x, "float16") is saved_copy(x, "float16")   # True inside tf.function
@@ -93,7 +96,7 @@ def saved_copy(x: tf.Tensor, saved_dtype: str) -> tf.Tensor:
     """
     dtype = tf.as_dtype(check_saved_dtype(saved_dtype))
     x = tf.convert_to_tensor(x)
-    if x.dtype == dtype:
+    if x.dtype == dtype or x.dtype in HALF_DTYPES:
         return x
     if tf.executing_eagerly():
         return tf.cast(x, dtype)
@@ -116,13 +119,13 @@ def saved_copy(x: tf.Tensor, saved_dtype: str) -> tf.Tensor:
 
 
 def _restore(copy: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
-    """The kept copy in `gate`'s dtype, computed only once `gate` (dy) exists.
+    """The kept copy in `gate`'s arithmetic dtype, computed only once `gate` (dy) exists.
 
     Without the gate, graph mode schedules the cast as soon as the copy
     exists, during the forward pass, and the float copies come back.
     """
     with tf.control_dependencies([gate]):
-        return tf.cast(copy, gate.dtype)
+        return tf.cast(copy, arithmetic_dtype(gate.dtype))
 
 
 def _after(copy: tf.Tensor, compute: Callable, *args):
@@ -164,16 +167,17 @@ def _chunked_filter_grad(filter_grad: Callable, kept: tf.Tensor, kernel_shape, d
     largest temporary of a float stem's backward. The parts add in float32:
     the sum differs from the one-piece gradient by float32 rounding only.
     """
-    if kept.dtype == dy.dtype or chunks <= 1:
-        return filter_grad(_restore(kept, dy), kernel_shape, dy)
+    dtype = arithmetic_dtype(dy.dtype)
+    if kept.dtype == dtype or chunks <= 1:
+        return filter_grad(_restore(kept, dy), kernel_shape, upcast(dy))
     batch = tf.shape(dy)[0]
     total = None
     for i in range(chunks):
         start, stop = batch * i // chunks, batch * (i + 1) // chunks
         # Each slice waits for the previous part (and the first for dy).
         with tf.control_dependencies([dy] if total is None else [total]):
-            inputs = tf.cast(kept[start:stop], dy.dtype)
-        part = filter_grad(inputs, kernel_shape, dy[start:stop])
+            inputs = tf.cast(kept[start:stop], dtype)
+        part = filter_grad(inputs, kernel_shape, upcast(dy[start:stop]))
         total = part if total is None else total + part
     return total
 
@@ -183,7 +187,8 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
 
     `filter_grad(x16_upcast, kernel_shape, dy)` and `input_grad(x_shape, kernel, dy)`
     are the conv's backprop pair; dilated convs differentiate `forward` instead
-    (TF's CPU backprop kernels have no dilations).
+    (TF's CPU backprop kernels have no dilations). 16-bit x: every op computes
+    in float32 (`larq_prox.ops.precision`), the results rounded to x's type.
     """
 
     @tf.custom_gradient
@@ -193,14 +198,15 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
 
         def grad(dy):
             if dilated:
-                return _vjp(forward, _restore(kept, dy), kernel, dy)
-            dkernel = _chunked_filter_grad(filter_grad, kept, kernel_shape, dy)
-            # dx after dkernel: the upcast input is freed before dx is allocated.
-            with tf.control_dependencies([dkernel]):
-                dx = input_grad(x_shape, kernel, dy)
-            return dx, dkernel
+                dx, dkernel = _vjp(forward, _restore(kept, dy), upcast(kernel), upcast(dy))
+            else:
+                dkernel = _chunked_filter_grad(filter_grad, kept, kernel_shape, dy)
+                # dx after dkernel: the upcast input is freed before dx is allocated.
+                with tf.control_dependencies([dkernel]):
+                    dx = input_grad(x_shape, upcast(kernel), upcast(dy))
+            return tf.cast(dx, x.dtype), tf.cast(dkernel, kernel.dtype)
 
-        return _after(kept, forward, x, kernel), grad
+        return _after(kept, compute, forward, x, kernel), grad
 
     return _op(x, kernel)
 
@@ -297,19 +303,19 @@ def saved_dense(x: tf.Tensor, kernel: tf.Tensor, saved_dtype: str = "float16") -
         x_shape = tf.shape(x)
         rank = x.shape.rank
         flat = x if rank == 2 else tf.reshape(x, [-1, x_shape[-1]])
-        outputs = _after(kept, tf.matmul, flat, kernel)
+        outputs = _after(kept, compute, tf.matmul, flat, kernel)
         if rank != 2:
             outputs = tf.reshape(outputs, tf.concat([x_shape[:-1], tf.shape(kernel)[-1:]], 0))
 
         def grad(dy):
-            flat_dy = dy if rank == 2 else tf.reshape(dy, [-1, tf.shape(dy)[-1]])
+            flat_dy = upcast(dy if rank == 2 else tf.reshape(dy, [-1, tf.shape(dy)[-1]]))
             inputs = _restore(kept, dy)
             if rank != 2:
                 inputs = tf.reshape(inputs, [-1, x_shape[-1]])
             dkernel = tf.matmul(inputs, flat_dy, transpose_a=True)
             with tf.control_dependencies([dkernel]):
-                dx = tf.matmul(flat_dy, kernel, transpose_b=True)
-            return (dx if rank == 2 else tf.reshape(dx, x_shape)), dkernel
+                dx = tf.cast(tf.matmul(flat_dy, upcast(kernel), transpose_b=True), x.dtype)
+            return (dx if rank == 2 else tf.reshape(dx, x_shape)), tf.cast(dkernel, kernel.dtype)
 
         return outputs, grad
 
@@ -389,17 +395,20 @@ def saved_batch_norm(
     def _op(x, *params):
         gamma_, beta_ = _split(params, gamma is not None, beta is not None)
         kept = saved_copy(x, saved_dtype)
-        outputs, mean, variance, averaged = _after(kept, statistics, x, gamma_, beta_)
+        # 16-bit x: statistics and outputs in float32, the outputs rounded to x's type.
+        outputs, mean, variance, averaged = _after(kept, statistics, upcast(x), gamma_, beta_)
+        outputs = tf.cast(outputs, x.dtype)
         kept_mean = tf.reshape(mean, keep_shape)
         inv_std = tf.reshape(tf.math.rsqrt(variance + epsilon), keep_shape)
 
         def grad(dy, *unused_statistics_grads):
+            dy = upcast(dy)
             x_hat = (_restore(kept, dy) - kept_mean) * inv_std
             count = tf.cast(tf.size(dy) // tf.size(inv_std), dy.dtype)
             dbeta = tf.reduce_sum(dy, axes, keepdims=True)
             dgamma = tf.reduce_sum(dy * x_hat, axes, keepdims=True)
             factor = inv_std if gamma_ is None else tf.reshape(gamma_, keep_shape) * inv_std
-            dx = factor * (dy - dbeta / count - x_hat * (dgamma / count))
+            dx = tf.cast(factor * (dy - dbeta / count - x_hat * (dgamma / count)), x.dtype)
             grads = []
             if gamma_ is not None:
                 grads.append(tf.reshape(dgamma, tf.shape(gamma_)))

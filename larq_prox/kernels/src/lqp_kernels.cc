@@ -155,9 +155,10 @@ Status packed_shape(InferenceContext* c, ShapeHandle shape, ShapeHandle* out) {
 // ---------------------------------------------------------------- l1 moments
 REGISTER_OP("LqpL1Moments")
     .Input("y: T")
-    .Output("mean: T")
-    .Output("psi: T")
-    .Attr("T: {float, double}")
+    .Output("mean: U")
+    .Output("psi: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {float, double} = DT_FLOAT")
     .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle y;
@@ -167,9 +168,10 @@ REGISTER_OP("LqpL1Moments")
       c->set_output(1, c->Vector(channels));
       return tensorflow::OkStatus();
     })
-    .Doc("Per-channel mean(y) and mean|y - mean| + epsilon over all axes but the last.");
+    .Doc("Per-channel mean(y) and mean|y - mean| + epsilon over all axes but the last; "
+         "arithmetic and statistics in U (float32 for 16-bit y).");
 
-template <typename T>
+template <typename T, typename U>
 class L1MomentsOp : public OpKernel {
  public:
   explicit L1MomentsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -185,24 +187,26 @@ class L1MomentsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({channels}), &mean_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &psi_t));
     const T* y = y_t.flat<T>().data();
-    T* mean = mean_t->flat<T>().data();
-    T* psi = psi_t->flat<T>().data();
+    U* mean = mean_t->flat<U>().data();
+    U* psi = psi_t->flat<U>().data();
     const int64_t per_block = block_rows(channels);
     const int64_t blocks = (rows + per_block - 1) / per_block;
     std::vector<double> partial(static_cast<size_t>(blocks * channels));
     // Sweep 1: mean. Sweep 2: mean |y - mean| (exact: needs the mean first).
     for (int sweep = 0; sweep < 2; ++sweep) {
       parallel_for(ctx, blocks, per_block * channels * 2, [&](int64_t b0, int64_t b1) {
-        std::vector<T> acc(channels);
+        std::vector<U> acc(channels);
         for (int64_t b = b0; b < b1; ++b) {
-          std::fill(acc.begin(), acc.end(), T(0));
+          std::fill(acc.begin(), acc.end(), U(0));
           const int64_t r1 = std::min(rows, (b + 1) * per_block);
           for (int64_t r = b * per_block; r < r1; ++r) {
             const T* row = y + r * channels;
             if (sweep == 0) {
-              for (int64_t c = 0; c < channels; ++c) acc[c] += row[c];
+              for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<U>(row[c]);
             } else {
-              for (int64_t c = 0; c < channels; ++c) acc[c] += std::abs(row[c] - mean[c]);
+              for (int64_t c = 0; c < channels; ++c) {
+                acc[c] += std::abs(static_cast<U>(row[c]) - mean[c]);
+              }
             }
           }
           double* out = partial.data() + b * channels;
@@ -212,11 +216,11 @@ class L1MomentsOp : public OpKernel {
       for (int64_t c = 0; c < channels; ++c) {
         double total = 0.0;
         for (int64_t b = 0; b < blocks; ++b) total += partial[b * channels + c];
-        const T average = static_cast<T>(total / static_cast<double>(rows));
+        const U average = static_cast<U>(total / static_cast<double>(rows));
         if (sweep == 0) {
-          mean[c] = rows ? average : T(NAN);
+          mean[c] = rows ? average : U(NAN);
         } else {
-          psi[c] = (rows ? average : T(NAN)) + static_cast<T>(epsilon_);
+          psi[c] = (rows ? average : U(NAN)) + static_cast<U>(epsilon_);
         }
       }
     }
@@ -229,13 +233,14 @@ class L1MomentsOp : public OpKernel {
 // ------------------------------------------------ BinaryBatchNorm(proposed)
 REGISTER_OP("LqpBinaryBatchNormForward")
     .Input("y: T")
-    .Input("beta: T")
-    .Input("mean: T")
-    .Input("psi: T")
+    .Input("beta: U")
+    .Input("mean: U")
+    .Input("psi: U")
     .Output("x: T")
-    .Output("omega: T")
+    .Output("omega: U")
     .Output("bits: uint8")
-    .Attr("T: {float, double}")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {float, double} = DT_FLOAT")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle y, bits;
       DimensionHandle channels;
@@ -246,9 +251,10 @@ REGISTER_OP("LqpBinaryBatchNormForward")
       c->set_output(2, bits);
       return tensorflow::OkStatus();
     })
-    .Doc("x = (y - mean) / psi + beta, omega = mean|x| and the packed bits of x >= 0, one sweep.");
+    .Doc("x = (y - mean) / psi + beta, omega = mean|x| and the packed bits of x >= 0, one sweep; "
+         "arithmetic in U, x rounded to T once (its bits are those of the rounded x).");
 
-template <typename T>
+template <typename T, typename U>
 class BinaryBatchNormForwardOp : public OpKernel {
  public:
   explicit BinaryBatchNormForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -271,26 +277,26 @@ class BinaryBatchNormForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &omega_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({(n + 7) / 8}), &bits_t));
     const T* y = y_t.flat<T>().data();
-    const T* beta = ctx->input(1).flat<T>().data();
-    const T* mean = ctx->input(2).flat<T>().data();
-    const T* psi = ctx->input(3).flat<T>().data();
+    const U* beta = ctx->input(1).flat<U>().data();
+    const U* mean = ctx->input(2).flat<U>().data();
+    const U* psi = ctx->input(3).flat<U>().data();
     T* x = x_t->flat<T>().data();
-    T* omega = omega_t->flat<T>().data();
+    U* omega = omega_t->flat<U>().data();
     uint8_t* bits = bits_t->flat<uint8_t>().data();
     const int64_t per_block = block_rows(channels);
     const int64_t blocks = (rows + per_block - 1) / per_block;
     std::vector<double> partial(static_cast<size_t>(blocks * channels));
     parallel_for(ctx, blocks, per_block * channels * 6, [&](int64_t b0, int64_t b1) {
-      std::vector<T> acc(channels);
+      std::vector<U> acc(channels);
       for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), T(0));
+        std::fill(acc.begin(), acc.end(), U(0));
         const int64_t r0 = b * per_block, r1 = std::min(rows, (b + 1) * per_block);
         for (int64_t r = r0; r < r1; ++r) {
           const T* in = y + r * channels;
           T* out = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const T v = (in[c] - mean[c]) / psi[c] + beta[c];
-            out[c] = v;
+            const U v = (static_cast<U>(in[c]) - mean[c]) / psi[c] + beta[c];
+            out[c] = static_cast<T>(v);
             acc[c] += std::abs(v);
           }
         }
@@ -306,7 +312,7 @@ class BinaryBatchNormForwardOp : public OpKernel {
     for (int64_t c = 0; c < channels; ++c) {
       double total = 0.0;
       for (int64_t b = 0; b < blocks; ++b) total += partial[b * channels + c];
-      omega[c] = rows ? static_cast<T>(total / static_cast<double>(rows)) : T(NAN);
+      omega[c] = rows ? static_cast<U>(total / static_cast<double>(rows)) : U(NAN);
     }
   }
 };
@@ -314,14 +320,15 @@ class BinaryBatchNormForwardOp : public OpKernel {
 REGISTER_OP("LqpBinaryBatchNormGrad")
     .Input("dx: T")
     .Input("bits: uint8")
-    .Input("psi: T")
-    .Input("levels: T")
-    .Input("gamma: T")
+    .Input("psi: U")
+    .Input("levels: U")
+    .Input("gamma: U")
     .Input("planes: uint8")
     .Output("dy: T")
-    .Output("dbeta: T")
-    .Output("dgamma: T")
-    .Attr("T: {float, double}")
+    .Output("dbeta: U")
+    .Output("dgamma: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {float, double} = DT_FLOAT")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle y;
       DimensionHandle channels;
@@ -333,9 +340,10 @@ REGISTER_OP("LqpBinaryBatchNormGrad")
     })
     .Doc("dy = gamma (dx - mean(dx) - mean(dx a) s) / psi with s = +-1 from bits and "
          "a = s * levels[bin, channel], the bin from the bit planes ([b, bytes], b = 0: "
-         "bin 0, levels = omega); dbeta = sum(dx); dgamma = sum(dx a). gamma = 1: no scale.");
+         "bin 0, levels = omega); dbeta = sum(dx); dgamma = sum(dx a). gamma = 1: no scale. "
+         "Arithmetic in U, dy rounded to T once.");
 
-template <typename T>
+template <typename T, typename U>
 class BinaryBatchNormGradOp : public OpKernel {
  public:
   explicit BinaryBatchNormGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -365,27 +373,27 @@ class BinaryBatchNormGradOp : public OpKernel {
                                 " elements, got ", ctx->input(3).NumElements()));
     const T* dx = dx_t.flat<T>().data();
     const uint8_t* bits = ctx->input(1).flat<uint8_t>().data();
-    const T* psi = ctx->input(2).flat<T>().data();
-    const T* levels = ctx->input(3).flat<T>().data();
-    const T* gamma = ctx->input(4).flat<T>().data();
+    const U* psi = ctx->input(2).flat<U>().data();
+    const U* levels = ctx->input(3).flat<U>().data();
+    const U* gamma = ctx->input(4).flat<U>().data();
     const uint8_t* planes = planes_t.flat<uint8_t>().data();
     const int64_t plane_bytes = (n + 7) / 8;
     Tensor *dy_t = nullptr, *dbeta_t, *dgamma_t;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({channels}), &dbeta_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({channels}), &dgamma_t));
-    T* dbeta = dbeta_t->flat<T>().data();
-    T* dgamma = dgamma_t->flat<T>().data();
+    U* dbeta = dbeta_t->flat<U>().data();
+    U* dgamma = dgamma_t->flat<U>().data();
     const int64_t per_block = block_rows(channels);
     const int64_t blocks = (rows + per_block - 1) / per_block;
     std::vector<double> partial(static_cast<size_t>(2 * blocks * channels));
     // Sweep 1: sum(dx) and sum(dx * a) per channel, a = s * levels[bin].
     parallel_for(ctx, blocks, per_block * channels * (4 + planes_count), [&](int64_t b0, int64_t b1) {
-      std::vector<T> sum(channels), corr(channels), level(channels);
+      std::vector<U> sum(channels), corr(channels), level(channels);
       std::vector<uint8_t> m(channels), bin(channels), plane(channels);
       if (planes_count == 0) std::copy(levels, levels + channels, level.begin());  // omega
       for (int64_t b = b0; b < b1; ++b) {
-        std::fill(sum.begin(), sum.end(), T(0));
-        std::fill(corr.begin(), corr.end(), T(0));
+        std::fill(sum.begin(), sum.end(), U(0));
+        std::fill(corr.begin(), corr.end(), U(0));
         const int64_t r1 = std::min(rows, (b + 1) * per_block);
         for (int64_t r = b * per_block; r < r1; ++r) {
           const T* g = dx + r * channels;
@@ -399,9 +407,10 @@ class BinaryBatchNormGradOp : public OpKernel {
             for (int64_t c = 0; c < channels; ++c) level[c] = levels[bin[c] * channels + c];
           }
           for (int64_t c = 0; c < channels; ++c) {
-            sum[c] += g[c];
-            const T ga = g[c] * level[c];
-            corr[c] += blend(m[c], ga, static_cast<T>(-ga));
+            const U gc = static_cast<U>(g[c]);
+            sum[c] += gc;
+            const U ga = gc * level[c];
+            corr[c] += blend(m[c], ga, static_cast<U>(-ga));
           }
         }
         double* out = partial.data() + 2 * b * channels;
@@ -411,24 +420,24 @@ class BinaryBatchNormGradOp : public OpKernel {
         }
       }
     });
-    std::vector<T> centre(channels), k(channels);
+    std::vector<U> centre(channels), k(channels);
     for (int64_t c = 0; c < channels; ++c) {
       double s = 0.0, q = 0.0;
       for (int64_t b = 0; b < blocks; ++b) {
         s += partial[2 * b * channels + c];
         q += partial[2 * b * channels + channels + c];
       }
-      const T count = static_cast<T>(rows);
-      dbeta[c] = static_cast<T>(s);
-      dgamma[c] = static_cast<T>(q);
-      centre[c] = static_cast<T>(s) / count;
-      k[c] = static_cast<T>(q) / count;
+      const U count = static_cast<U>(rows);
+      dbeta[c] = static_cast<U>(s);
+      dgamma[c] = static_cast<U>(q);
+      centre[c] = static_cast<U>(s) / count;
+      k[c] = static_cast<U>(q) / count;
     }
     // dy may take dx's buffer.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &dy_t));
     T* dy = dy_t->flat<T>().data();
     // Sweep 2: dy, in the reference's order of operations.
-    std::vector<T> plus(channels), minus(channels);  // the shift for s = +1 and s = -1
+    std::vector<U> plus(channels), minus(channels);  // the shift for s = +1 and s = -1
     for (int64_t c = 0; c < channels; ++c) {
       plus[c] = k[c] + centre[c];
       minus[c] = -k[c] + centre[c];
@@ -440,8 +449,8 @@ class BinaryBatchNormGradOp : public OpKernel {
         T* out = dy + r * channels;
         expand_bits(bits, r * channels, channels, m.data());
         for (int64_t c = 0; c < channels; ++c) {
-          const T shift = blend(m[c], plus[c], minus[c]);
-          out[c] = gamma[c] * ((g[c] - shift) / psi[c]);
+          const U shift = blend(m[c], plus[c], minus[c]);
+          out[c] = static_cast<T>(gamma[c] * ((static_cast<U>(g[c]) - shift) / psi[c]));
         }
       }
     });
@@ -451,10 +460,11 @@ class BinaryBatchNormGradOp : public OpKernel {
 // ------------------------------------ BinaryBatchNorm(proposed, magnitude_bits)
 REGISTER_OP("LqpMagnitudeBins")
     .Input("x: T")
-    .Input("omega: T")
+    .Input("omega: U")
     .Output("planes: uint8")
-    .Output("levels: T")
-    .Attr("T: {float, double}")
+    .Output("levels: U")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("U: {float, double} = DT_FLOAT")
     .Attr("edges: list(float)")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, bits;
@@ -473,7 +483,7 @@ REGISTER_OP("LqpMagnitudeBins")
     .Doc("The bin of |x| (how many of omega * edges it reaches) as bit planes, and each "
          "bin's mean |x| per channel (0 for an empty bin).");
 
-template <typename T>
+template <typename T, typename U>
 class MagnitudeBinsOp : public OpKernel {
  public:
   explicit MagnitudeBinsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -500,18 +510,18 @@ class MagnitudeBinsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({planes_, plane_bytes}), &planes_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({levels, channels}), &levels_t));
     const T* x = x_t.flat<T>().data();
-    const T* omega = ctx->input(1).flat<T>().data();
+    const U* omega = ctx->input(1).flat<U>().data();
     uint8_t* planes = planes_t->flat<uint8_t>().data();
-    T* out_levels = levels_t->flat<T>().data();
-    // The edges per channel in T, as the reference computes them (omega * edge).
-    std::vector<T> edge(edges_.size() * channels);
+    U* out_levels = levels_t->flat<U>().data();
+    // The edges per channel in U, as the reference computes them (omega * edge).
+    std::vector<U> edge(edges_.size() * channels);
     for (size_t j = 0; j < edges_.size(); ++j) {
-      for (int64_t c = 0; c < channels; ++c) edge[j * channels + c] = omega[c] * static_cast<T>(edges_[j]);
+      for (int64_t c = 0; c < channels; ++c) edge[j * channels + c] = omega[c] * static_cast<U>(edges_[j]);
     }
     const int64_t n_edges = static_cast<int64_t>(edges_.size());
     auto bin_of = [&](int64_t e) {
       const int64_t c = e % channels;
-      const T m = std::abs(x[e]);
+      const U m = std::abs(static_cast<U>(x[e]));
       int b = 0;
       for (int64_t j = 0; j < n_edges; ++j) b += m >= edge[j * channels + c];
       return b;
@@ -520,19 +530,19 @@ class MagnitudeBinsOp : public OpKernel {
     const int64_t blocks = (rows + per_block - 1) / per_block;
     std::vector<double> partial(static_cast<size_t>(2 * levels * blocks * channels));
     parallel_for(ctx, blocks, per_block * channels * (4 + 2 * n_edges), [&](int64_t b0, int64_t b1) {
-      std::vector<T> sums(levels * channels), counts(levels * channels);
+      std::vector<U> sums(levels * channels), counts(levels * channels);
       for (int64_t b = b0; b < b1; ++b) {
-        std::fill(sums.begin(), sums.end(), T(0));
-        std::fill(counts.begin(), counts.end(), T(0));
+        std::fill(sums.begin(), sums.end(), U(0));
+        std::fill(counts.begin(), counts.end(), U(0));
         const int64_t r0 = b * per_block, r1 = std::min(rows, (b + 1) * per_block);
         for (int64_t r = r0; r < r1; ++r) {
           const T* in = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const T m = std::abs(in[c]);
+            const U m = std::abs(static_cast<U>(in[c]));
             int bin = 0;
             for (int64_t j = 0; j < n_edges; ++j) bin += m >= edge[j * channels + c];
             sums[bin * channels + c] += m;
-            counts[bin * channels + c] += T(1);
+            counts[bin * channels + c] += U(1);
           }
         }
         const int64_t e0 = r0 * channels, e1 = r1 * channels;
@@ -554,7 +564,7 @@ class MagnitudeBinsOp : public OpKernel {
         sum += partial[2 * levels * b * channels + i];
         count += partial[2 * levels * b * channels + levels * channels + i];
       }
-      out_levels[i] = count > 0 ? static_cast<T>(sum / count) : T(0);
+      out_levels[i] = count > 0 ? static_cast<U>(sum / count) : U(0);
     }
   }
 
@@ -1296,18 +1306,28 @@ class ArgmaxMaxPoolGradOp : public OpKernel {
 };
 
 // ------------------------------------------------------------ registration
-#define LQP_FLOATS(T)                                                                        \
-  REGISTER_KERNEL_BUILDER(Name("LqpL1Moments").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
-                          L1MomentsOp<T>);                                                   \
+// BatchNorm kernels: activations in T, statistics and arithmetic in U.
+#define LQP_BN(T, U)                                                                         \
   REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("LqpBinaryBatchNormForward").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
-      BinaryBatchNormForwardOp<T>);                                                          \
-  REGISTER_KERNEL_BUILDER(Name("LqpBinaryBatchNormGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          BinaryBatchNormGradOp<T>);                                         \
-  REGISTER_KERNEL_BUILDER(Name("LqpMagnitudeBins").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          MagnitudeBinsOp<T>);
-LQP_FLOATS(float)
-LQP_FLOATS(double)
+      Name("LqpL1Moments").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<U>("U"), \
+      L1MomentsOp<T, U>);                                                                    \
+  REGISTER_KERNEL_BUILDER(Name("LqpBinaryBatchNormForward")                                  \
+                              .Device(DEVICE_CPU)                                            \
+                              .TypeConstraint<T>("T")                                        \
+                              .TypeConstraint<U>("U"),                                       \
+                          BinaryBatchNormForwardOp<T, U>);                                   \
+  REGISTER_KERNEL_BUILDER(Name("LqpBinaryBatchNormGrad")                                     \
+                              .Device(DEVICE_CPU)                                            \
+                              .TypeConstraint<T>("T")                                        \
+                              .TypeConstraint<U>("U"),                                       \
+                          BinaryBatchNormGradOp<T, U>);                                      \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("LqpMagnitudeBins").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<U>("U"), \
+      MagnitudeBinsOp<T, U>);
+LQP_BN(float, float)
+LQP_BN(double, double)
+LQP_BN(Eigen::half, float)
+LQP_BN(Eigen::bfloat16, float)
 
 #define LQP_ELEMENTWISE(T)                                                                   \
   REGISTER_KERNEL_BUILDER(Name("LqpSignAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"),  \
