@@ -52,6 +52,7 @@ import tensorflow as tf
 
 from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
+from larq_prox.ops.precision import HALF_DTYPES
 
 __all__ = [
     "BinaryBatchNorm", "MAGNITUDE_BITS", "MODES", "l1_moments", "magnitude_edges",
@@ -613,7 +614,7 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
         # bits; the proposed mode's kernels read and write 16-bit activations
         # themselves (float32 arithmetic), with no float32 copy of y or dy.
         half_kernels = (self.mode == "proposed" and not self.synchronized
-                        and inputs.dtype in (tf.float16, tf.bfloat16)
+                        and inputs.dtype in HALF_DTYPES
                         and kernels.bn_usable(inputs, self._reduction_axes))
         y = inputs if half_kernels else tf.cast(inputs, self._param_dtype)
         x = tf.__internal__.smart_cond.smart_cond(

@@ -49,6 +49,7 @@ import tensorflow as tf
 from larq_prox.layers._kept import activation_kept
 from larq_prox.ops.activations import apply_activation
 from larq_prox.ops.kept import Kept
+from larq_prox.ops.precision import HALF_DTYPES
 from larq_prox.ops.saved import (
     check_saved_dtype,
     saved_batch_norm,
@@ -140,7 +141,7 @@ class _SavedInput:
 
         The op keeps a 16-bit input (a mixed-precision policy's) as it is.
         """
-        half = tf.as_dtype(self.compute_dtype).size == 2
+        half = tf.as_dtype(self.compute_dtype) in HALF_DTYPES
         dtype = self.saved_dtype if self.low_memory and not half else self.compute_dtype
         bits = tf.as_dtype(dtype).size * 8
         return Kept(f"input ({dtype})", _elements(input_shape), bits, shared=f"input:{dtype}")

@@ -336,8 +336,10 @@ def binary_conv2d(
         bytes_per_sample = (per_sample or 0) // 8
         bounds = [shape[0] * i // k for i in range(k + 1)]
 
+        kernel_compute = tf.cast(kernel, compute)  # once, not per chunk
+
         def conv(signs_part):
-            return tf.nn.conv2d(_padded(tf.cast(signs_part, compute)), tf.cast(kernel, compute),
+            return tf.nn.conv2d(_padded(tf.cast(signs_part, compute)), kernel_compute,
                                 strides, padding, dilations=dilations)
 
         if compute == x.dtype:
