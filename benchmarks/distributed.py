@@ -298,6 +298,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", nargs="+", default=["bytes", "accuracy", "speed"])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnv"])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first-seed .. first-seed+seeds-1; the accuracy rows of "
+                             "other seeds already in --out are kept")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-examples", type=int, default=10000)
     parser.add_argument("--cnv-epochs", type=int, default=1)
@@ -335,17 +338,20 @@ def main(argv=None) -> int:
                 report["bytes"].append(row)
         out.write_text(json.dumps(report, indent=1))
     if "accuracy" in args.parts:
-        report["accuracy"] = []
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        report["accuracy"] = [run for run in report.get("accuracy", [])
+                              if not (run["model"] in args.models and run["seed"] in seeds)]
         report["accuracy_setup"] = {
             "mlp": {"epochs": args.epochs, "train_examples": args.train_examples},
             "cnv": {"epochs": args.cnv_epochs, "train_examples": args.cnv_train_examples},
             "test_examples": args.test_examples, "global_batch": args.batch_size,
-            "seeds": args.seeds, "optimizer": "BinaryGradient(Adam(1e-3))",
+            "seeds": sorted({run["seed"] for run in report["accuracy"]} | set(seeds)),
+            "optimizer": "BinaryGradient(Adam(1e-3))",
             "model": "batch_norm='proposed', low_memory=True"}
         for model_name in args.models:
             epochs = args.epochs if model_name == "mlp" else args.cnv_epochs
             train = args.train_examples if model_name == "mlp" else args.cnv_train_examples
-            for seed in range(args.seeds):
+            for seed in seeds:
                 result = _fresh("accuracy", model_name, seed, epochs, train, args.test_examples,
                                 args.batch_size)
                 for run in result["runs"]:
