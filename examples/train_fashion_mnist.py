@@ -66,7 +66,10 @@ def main(argv=None) -> int:
 
     plot_path = os.path.join(args.out, "memory.png")
     memory = lqp.callbacks.MemoryModel(batch_size=args.batch_size, plot_path=plot_path, verbose=0)
-    callbacks = [memory]
+    # BinaryBatchNorm's moving statistics recomputed for the current weights
+    # before each validation and at the end (lqp.callbacks.batch_norm).
+    recalibrate = lqp.callbacks.RecalibrateBatchNorm(train, batches=20)
+    callbacks = [memory, recalibrate]
 
     print(f"Training the binary MLP (BinaryBatchNorm proposed, low-memory layers, "
           f"BinaryGradient(Adam), {args.kernel_quantizer}/"

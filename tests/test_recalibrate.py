@@ -1,4 +1,5 @@
-"""recalibrate_batch_norm against NumPy averages of the per-batch statistics."""
+"""recalibrate_batch_norm against NumPy averages of the per-batch statistics; the
+RecalibrateBatchNorm callback against recalibrate_batch_norm on the same weights."""
 
 import larq_prox  # noqa: F401  (legacy Keras first)
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from larq_prox.layers import BinaryBatchNorm
-from larq_prox.models import recalibrate_batch_norm
+from larq_prox.callbacks import RecalibrateBatchNorm, recalibrate_batch_norm
 
 EPS = 1e-3
 
@@ -76,3 +77,60 @@ def test_bad_input():
         recalibrate_batch_norm(model, [])
     plain = tf.keras.Sequential([tf.keras.Input((5,)), tf.keras.layers.Dense(2)])
     assert recalibrate_batch_norm(plain, _batches()) == 0
+
+
+def _moving(model):
+    return [w.numpy() for w in model.non_trainable_weights]
+
+
+def _fit(callback, epochs=2):
+    tf.keras.utils.set_random_seed(1)
+    model, *_ = _model()
+    model.compile(tf.keras.optimizers.legacy.Adam(0.05), loss="mse")
+    rng = np.random.default_rng(1)
+    x = rng.normal(2, 3, size=(64, 5)).astype("float32")
+    y = rng.normal(size=(64, 3)).astype("float32")
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    val = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(16)
+    callbacks = [] if callback is None else [callback(train)]
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0,
+                        callbacks=callbacks)
+    return model, train, val, history, callbacks
+
+
+def test_callback_recalibrates_before_each_validation_and_not_twice():
+    model, train, val, history, (callback,) = _fit(lambda d: RecalibrateBatchNorm(d, batches=3))
+    # Two validations; the end of training has the last validation's weights.
+    assert callback.recalibrations == 2
+    got = _moving(model)
+    reference = tf.keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    assert recalibrate_batch_norm(reference, train, batches=3) == 3
+    for a, b in zip(got, _moving(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # fit's last validation loss was computed with those statistics.
+    model.compile(loss="mse")
+    np.testing.assert_allclose(history.history["val_loss"][-1], model.evaluate(val, verbose=0),
+                               rtol=1e-5)
+    # Without the callback the moving statistics differ (the check can fail).
+    plain, *_ = _fit(None)
+    assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(_moving(plain), got))
+
+
+def test_callback_on_validation_false_recalibrates_once_at_the_end():
+    model, train, _, _, (callback,) = _fit(
+        lambda d: RecalibrateBatchNorm(d, batches=2, on_validation=False), epochs=3)
+    assert callback.recalibrations == 1
+    reference = tf.keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    recalibrate_batch_norm(reference, train, batches=2)
+    for a, b in zip(_moving(model), _moving(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_callback_bad_input():
+    for batches in (0, 1.5, False):
+        with pytest.raises(ValueError, match="batches"):
+            RecalibrateBatchNorm(_batches(), batches=batches)
+    with pytest.raises(ValueError, match="data"):
+        RecalibrateBatchNorm(None)

@@ -19,7 +19,7 @@ from larq_prox.models.convert import (
 )
 from larq_prox.models.options import BATCH_NORMS, SAVED_DTYPES, batch_norm_layer
 from larq_prox.models.paper import binarynet, cnv, mlp
-from larq_prox.models.recalibrate import recalibrate_batch_norm
+from larq_prox.callbacks.batch_norm import recalibrate_batch_norm
 from larq_prox.models.vit import COMPONENTS as VIT_COMPONENTS
 from larq_prox.models.vit import component_of, vit
 
