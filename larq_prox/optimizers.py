@@ -174,10 +174,13 @@ def scale_by_fan_in(rule: str | None = "fan_in") -> Transform:
 # each replica sends with ring collectives, N binary weights):
 #   "gather":   32 codes' negative bits + 32 nonzero bits = 2 int32 words per
 #               32 weights, all-gathered: (R - 1) * N / 4 bytes.
-#   "counters": 1 + sign in {0, 1, 2} in b-bit fields (b = bit_length(2R), so
-#               that R of them sum without carry), floor(31 / b) fields per
-#               int32, all-reduced with SUM: 2 (R - 1) / R * 4 N / fields bytes,
-#               plus one word per variable counting non-finite elements.
+#   "counters": 1 + sign in {0, 1, 2} as the digits of base-(2R + 1) numbers,
+#               k digits per int32 (the largest k with (2R + 1)^k <= 2^31), so
+#               that R of them sum without carry or overflow; all-reduced with
+#               SUM: 2 (R - 1) / R * 4 N / k bytes, plus one word per variable
+#               counting non-finite elements. R = 2, 4, 8: 13, 9, 7 weights per
+#               word (log2(2R + 1) bits each is the least any all-reduce of
+#               counters can send).
 # A float32 all-reduce sends 2 (R - 1) / R * 4 N bytes.
 
 
@@ -226,8 +229,12 @@ def _code_values(negative, nonzero, dtype):
     return tf.where(invalid, tf.constant(float("nan"), dtype), values)
 
 
-def _field_bits(replicas: int) -> int:
-    return (2 * replicas).bit_length()
+def _counter_digits(replicas: int) -> tuple[int, int]:
+    """(base, digits per int32 word) of the "counters" route for `replicas`."""
+    base, digits = 2 * replicas + 1, 0
+    while base ** (digits + 1) <= 2**31:
+        digits += 1
+    return base, digits
 
 
 def vote_route(replicas: int) -> str:
@@ -254,27 +261,26 @@ def vote_bytes(num_weights: int, replicas: int, route: str | None = None) -> dic
         size = 4 * 2 * -(-num_weights // 32)
         return {"input": size, "sent": (r - 1) * size}
     if route == "counters":
-        size = 4 * -(-num_weights // (31 // _field_bits(r)))
+        size = 4 * -(-num_weights // _counter_digits(r)[1])
         return {"input": size, "sent": 2 * (r - 1) / r * size}
     if route == "none":
         return {"input": 0, "sent": 0}
     raise ValueError(f"`route` must be 'float', 'gather' or 'counters', got {route!r}.")
 
 
-def _pack_counters(grad: tf.Tensor, bits: int) -> tf.Tensor:
-    fields = 31 // bits
+def _pack_counters(grad: tf.Tensor, replicas: int) -> tf.Tensor:
+    base, digits = _counter_digits(replicas)
     finite = tf.math.is_finite(grad)
-    digits = tf.where(finite, tf.cast(tf.sign(grad), tf.int32) + 1, 0)
-    digits = tf.pad(digits, [[0, (-tf.size(digits)) % fields]])
-    shifts = tf.range(fields, dtype=tf.int32) * bits
-    words = tf.reduce_sum(tf.bitwise.left_shift(tf.reshape(digits, [-1, fields]), shifts), 1)
-    return words
+    values = tf.where(finite, tf.cast(tf.sign(grad), tf.int32) + 1, 0)
+    values = tf.pad(values, [[0, (-tf.size(values)) % digits]])
+    powers = tf.constant([base**i for i in range(digits)], tf.int32)
+    return tf.reduce_sum(tf.reshape(values, [-1, digits]) * powers, 1)
 
 
-def _unpack_counters(words: tf.Tensor, bits: int, count: int, replicas: int) -> tf.Tensor:
-    fields = 31 // bits
-    shifts = tf.range(fields, dtype=tf.int32) * bits
-    sums = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, None], shifts), 2**bits - 1)
+def _unpack_counters(words: tf.Tensor, count: int, replicas: int) -> tf.Tensor:
+    base, digits = _counter_digits(replicas)
+    powers = tf.constant([base**i for i in range(digits)], tf.int32)
+    sums = tf.math.floormod(tf.math.floordiv(words[:, None], powers), base)
     return tf.reshape(sums, [-1])[:count] - replicas  # sum of the replicas' signs
 
 
@@ -353,13 +359,12 @@ def sign_vote(route: str | None = None) -> Transform:
             votes = tf.cast(tf.sign(counts), flat.dtype)
             votes = tf.where(invalid, tf.constant(float("nan"), flat.dtype), votes)
         else:
-            bits = _field_bits(replicas)
             parts = tf.split(flat, sizes)
             invalid = tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(p), tf.int32))
                                 for p in parts])
-            words = tf.concat([_pack_counters(flat, bits), invalid], axis=0)
+            words = tf.concat([_pack_counters(flat, replicas), invalid], axis=0)
             summed = context.all_reduce(tf.distribute.ReduceOp.SUM, words)
-            sums = _unpack_counters(summed[: -len(sizes)], bits, total, replicas)
+            sums = _unpack_counters(summed[: -len(sizes)], total, replicas)
             votes = tf.cast(tf.sign(sums), flat.dtype)
             bad = tf.repeat(summed[-len(sizes):] > 0, sizes)
             votes = tf.where(bad, tf.constant(float("nan"), flat.dtype), votes)

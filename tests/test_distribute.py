@@ -213,13 +213,14 @@ def apply_per_replica(strategy, optimizer, kernel, bias, grads):
     step(*per_replica(strategy, list(zip(*grads))))
 
 
-@pytest.mark.parametrize("replicas, route", [(2, None), (3, None), (3, "counters"), (4, "counters")])
+# None: the route chosen for the replica count (2: "gather", 3 and 4: "counters").
+@pytest.mark.parametrize("replicas, route", [(2, None), (3, None), (3, "gather"), (4, None)])
 def test_sign_vote_update_is_the_numpy_majority_vote(replicas, route):
     strategy = mirrored(replicas)
     with strategy.scope():
         kernel, bias = vote_variables()
         optimizer = BinaryGradient(legacy.SGD(1.0), scale=None, aggregation="sign_vote")
-        if route:  # the other route than the one chosen for this replica count
+        if route:  # another route than the one chosen for this replica count
             optimizer.gradient_aggregator = lqp.optimizers.chain(
                 lqp.optimizers.where(lqp.optimizers.is_binary_variable, sign_vote(route)),
                 lqp.optimizers.where(lambda v: not lqp.optimizers.is_binary_variable(v),

@@ -257,15 +257,18 @@ def test_ternary_pack_round_trip(size):
 def test_vote_counters_sum_without_carries(replicas, size):
     """Packed counters of R replicas, summed as int32 words (what an all-reduce SUM
     does), unpack to the sum of their signs, also where every field is full."""
-    from larq_prox.optimizers import _field_bits, _pack_counters, _unpack_counters
+    from larq_prox.optimizers import _counter_digits, _pack_counters, _unpack_counters
 
     rng = np.random.default_rng(replicas * 1000 + size)
     grads = rng.choice([-1.5, 0.0, 0.5], size=(replicas, size)).astype("float32")
     grads[:, 0] = 1.0  # all replicas at the top digit
-    bits = _field_bits(replicas)
-    words = sum(_pack_counters(tf.constant(g), bits).numpy().astype(np.int64) for g in grads)
+    grads[:, -1] = 1.0  # also in the top position of the last word
+    base, digits = _counter_digits(replicas)
+    assert base == 2 * replicas + 1 and base**digits <= 2**31 < base ** (digits + 1)
+    words = sum(_pack_counters(tf.constant(g), replicas).numpy().astype(np.int64) for g in grads)
+    assert words.shape == (-(-size // digits),)
     assert words.max() < 2**31  # no int32 overflow
-    sums = _unpack_counters(tf.constant(words, tf.int32), bits, size, replicas).numpy()
+    sums = _unpack_counters(tf.constant(words, tf.int32), size, replicas).numpy()
     np.testing.assert_array_equal(sums, np.sign(grads).sum(axis=0))
 
 
@@ -281,6 +284,10 @@ def test_vote_bytes():
         assert floats["sent"] / bits["sent"] >= 5
     assert vote_route(2) == "gather" and vote_route(16) == "counters"
     assert vote_bytes(n, 2)["input"] == n // 4  # 2 bits per weight
+    # counters: 13, 9, 7 weights per int32 at 2, 4, 8 replicas
+    for replicas, per_word in ((2, 13), (4, 9), (8, 7)):
+        assert vote_bytes(n, replicas, "counters")["input"] == 4 * -(-n // per_word)
+    assert vote_route(4) == "counters"
 
 
 def test_sign_vote_without_strategy_is_the_sign():
