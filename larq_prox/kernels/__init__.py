@@ -168,7 +168,7 @@ def pack_signs(x: tf.Tensor) -> tf.Tensor:
     """`bitpack.pack_signs`: the bits of `x >= 0`."""
     x = tf.convert_to_tensor(x)
     if use(x):
-        return sign_and_pack(x)[1]
+        return library().lqp_pack_signs(x)  # no signs written (sign_and_pack writes them)
     return bitpack.pack_signs(x)
 
 

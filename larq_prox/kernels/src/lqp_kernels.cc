@@ -664,6 +664,45 @@ class SignAndPackOp : public OpKernel {
   bool nan_signs_ = false;
 };
 
+REGISTER_OP("LqpPackSigns")
+    .Input("x: T")
+    .Output("bits: uint8")
+    .Attr("T: {half, bfloat16, float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle bits;
+      TF_RETURN_IF_ERROR(packed_shape(c, c->input(0), &bits));
+      c->set_output(0, bits);
+      return tensorflow::OkStatus();
+    })
+    .Doc("The packed bits of x >= 0 (LqpSignAndPack's bits), without the signs: for tensors "
+         "kept as bits whose signs nothing reads (a binary kernel kept for the backward pass).");
+
+template <typename T>
+class PackSignsOp : public OpKernel {
+ public:
+  explicit PackSignsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x_t = ctx->input(0);
+    const int64_t n = x_t.NumElements();
+    Tensor* bits_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
+    const T* x = x_t.flat<T>().data();
+    uint8_t* bits = bits_t->flat<uint8_t>().data();
+    const int64_t bytes = (n + 7) / 8;
+    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 24,
+                 [&](int64_t c0, int64_t c1) {
+      uint8_t m[8 * kChunkBytes];
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
+        const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
+        for (int64_t j = 0; j < len; ++j) m[j] = to_float(x[e0 + j]) >= 0.0f;
+        pack_bytes(m, k0, k1, n, bits);
+      }
+    });
+  }
+};
+
 REGISTER_OP("LqpPackBits")
     .Input("mask: bool")
     .Output("bits: uint8")
@@ -1332,6 +1371,8 @@ LQP_BN(Eigen::bfloat16, float)
 #define LQP_ELEMENTWISE(T)                                                                   \
   REGISTER_KERNEL_BUILDER(Name("LqpSignAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"),  \
                           SignAndPackOp<T>);                                                 \
+  REGISTER_KERNEL_BUILDER(Name("LqpPackSigns").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
+                          PackSignsOp<T>);                                                   \
   REGISTER_KERNEL_BUILDER(Name("LqpApplyMask").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
                           ApplyMaskOp<T>);                                                   \
   REGISTER_KERNEL_BUILDER(Name("LqpFirstMaxBits").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
