@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from larq_prox import kernels
 from larq_prox import layers as lqp_layers
 from larq_prox import quantizers as lqp_quantizers
+from larq_prox.ops import binary as binary_ops
 from op_kept_check import live_ops
 
 
@@ -165,6 +167,47 @@ def test_dilated_conv_matches_larq():
     # Keras runs dilated convs through space_to_batch: equal up to float rounding.
     for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_kernel_in_row_blocks_matches_larq(monkeypatch):
+    """A large +-1 kernel is read and restored in blocks of rows: same values as larq's."""
+    monkeypatch.setattr(binary_ops, "_BLOCK_BYTES", 64)  # (20, 7) kernel: rows 0-8-16-20
+    assert binary_ops._kernel_row_bounds((20, 7), True) == [0, 8, 16, 20]
+    assert binary_ops._kernel_row_bounds((20, 7), False) == [0, None]
+    standard, low = _pair(lq.layers.QuantDense, lqp_layers.QuantDense, (6, 20), units=7,
+                          input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                          kernel_constraint="weight_clip", bias_initializer="random_normal")
+    x = _inputs((6, 20))
+    for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
+def test_dense_row_blocks_equal_one_block_bit_for_bit(monkeypatch, dtype):
+    rng = np.random.default_rng(3)
+    x = tf.cast(rng.normal(size=(5, 36)), dtype)
+    kernel = np.sign(rng.normal(size=(36, 6)))
+    kernel[30, 2] = np.nan  # a NaN binary weight: dx NaN (larq's), in the last block
+    kernel = tf.cast(kernel, dtype)
+    dy = tf.cast(rng.normal(size=(5, 6)), dtype)
+
+    def run():
+        @tf.function
+        def step(x, kernel):
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                y = binary_ops.binary_dense(x, kernel, binary_kernel=True)
+            return [y, *tape.gradient(y, [x, kernel], output_gradients=dy)]
+
+        return [t.numpy().astype("float32") for t in step(x, kernel)]
+
+    one = run()
+    monkeypatch.setattr(binary_ops, "_BLOCK_BYTES", 200)
+    assert len(binary_ops._kernel_row_bounds((36, 6), True)) > 3  # blocks of 4 rows (3 bytes)
+    blocks = run()
+    assert np.isnan(one[1]).all() and np.isnan(one[0][:, 2]).all()
+    for a, b in zip(one, blocks, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize(
@@ -638,7 +681,7 @@ def test_fallback_declares_what_larq_keeps():
     layer.build(shape)
     assert not layer.low_memory
     kept = layer.kept_tensors(shape)
-    assert [k.role for k in kept] == ["input", "quantized input", "kernel"]
+    assert [k.role for k in kept] == ["input", "quantized input", "kernel", "kernel mask"]
     assert _bytes_read_by_backward(layer, shape) >= 2 * shape[0] * shape[1] * 4
 
 
@@ -806,8 +849,10 @@ def test_low_memory_says_what_runs(make):
 
     ops = {op.type for op in step.get_concrete_function(
         tf.TensorSpec(shape, tf.float32)).graph.get_operations()}
-    # The ops pack bits with a uint64 multiply (bitpack.pack_bits) or with the
-    # fused kernels' Lqp* ops; larq's and Keras' computations do neither.
-    packs = "Bitcast" in ops or any(op.startswith("Lqp") for op in ops)
+    # The low-memory ops pack their inputs with the fused kernels' Lqp* ops;
+    # larq's and Keras' computations do not. LqpPackBits alone is the mask
+    # bits of an ste_sign kernel (KernelSign), packed in either computation.
+    assert kernels.use(tf.zeros([1]))
+    packs = any(op.startswith("Lqp") and op != "LqpPackBits" for op in ops)
     assert packs == claimed
     assert layer.low_memory == claimed

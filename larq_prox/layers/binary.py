@@ -269,11 +269,16 @@ class _LowMemoryKernel(_WarnOnce):
         return super().add_weight(name=name, shape=shape, dtype=dtype, **kwargs)
 
     @property
-    def _binary_kernel(self) -> bool:
+    def _kernel_sign(self) -> KernelSign | None:
+        """The kernel's quantizer when it is a `KernelSign` (a +-1 kernel), else None."""
         quantizer = getattr(self.kernel, "quantizer", None)
         if isinstance(quantizer, _StoredKernel):
             quantizer = quantizer.quantizer
-        return isinstance(quantizer, KernelSign)
+        return quantizer if isinstance(quantizer, KernelSign) else None
+
+    @property
+    def _binary_kernel(self) -> bool:
+        return self._kernel_sign is not None
 
     def _quantized_kernel(self, inputs: tf.Tensor) -> tf.Tensor:
         # Quantize when the input arrives: graph mode would otherwise compute
@@ -297,6 +302,7 @@ class _LowMemoryKernel(_WarnOnce):
         per_sample = int(np.prod([d for d in tf.TensorShape(input_shape)[1:]]))
         kernel_shape = self.kernel.shape
         bits = _bits(self.compute_dtype)
+        quantizer = self._kernel_sign.kept(kernel_shape) if self._kernel_sign else []
         if not self.low_memory:
             # larq's computation: the quantizer's gradient keeps x, the op's the
             # quantized input, the kernel quantizer's the latent kernel.
@@ -305,7 +311,7 @@ class _LowMemoryKernel(_WarnOnce):
                 kept.append(Kept("quantized input", per_sample, bits))
             if self.kernel_quantizer is not None:  # else the variable itself is read
                 kept.append(Kept("kernel", int(np.prod(kernel_shape)), bits, per_sample=False))
-            return kept
+            return [*kept, *quantizer]
         # Without a kernel quantizer the op reads the variable itself (no copy).
         kernel = [kernel_kept(kernel_shape, self._binary_kernel, bits)]
         if self.kernel_quantizer is None:
@@ -317,9 +323,10 @@ class _LowMemoryKernel(_WarnOnce):
             saved_bits = tf.as_dtype(saved).size * 8
             # ops.saved keeps the (quantized) kernel tensor as it is.
             return [Kept(f"input ({saved})", per_sample, saved_bits, shared=f"input:{saved}"),
-                    *[kernel_kept(kernel_shape, False, bits) for _ in kernel], *activation]
+                    *[kernel_kept(kernel_shape, False, bits) for _ in kernel], *quantizer,
+                    *activation]
         return [Kept("input signs", per_sample, 1), *self._input_backward.kept(per_sample), *kernel,
-                *activation]
+                *quantizer, *activation]
 
 
 @contextlib.contextmanager

@@ -185,7 +185,11 @@ class KernelSign:
     their `zeros_like` / `ones_like`, which TF's graph optimizer folds into
     kernel-sized constants that stay resident (about one float copy of every
     binary kernel). B' comes from the quantizer's `BackwardNeeds` ("none" or
-    "mask"); its two values are read when the kernel is quantized.
+    "mask"); its two values are read when the kernel is quantized. A "mask"
+    backward keeps the mask as bits (`kept`), not the latent kernel: that is a
+    float copy whenever the kernel is read in another type than the
+    variable's (a 16-bit policy, `storage_dtype`), alive from the forward use
+    to the backward.
 
     ```python
     quantize = KernelSign(lqp.quantizers.backward_needs("ste_sign"))
@@ -200,6 +204,12 @@ class KernelSign:
             raise ValueError(f"KernelSign needs a 'none' or 'mask' backward, got {needs.kind!r}.")
         self.needs = needs
 
+    def kept(self, kernel_shape) -> list[Kept]:
+        """What the backward keeps: the mask bits of a "mask" backward, else nothing."""
+        if self.needs.kind == "none":
+            return []
+        return [Kept("kernel mask", int(np.prod(kernel_shape)), 1, per_sample=False)]
+
     def __call__(self, kernel: tf.Tensor) -> tf.Tensor:
         # Values of B' read outside the op: it then captures scalars, not variables.
         values = {}
@@ -211,18 +221,19 @@ class KernelSign:
 
         @tf.custom_gradient
         def _op(kernel):
+            if self.needs.kind == "none":
+                return sign(kernel), lambda dy: dy
+            packed_mask = kernels.pack_bits(self.needs.mask(kernel))
+
             def grad(dy):
-                if self.needs.kind == "none":
-                    return dy
-                # Gated on dy: else graph mode computes every kernel's mask at
-                # the start of the step and keeps them all until the end.
                 with tf.control_dependencies([dy]):
-                    mask = self.needs.mask(kernel)
+                    mask = kernels.unpack_bits(packed_mask, tf.shape(dy), tf.bool)
                 if _is_constant(values["inside"], 1) and _is_constant(values["outside"], 0):
                     return tf.where(mask, dy, tf.constant(0, dy.dtype))
                 return dy * tf.where(mask, values["inside"], values["outside"])
 
-            return sign(kernel), grad
+            with tf.control_dependencies([packed_mask]):  # the latent kernel read once, here
+                return sign(kernel), grad
 
         return _op(kernel)
 
@@ -248,12 +259,14 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
     A +-1 kernel is kept as sign bits: all binary kernels of a BinaryNet
     together are as large as its largest activation, and closing over them
     would keep every one alive from its forward use to its backward use.
+    `restore(gate, start, stop)` gives rows [start, stop) of the kernel (a
+    dense kernel restored in blocks; `start * columns` a multiple of 8).
     """
     if not binary_kernel:
 
-        def gated(gate):
+        def gated(gate, start=None, stop=None):
             with tf.control_dependencies([gate]):
-                return tf.cast(tf.identity(kernel), dtype)
+                return tf.cast(tf.identity(kernel[start:stop]), dtype)
 
         return gated
     packed = kernels.pack_signs(kernel)
@@ -262,11 +275,38 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
     nan = tf.reduce_any(tf.math.is_nan(kernel))
     shape = kernel.shape.as_list()
 
-    def restore(gate):
+    def restore(gate, start=None, stop=None):
+        if start is None:
+            bits, rows = packed, shape
+        else:
+            row_bits = int(np.prod(shape[1:]))
+            bits = packed[start * row_bits // 8 : (stop * row_bits + 7) // 8]
+            rows = [stop - start, *shape[1:]]
         with tf.control_dependencies([gate]):
-            return bitpack.unpack_signs(packed, shape, dtype, nan=nan)
+            return bitpack.unpack_signs(bits, rows, dtype, nan=nan)
 
     return restore
+
+
+_BLOCK_BYTES = 8 * 2**20
+"""The float32 bytes of one block of a large binary dense kernel's rows (`binary_dense`)."""
+
+
+def _kernel_row_bounds(kernel_shape, binary_kernel: bool) -> list[int]:
+    """Row bounds [0, ..., rows] of the blocks a binary dense kernel is read in.
+
+    Blocks of at most `_BLOCK_BYTES` in float32, each starting on a byte of
+    the kernel's packed bits. One block where the kernel is not +-1 (its
+    partial products would change the rounding) or its shape is not static.
+    """
+    kernel_shape = tf.TensorShape(kernel_shape)
+    if not binary_kernel or kernel_shape.rank != 2 or not kernel_shape.is_fully_defined():
+        return [0, None]
+    rows, columns = kernel_shape.as_list()
+    step = 8 // np.gcd(columns, 8)  # rows per whole byte of bits
+    blocks = -(-rows * columns * 4 // _BLOCK_BYTES)
+    size = max(step, -(-rows // blocks // step) * step)
+    return [*range(0, rows, size), rows]
 
 
 def kernel_kept(kernel_shape, binary_kernel: bool, bits: int = 32) -> Kept:
@@ -510,18 +550,50 @@ def binary_dense(
         shape = tf.shape(x)
         compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
         signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
-        outputs = tf.cast(tf.matmul(tf.cast(signs, compute), tf.cast(kernel, compute)), x.dtype)
+        signs = tf.cast(signs, compute)
+        bounds = _kernel_row_bounds(kernel.shape, binary_kernel)
+        if kernel.dtype == compute or len(bounds) == 2:
+            outputs = tf.matmul(signs, tf.cast(kernel, compute))
+        else:
+            # A 16-bit +-1 kernel read in float32 one block of rows at a time:
+            # the partial products are integers, so their sum is exact.
+            outputs = None
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                with tf.control_dependencies([] if outputs is None else [outputs]):
+                    part = tf.matmul(signs[:, a:b], tf.cast(kernel[a:b], compute))
+                outputs = part if outputs is None else outputs + part
+        outputs = tf.cast(outputs, x.dtype)
         kept_kernel = _kept_kernel(kernel, binary_kernel, compute)
 
         def grad(dy):
             dy = upcast(dy)
-            # dx first: the restored kernel (the large tensor of a dense layer)
-            # is freed before dkernel, of the same size, is allocated.
-            dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
-            with tf.control_dependencies([dx]):
+            if len(bounds) == 2:
+                dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
+                with tf.control_dependencies([dx]):
+                    signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
+                dkernel = tf.cast(tf.matmul(signs, dy, transpose_a=True), kernel.dtype)
+                return tf.cast(backward.apply(dx, kept), x.dtype), dkernel
+            # Per block of kernel rows: dx's columns from the restored block,
+            # then dkernel's rows, each block freed before the next starts.
+            in_place = not _in_xla_context()  # XLA has no InplaceUpdate
+            with tf.control_dependencies([dy]):
                 signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
-            dkernel = tf.matmul(signs, dy, transpose_a=True)
-            return tf.cast(backward.apply(dx, kept), x.dtype), tf.cast(dkernel, kernel.dtype)
+            gate, dxs, dkernels, dkernel = signs, [], [], None
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                dx = tf.matmul(dy, kept_kernel(gate, a, b), transpose_b=True)
+                with tf.control_dependencies([dx]):
+                    part = tf.cast(tf.matmul(signs[:, a:b], dy, transpose_a=True), kernel.dtype)
+                if in_place:
+                    if dkernel is None:
+                        with tf.control_dependencies([part]):  # not allocated any earlier
+                            dkernel = tf.raw_ops.Empty(shape=tf.shape(kernel), dtype=kernel.dtype)
+                    gate = dkernel = tf.raw_ops.InplaceUpdate(x=dkernel, i=tf.range(a, b), v=part)
+                else:
+                    gate = part
+                    dkernels.append(part)
+                dxs.append(dx)
+            dkernel = dkernel if in_place else tf.concat(dkernels, 0)
+            return tf.cast(backward.apply(tf.concat(dxs, 1), kept), x.dtype), dkernel
 
         return outputs, grad
 
