@@ -414,7 +414,7 @@ model.compile(optimizer, "sparse_categorical_crossentropy")
 rng = np.random.default_rng(0)
 x = rng.uniform(-1, 1, (800, 28, 28, 1)).astype("float32")
 y = rng.integers(0, 10, 800)
-peak = measure_steps(model, x, y, steps=2)["peak_bytes"] / 2**20
+peak = measure_steps(model, x, y, steps=5)["peak_bytes"] / 2**20
 report = lqp.memory.estimate(model, 800, optimizer, "from_model")
 print(json.dumps({"peak": peak, "modeled": report.total_mib}))
 """
@@ -430,8 +430,14 @@ def test_from_model_is_within_1_5x_of_a_measured_peak():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONPATH": root}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=300, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert 1 / 1.5 <= result["modeled"] / result["peak"] <= 1.5, result
+    # The executor's order varies between steps and processes, and so does the
+    # peak (this MLP: 8.5-14.2 MiB): the largest of 3 processes of 5 steps,
+    # which a memory budget must allow.
+    results = []
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True,
+                              env=env, cwd=root, timeout=300, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = max(results, key=lambda r: r["peak"])
+    assert 1 / 1.5 <= result["modeled"] / result["peak"] <= 1.5, results

@@ -76,6 +76,27 @@ def test_binary_conv2d_is_float32_rounded(dtype, chunks, padding, pad_values, st
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_binary_conv2d_nan_sample_is_float32_rounded(dtype):
+    """16-bit x: the forward's chunks unpack their signs from the bits; a NaN
+    sample keeps its NaN signs there (NaN outputs in that sample only)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 5, 5, 8)).astype(np.float32)
+    x[3, 2, 1, 4] = np.nan
+    x16 = tf.cast(x, dtype)
+    x32 = tf.cast(x16, tf.float32)
+    k16, k32 = _half(rng, (3, 3, 8, 5), dtype)
+
+    def op(x, kernel):
+        return binary.binary_conv2d(x, kernel, (1, 1), "SAME", chunks=3)
+
+    dy16, dy32 = _half(rng, (6, 5, 5, 5), dtype)
+    half, full = _grads(op, x16, k16, dy16), _grads(op, x32, k32, dy32)
+    _assert_rounded(half, full, [dtype] * 3)
+    nan = np.isnan(tf.cast(half[0], tf.float32).numpy())
+    assert nan[3].all() and not nan[[0, 1, 2, 4, 5]].any()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 @pytest.mark.parametrize("quantizer", ["ste_sign", "approx_sign"])
 def test_binary_dense_is_float32_rounded(dtype, quantizer):
     rng = np.random.default_rng(2)

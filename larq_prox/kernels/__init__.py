@@ -64,6 +64,7 @@ __all__ = [
     "library",
     "normalize_proposed",
     "pack_bits",
+    "in_xla_context",
     "pack_signs",
     "reason",
     "sign_and_pack",
@@ -120,7 +121,8 @@ def reason() -> str | None:
     return _state["reason"]
 
 
-def _in_xla_context() -> bool:
+def in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (e.g. `jit_compile=True`)."""
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
@@ -135,7 +137,7 @@ def use(*tensors: tf.Tensor, dtypes=_FLOAT_DTYPES) -> bool:
         return False
     if any(t.dtype not in dtypes for t in tensors):
         return False  # a dtype without a kernel: quietly the reference
-    if _in_xla_context():
+    if in_xla_context():
         _say_once(_XLA)
         return False
     devices = [t.device for t in tensors if getattr(t, "device", "")]

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
 from larq_prox import bitpack, kernels
 from larq_prox.ops.kept import Kept
-from larq_prox.ops.precision import arithmetic_dtype, upcast
+from larq_prox.ops.precision import arithmetic_dtype, chunked_compute, upcast
 from larq_prox.quantizers import BackwardNeeds
 
 __all__ = [
@@ -239,7 +238,7 @@ class KernelSign:
 
 
 def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
-    """sign(x), its packed bits and whether x holds a NaN, after `kept` (what `backward` keeps of x).
+    """sign(x), its packed bits and `bitpack.nan_rows(x)`, after `kept` (what `backward` keeps of x).
 
     A NaN has no sign bit (NaN >= 0 is False): a sample holding one gets NaN
     signs (so NaN outputs, as larq's `ste_sign` gives NaN there), and the
@@ -249,8 +248,7 @@ def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     of x; the signs come after `kept`, so x is freed before sign(x) and the
     conv's output are allocated (two float activations alive here, not three).
     """
-    signs, packed_signs, nan_rows = kernels.sign_pack_and_nan_rows(x, after=backward.tensors(kept))
-    return signs, packed_signs, tf.reduce_any(nan_rows)
+    return kernels.sign_pack_and_nan_rows(x, after=backward.tensors(kept))
 
 
 def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
@@ -367,7 +365,8 @@ def binary_conv2d(
     def _op(x, kernel):
         shape = tf.shape(x)
         compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
-        signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
+        signs, packed_signs, nan_rows = _binarize_and_pack(x, backward, kept)
+        nan = tf.reduce_any(nan_rows)
         kernel_shape = tf.shape(kernel)
         kept_kernel = _kept_kernel(kernel, binary_kernel, compute)
 
@@ -375,6 +374,11 @@ def binary_conv2d(
         k = chunks if per_sample is not None and per_sample % 8 == 0 else 1
         bytes_per_sample = (per_sample or 0) // 8
         bounds = [shape[0] * i // k for i in range(k + 1)]
+
+        def part(tensor, i, per_row=1):
+            if k == 1:
+                return tensor
+            return tensor[bounds[i] * per_row : bounds[i + 1] * per_row]
 
         kernel_compute = tf.cast(kernel, compute)  # once, not per chunk
 
@@ -384,17 +388,24 @@ def binary_conv2d(
 
         if compute == x.dtype:
             outputs = conv(signs)
+        elif k == 1:
+            outputs = tf.cast(conv(signs), x.dtype)
         else:
-            outputs = _chunked_forward(conv, signs, bounds, x.dtype)
+            # 16-bit x: each chunk's float32 signs unpacked from the bits, so
+            # that neither x nor its 16-bit signs stay alive in the forward.
+            nan_factor = tf.where(nan_rows, tf.constant(float("nan"), compute),
+                                  tf.constant(1, compute))
+
+            def conv_chunk(i):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                signs = kernels.unpack_signs(part(packed_signs, i, bytes_per_sample), rows, compute)
+                return conv(signs * part(nan_factor, i))  # NaN signs in a sample holding a NaN
+
+            outputs = chunked_compute(conv_chunk, bounds, x.dtype)
         border = tf.constant([0, 0, 0, 0])
         if explicit is not None:
             rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
             border = tf.stack([0, rows_added, cols_added, 0])
-
-        def part(tensor, i, per_row=1):
-            if k == 1:
-                return tensor
-            return tensor[bounds[i] * per_row : bounds[i + 1] * per_row]
 
         def dilated_grad(dy):
             # TF's CPU Conv2DBackpropFilter/Input refuse dilations > 1 (without
@@ -434,7 +445,7 @@ def binary_conv2d(
             # The chunks are written into one buffer in place: a concat would
             # hold all chunks and the whole result at once. XLA has no
             # InplaceUpdate, and places a concat's parts in its output anyway.
-            in_place = k > 1 and not _in_xla_context()
+            in_place = k > 1 and not kernels.in_xla_context()
             dxs = []
             if in_place:
                 with tf.control_dependencies([gate]):
@@ -469,41 +480,6 @@ def binary_conv2d(
         return outputs, grad
 
     return _op(x, kernel)
-
-
-def _chunked_forward(conv, signs: tf.Tensor, bounds, dtype: tf.DType) -> tf.Tensor:
-    """`conv(signs)` rounded to `dtype` (16-bit), computed in float32 one batch chunk at a time.
-
-    In one piece, the float32 signs and outputs of the whole batch would be
-    the forward pass's largest buffers (4x the 16-bit output); per chunk they
-    are 1/k of that, each chunk's rounded result written into the output in
-    place (as the backward's dx).
-    """
-    k = len(bounds) - 1
-    first = tf.cast(conv(signs[bounds[0] : bounds[1]]), dtype)
-    if k == 1:
-        return first
-    if _in_xla_context():  # no InplaceUpdate: XLA places a concat's parts in its output
-        parts, gate = [first], first
-        for i in range(1, k):
-            with tf.control_dependencies([gate]):
-                gate = tf.cast(conv(signs[bounds[i] : bounds[i + 1]]), dtype)
-            parts.append(gate)
-        return tf.concat(parts, 0)
-    shape = tf.concat([[bounds[k]], tf.shape(first)[1:]], 0)
-    with tf.control_dependencies([first]):
-        outputs = tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
-    outputs = tf.raw_ops.InplaceUpdate(x=outputs, i=tf.range(bounds[0], bounds[1]), v=first)
-    for i in range(1, k):
-        with tf.control_dependencies([outputs]):
-            part = tf.cast(conv(signs[bounds[i] : bounds[i + 1]]), dtype)
-        outputs = tf.raw_ops.InplaceUpdate(x=outputs, i=tf.range(bounds[i], bounds[i + 1]), v=part)
-    return outputs
-
-
-def _in_xla_context() -> bool:
-    """Whether the graph being built is compiled by XLA (e.g. `jit_compile=True`)."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _same_padding(x, kernel, strides, dilations):
@@ -549,7 +525,8 @@ def binary_dense(
     def _op(x, kernel):
         shape = tf.shape(x)
         compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
-        signs, packed_signs, nan = _binarize_and_pack(x, backward, kept)
+        signs, packed_signs, nan_rows = _binarize_and_pack(x, backward, kept)
+        nan = tf.reduce_any(nan_rows)
         signs = tf.cast(signs, compute)
         bounds = _kernel_row_bounds(kernel.shape, binary_kernel)
         if kernel.dtype == compute or len(bounds) == 2:
@@ -575,7 +552,7 @@ def binary_dense(
                 return tf.cast(backward.apply(dx, kept), x.dtype), dkernel
             # Per block of kernel rows: dx's columns from the restored block,
             # then dkernel's rows, each block freed before the next starts.
-            in_place = not _in_xla_context()  # XLA has no InplaceUpdate
+            in_place = not kernels.in_xla_context()  # XLA has no InplaceUpdate
             with tf.control_dependencies([dy]):
                 signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
             gate, dxs, dkernels, dkernel = signs, [], [], None

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
 from larq_prox import bitpack, kernels
 
@@ -376,11 +375,6 @@ class _Windows:
         return dx
 
 
-def _in_xla_context() -> bool:
-    """Whether the graph being built is compiled by XLA (e.g. `jit_compile=True`)."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
 def _pack_offsets(arg: tf.Tensor, bits: int) -> tf.Tensor:
     planes = [
         tf.not_equal(tf.bitwise.bitwise_and(arg, tf.constant(1 << b, tf.uint8)), 0)
@@ -461,7 +455,7 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
                 # Gated on dy: graph mode would otherwise unpack during the forward pass.
                 with tf.control_dependencies([dy]):
                     arg = _unpack_offsets(packed, bits, out_shape, aligned)
-            if arg is not None and not _in_xla_context():
+            if arg is not None and not kernels.in_xla_context():
                 return windows.scatter_by_index(arg, dy, padding)
             return windows.scatter(arg, dy)
 

@@ -26,7 +26,9 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-__all__ = ["HALF_DTYPES", "arithmetic_dtype", "compute", "upcast"]
+from larq_prox import kernels
+
+__all__ = ["HALF_DTYPES", "arithmetic_dtype", "chunked_compute", "compute", "upcast"]
 
 HALF_DTYPES = (tf.float16, tf.bfloat16)
 """Activation types that the ops store as they are but compute with in float32."""
@@ -53,3 +55,40 @@ def compute(op: Callable, x: tf.Tensor, *args, **kwargs) -> tf.Tensor:
     dtype = arithmetic_dtype(x.dtype)
     args = [tf.cast(a, dtype) if tf.is_tensor(a) and a.dtype.is_floating else a for a in args]
     return tf.cast(op(tf.cast(x, dtype), *args, **kwargs), x.dtype)
+
+
+def chunked_compute(op_chunk: Callable[[int], tf.Tensor], bounds, dtype) -> tf.Tensor:
+    """A batch-sized 16-bit result computed in float32 one batch chunk at a time.
+
+    `op_chunk(i)` gives rows [bounds[i], bounds[i + 1]) of the result in
+    float32; each is rounded to `dtype` and written into the output in place,
+    after the previous one. In one piece, the float32 inputs and outputs of
+    the whole batch would be the pass's largest buffers (4x the 16-bit
+    output); per chunk they are 1/k of that.
+
+    ```python
+    bounds = [batch * i // 4 for i in range(5)]
+    y16 = chunked_compute(lambda i: tf.nn.conv2d(upcast(x16[bounds[i]:bounds[i + 1]]), k32,
+                                                 1, "SAME"), bounds, x16.dtype)
+    ```
+    """
+    k = len(bounds) - 1
+    first = tf.cast(op_chunk(0), dtype)
+    if k == 1:
+        return first
+    if kernels.in_xla_context():  # no InplaceUpdate: XLA places a concat's parts in its output
+        parts, gate = [first], first
+        for i in range(1, k):
+            with tf.control_dependencies([gate]):
+                gate = tf.cast(op_chunk(i), dtype)
+            parts.append(gate)
+        return tf.concat(parts, 0)
+    shape = tf.concat([[bounds[k]], tf.shape(first)[1:]], 0)
+    with tf.control_dependencies([first]):
+        outputs = tf.raw_ops.Empty(shape=shape, dtype=dtype, init=False)
+    outputs = tf.raw_ops.InplaceUpdate(x=outputs, i=tf.range(bounds[0], bounds[1]), v=first)
+    for i in range(1, k):
+        with tf.control_dependencies([outputs]):
+            part = tf.cast(op_chunk(i), dtype)
+        outputs = tf.raw_ops.InplaceUpdate(x=outputs, i=tf.range(bounds[i], bounds[i + 1]), v=part)
+    return outputs

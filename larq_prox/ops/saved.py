@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from larq_prox.ops.precision import HALF_DTYPES, arithmetic_dtype, compute, upcast
+from larq_prox.ops.precision import HALF_DTYPES, arithmetic_dtype, chunked_compute, compute, upcast
 
 __all__ = [
     "SAVED_DTYPES",
@@ -188,7 +188,8 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
     `filter_grad(x16_upcast, kernel_shape, dy)` and `input_grad(x_shape, kernel, dy)`
     are the conv's backprop pair; dilated convs differentiate `forward` instead
     (TF's CPU backprop kernels have no dilations). 16-bit x: every op computes
-    in float32 (`larq_prox.ops.precision`), the results rounded to x's type.
+    in float32 (`larq_prox.ops.precision`), the results rounded to x's type;
+    the forward in FILTER_CHUNKS batch chunks (`chunked_compute`).
     """
 
     @tf.custom_gradient
@@ -206,7 +207,17 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
                     dx = input_grad(x_shape, upcast(kernel), upcast(dy))
             return tf.cast(dx, x.dtype), tf.cast(dkernel, kernel.dtype)
 
-        return _after(kept, compute, forward, x, kernel), grad
+        if arithmetic_dtype(x.dtype) == x.dtype:
+            return _after(kept, compute, forward, x, kernel), grad
+        # 16-bit x: the float32 output (and upcast input) one batch chunk at a time.
+        batch = tf.shape(x)[0]
+        bounds = [batch * i // FILTER_CHUNKS for i in range(FILTER_CHUNKS + 1)]
+        kernel32 = upcast(kernel)
+        with tf.control_dependencies([kept]):
+            outputs = chunked_compute(
+                lambda i: forward(upcast(x[bounds[i] : bounds[i + 1]]), kernel32), bounds, x.dtype
+            )
+        return outputs, grad
 
     return _op(x, kernel)
 
