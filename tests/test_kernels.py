@@ -575,3 +575,16 @@ def test_build_is_cached_per_tensorflow_version_and_names_a_missing_compiler(mon
     monkeypatch.setenv("CXX", "no-such-compiler-lqp")
     with pytest.raises(build.BuildError, match="no-such-compiler-lqp"):
         build.build()
+
+
+def test_build_cache_key_follows_the_sources_contents_not_their_paths(monkeypatch, tmp_path):
+    key = build.library_path()
+    copies = []
+    for source in build.SOURCES:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(build, "SOURCES", copies)
+    assert build.library_path() == key  # another checkout of the same sources
+    copies[0].write_bytes(copies[0].read_bytes() + b"\n// changed\n")
+    assert build.library_path() != key

@@ -76,7 +76,9 @@ def library_path() -> pathlib.Path:
         digest.update(source.read_bytes())
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest.update(" ".join(_command(pathlib.Path("out"))).encode())
+    # The sources by name, not path: clones and worktrees of one checkout share a build.
+    names = {str(source): source.name for source in SOURCES}
+    digest.update(" ".join(names.get(a, a) for a in _command(pathlib.Path("out"))).encode())
     digest.update(version.encode())
     return cache_dir() / f"lqp_kernels-tf{tf.__version__}-{digest.hexdigest()[:16]}.so"
 
