@@ -162,8 +162,8 @@ def _chunked_filter_grad(filter_grad: Callable, kept: tf.Tensor, kernel_shape, d
 
     The weight gradient is a sum over the batch, so it splits into slices; the
     slices of `kept` and `dy` along axis 0 share their buffers, and each
-    slice's upcast copy exists only while its part is computed (one slice after
-    the other). The upcast input, a full float32 tensor in one piece, is the
+    slice's upcast copies (x, and a 16-bit dy) exist only while its part is
+    computed (one slice after the other). The upcast input, a full float32 tensor in one piece, is the
     largest temporary of a float stem's backward. The parts add in float32:
     the sum differs from the one-piece gradient by float32 rounding only.
     """
@@ -174,10 +174,11 @@ def _chunked_filter_grad(filter_grad: Callable, kept: tf.Tensor, kernel_shape, d
     total = None
     for i in range(chunks):
         start, stop = batch * i // chunks, batch * (i + 1) // chunks
-        # Each slice waits for the previous part (and the first for dy).
+        # Each slice's upcast x and dy wait for the previous part (the first for dy).
         with tf.control_dependencies([dy] if total is None else [total]):
             inputs = tf.cast(kept[start:stop], dtype)
-        part = filter_grad(inputs, kernel_shape, upcast(dy[start:stop]))
+            dy_part = upcast(dy[start:stop])
+        part = filter_grad(inputs, kernel_shape, dy_part)
         total = part if total is None else total + part
     return total
 
