@@ -185,20 +185,26 @@ CONFIGS = [("single", 1, "sum"), ("sum", 2, "sum"), ("sign_vote", 2, "sign_vote"
 
 
 def accuracy_worker(model_name: str, seed: int, epochs: int, train_examples: int,
-                    test_examples: int, batch: int) -> dict:
+                    test_examples: int, batch: int, synchronized: int = 0) -> dict:
     _devices(4)
     import contextlib
 
+    import larq_prox as lqp
     import tensorflow as tf
 
     runs = []
     for label, replicas, aggregation in CONFIGS:
+        if synchronized and replicas == 1:
+            continue  # one device: nothing to synchronize
         tf.keras.backend.clear_session()
         tf.keras.utils.set_random_seed(seed)
         train, test = _fashion(model_name, train_examples, test_examples, batch, seed)
         scope = _mirrored(replicas).scope() if replicas > 1 else contextlib.nullcontext()
         with scope:
             model = _compiled(model_name, aggregation)
+            for layer in model.submodules:  # statistics over the global batch
+                if isinstance(layer, lqp.layers.BinaryBatchNorm) and synchronized:
+                    layer.synchronized = True
         start = time.perf_counter()
         history = model.fit(train, validation_data=test, epochs=epochs, verbose=0)
         seconds = time.perf_counter() - start
@@ -206,7 +212,8 @@ def accuracy_worker(model_name: str, seed: int, epochs: int, train_examples: int
         print(f"{model_name} seed {seed} {label:9s} x{replicas}: {accuracy[-1]:.4f} "
               f"({seconds:.0f} s)", file=sys.stderr, flush=True)
         runs.append({"model": model_name, "seed": seed, "aggregation": label,
-                     "replicas": replicas, "val_accuracy": accuracy, "seconds": seconds})
+                     "replicas": replicas, "synchronized": bool(synchronized),
+                     "val_accuracy": accuracy, "seconds": seconds})
     return {"runs": runs}
 
 
@@ -273,8 +280,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
     runs = report.get("accuracy", [])
     labels = [(m, a, r) for m in ("mlp", "cnv") for a, r in
               (("single", 1), ("sum", 2), ("sign_vote", 2), ("sum", 4), ("sign_vote", 4))]
-    values = [[run["val_accuracy"][-1] for run in runs
-               if (run["model"], run["aggregation"], run["replicas"]) == key] for key in labels]
+    values = [[run["val_accuracy"][-1] for run in runs if not run.get("synchronized")
+               and (run["model"], run["aggregation"], run["replicas"]) == key] for key in labels]
     keep = [i for i, v in enumerate(values) if v]
     ax.bar(range(len(keep)), [np.mean(values[i]) for i in keep],
            yerr=[np.std(values[i]) for i in keep], color="tab:blue")
@@ -303,6 +310,9 @@ def main(argv=None) -> int:
                              "other seeds already in --out are kept")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-examples", type=int, default=10000)
+    parser.add_argument("--synchronized", action="store_true",
+                        help="accuracy with BinaryBatchNorm(synchronized=True) on the replicas "
+                             "(rows marked synchronized; the others are kept)")
     parser.add_argument("--cnv-epochs", type=int, default=1)
     parser.add_argument("--cnv-train-examples", type=int, default=2000)
     parser.add_argument("--test-examples", type=int, default=2000)
@@ -340,7 +350,8 @@ def main(argv=None) -> int:
     if "accuracy" in args.parts:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         report["accuracy"] = [run for run in report.get("accuracy", [])
-                              if not (run["model"] in args.models and run["seed"] in seeds)]
+                              if not (run["model"] in args.models and run["seed"] in seeds
+                                      and run.get("synchronized", False) == args.synchronized)]
         report["accuracy_setup"] = {
             "mlp": {"epochs": args.epochs, "train_examples": args.train_examples},
             "cnv": {"epochs": args.cnv_epochs, "train_examples": args.cnv_train_examples},
@@ -353,7 +364,7 @@ def main(argv=None) -> int:
             train = args.train_examples if model_name == "mlp" else args.cnv_train_examples
             for seed in seeds:
                 result = _fresh("accuracy", model_name, seed, epochs, train, args.test_examples,
-                                args.batch_size)
+                                args.batch_size, int(args.synchronized))
                 for run in result["runs"]:
                     print(f"{model_name} seed {seed} {run['aggregation']:9s} x{run['replicas']}: "
                           f"test accuracy {run['val_accuracy'][-1]:.4f}", flush=True)
