@@ -677,6 +677,26 @@ REGISTER_OP("LqpPackSigns")
     .Doc("The packed bits of x >= 0 (LqpSignAndPack's bits), without the signs: for tensors "
          "kept as bits whose signs nothing reads (a binary kernel kept for the backward pass).");
 
+// Output 0: the n bits `bit(e)` (e = 0 .. n-1) packed into ceil(n / 8) bytes, in
+// parallel chunks of kChunkBytes bytes.
+template <typename Bit>
+void pack_output(OpKernelContext* ctx, int64_t n, int64_t cost_per_chunk, Bit bit) {
+  Tensor* bits_t;
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
+  uint8_t* bits = bits_t->flat<uint8_t>().data();
+  const int64_t bytes = (n + 7) / 8;
+  parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, cost_per_chunk,
+               [&](int64_t c0, int64_t c1) {
+    uint8_t m[8 * kChunkBytes];
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
+      const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
+      for (int64_t j = 0; j < len; ++j) m[j] = bit(e0 + j);
+      pack_bytes(m, k0, k1, n, bits);
+    }
+  });
+}
+
 template <typename T>
 class PackSignsOp : public OpKernel {
  public:
@@ -684,22 +704,9 @@ class PackSignsOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x_t = ctx->input(0);
-    const int64_t n = x_t.NumElements();
-    Tensor* bits_t;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
     const T* x = x_t.flat<T>().data();
-    uint8_t* bits = bits_t->flat<uint8_t>().data();
-    const int64_t bytes = (n + 7) / 8;
-    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 24,
-                 [&](int64_t c0, int64_t c1) {
-      uint8_t m[8 * kChunkBytes];
-      for (int64_t chunk = c0; chunk < c1; ++chunk) {
-        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
-        const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
-        for (int64_t j = 0; j < len; ++j) m[j] = to_float(x[e0 + j]) >= 0.0f;
-        pack_bytes(m, k0, k1, n, bits);
-      }
-    });
+    pack_output(ctx, x_t.NumElements(), kChunkBytes * 24,
+                [x](int64_t e) -> uint8_t { return to_float(x[e]) >= 0.0f; });
   }
 };
 
@@ -720,19 +727,9 @@ class PackBitsOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& mask_t = ctx->input(0);
-    const int64_t n = mask_t.NumElements();
-    Tensor* bits_t;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({(n + 7) / 8}), &bits_t));
     const bool* mask = mask_t.flat<bool>().data();
-    uint8_t* bits = bits_t->flat<uint8_t>().data();
-    const int64_t bytes = (n + 7) / 8;
-    parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 16,
-                 [&](int64_t c0, int64_t c1) {
-      for (int64_t chunk = c0; chunk < c1; ++chunk) {
-        const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
-        pack_bytes(reinterpret_cast<const uint8_t*>(mask) + 8 * k0, k0, k1, n, bits);
-      }
-    });
+    pack_output(ctx, mask_t.NumElements(), kChunkBytes * 16,
+                [mask](int64_t e) -> uint8_t { return mask[e]; });
   }
 };
 
