@@ -259,6 +259,8 @@ def main(argv=None) -> int:
                         help="write the conversion's JSON to PATH")
     parser.add_argument("--model-json", default=None)
     parser.add_argument("--quick", action="store_true", help="B=16 only, no DenseNet")
+    parser.add_argument("--batches", nargs="*", type=int, default=None,
+                        help="the zoo models' batch sizes (default 16 32; 16 with --quick)")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--configs", nargs="*", default=["standard", "low_memory"],
                         choices=list(CONFIGS))
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
                                 args.model_json)))
         return 0
     names = args.models or (list(ZOO)[:3] if args.quick else list(ZOO)) + list(PAPER)
-    batches = (16,) if args.quick else (16, 32)
+    batches = args.batches or ((16,) if args.quick else (16, 32))
     points = []
     if args.reuse is not None and args.reuse.exists():
         points = [p for p in json.loads(args.reuse.read_text())["points"] if "error" not in p
