@@ -566,6 +566,14 @@ def test_unavailable_library_falls_back(monkeypatch, caplog):
     assert _same(bits.numpy(), bitpack.pack_signs(x).numpy())
     assert [r.getMessage() for r in caplog.records if r.name == "larq_prox.kernels"] == [
         "larq-prox kernels not used: no C++ compiler (test); the pure-TF ops run."]
+    assert not kernels.available()
+
+
+def test_available_follows_the_library_and_the_switch(monkeypatch):
+    assert kernels.available() == (kernels.library() is not None)
+    monkeypatch.setenv(kernels.ENV, "off")
+    assert not kernels.available()
+    assert not lqp_layers.BinaryBatchNorm().gradient_in_place  # the pure-TF backward then
 
 
 def test_build_is_cached_per_tensorflow_version_and_names_a_missing_compiler(monkeypatch):

@@ -132,13 +132,70 @@ def test_standard_layers_against_hand_counts():
         "BatchNormalization: moving_mean": 4,
         "BatchNormalization: moving_variance": 4,
     }
-    # dy/dx of the largest tensor with a gradient (the conv's output, not the image),
-    # the largest gradient (Dense's kernel), the batch's copy that Conv2D does not keep.
-    n, copies = from_model.WORKING_SET_BUFFERS, from_model.BATCH_COPIES
-    expected = n * batch * 8 * 8 * 4 + 4 * 4 * 4 * 5 + (copies - 1) * batch * 8 * 8 * 3
+    # The backward with the most gradient buffers is BN's: dy and a new dx of the
+    # conv's output (ReLU's is in place, the pool's dy is 4x smaller, the conv's
+    # input is the image: no dx). Plus the largest gradient (Dense's kernel) and
+    # the batch's copy that Conv2D does not keep.
+    copies = from_model.BATCH_COPIES
+    assert kinds(report, "working_set") == {
+        "dy (batch_normalization backward)": batch * 8 * 8 * 4,
+        "dx (batch_normalization backward)": batch * 8 * 8 * 4,
+        "largest gradient (Dense: kernel)": 4 * 4 * 4 * 5,
+        "input batch": (copies - 1) * batch * 8 * 8 * 3,
+    }
+    expected = 2 * batch * 8 * 8 * 4 + 4 * 4 * 4 * 5 + (copies - 1) * batch * 8 * 8 * 3
     assert bits(rows["working_set"]) == 32 * expected
     expected = sum(bits(r) for r in rows.values()) / 8 / MIB
     assert report.total_mib == pytest.approx(expected, rel=1e-12)
+
+
+def backward_buffers(model) -> dict[str, int]:
+    """The working set's gradient buffers (elements per sample), by part kind."""
+    report = memory.estimate(model, 1, "sgd", "from_model")
+    return {k: n for k, n in kinds(report, "working_set").items()
+            if k.startswith(("dy", "dx"))}  # fmt: skip
+
+
+def test_working_set_in_place_backwards_add_no_input_gradient():
+    # ReLU's ReluGrad writes dx in dy's buffer and Add passes dy on: neither adds
+    # a buffer. y has two readers ("last" and "add"): while "last" runs its
+    # backward, Add's gradient for y waits to be summed with it: 3 buffers of
+    # 6x6x8, the most of any layer (the convs' have 2).
+    inputs = tf.keras.Input((6, 6, 8))
+    x = K.Conv2D(8, 1, name="stem")(inputs)
+    y = K.ReLU(name="relu")(K.Conv2D(8, 1, name="conv")(x))
+    outputs = K.Add(name="add")([K.Conv2D(8, 1, name="last")(y), y])
+    assert backward_buffers(tf.keras.Model(inputs, outputs)) == {
+        "dy (last backward)": 288, "dx (last backward)": 288,
+        "dx of the input's other readers (last backward)": 288}
+    # Without the shortcut, a conv's dy and dx: ReLU's in-place backward is smaller.
+    outputs = K.Conv2D(8, 1, name="last2")(y)
+    assert sum(backward_buffers(tf.keras.Model(inputs, outputs)).values()) == 2 * 288
+
+
+def test_working_set_a_layer_on_the_image_has_no_input_gradient():
+    inputs = tf.keras.Input((8, 8, 4))
+    x = K.Conv2D(16, 3, padding="same", name="stem")(inputs)  # 4x the image's size
+    outputs = K.Conv2D(2, 1, name="head")(x)
+    # The stem's dy (8x8x16) alone, not dy + dx: the image gets no gradient. The
+    # head's backward has dy 8x8x2 and dx 8x8x16: more, so it is the one counted.
+    assert backward_buffers(tf.keras.Model(inputs, outputs)) == {
+        "dy (head backward)": 128, "dx (head backward)": 1024}
+    frozen = K.Conv2D(16, 3, padding="same", trainable=False)
+    x = frozen(inputs)
+    outputs = K.Conv2D(2, 1, name="head2", trainable=False)(K.Conv2D(16, 1, name="mid")(x))
+    # Only "mid" is trainable: its input (the frozen stem's output) gets no gradient.
+    assert backward_buffers(tf.keras.Model(inputs, outputs)) == {
+        "dy (head2 backward)": 128, "dx (head2 backward)": 1024}
+
+
+def test_binary_batch_norm_declares_its_fused_backward_in_place():
+    from larq_prox import kernels
+
+    proposed = lqp.layers.BinaryBatchNorm()
+    assert proposed.gradient_in_place == kernels.available()
+    assert not lqp.layers.BinaryBatchNorm(mode="l1").gradient_in_place
+    assert not lqp.layers.BinaryBatchNorm(mode="exact").gradient_in_place
 
 
 def test_larq_layers_keep_the_float_input_its_quantization_and_folded_zeros():

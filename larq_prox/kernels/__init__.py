@@ -57,6 +57,7 @@ __all__ = [
     "apply_mask",
     "argmax_max_pool",
     "argmax_unpool",
+    "available",
     "first_max_bits",
     "fused_apply_adam",
     "fused_apply_momentum",
@@ -124,6 +125,12 @@ def reason() -> str | None:
 def in_xla_context() -> bool:
     """Whether the graph being built is compiled by XLA (e.g. `jit_compile=True`)."""
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def available() -> bool:
+    """Whether the kernels can run in this process (built, loaded, not switched off by ENV)."""
+    off = os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return not off and library() is not None
 
 
 @tf.autograph.experimental.do_not_convert

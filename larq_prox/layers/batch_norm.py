@@ -625,6 +625,16 @@ class BinaryBatchNorm(tf.keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    @property
+    def gradient_in_place(self) -> bool:
+        """Whether the backward writes dy's gradient into dy's buffer (no buffer of its own).
+
+        True for the proposed mode's fused kernel (one replica's statistics,
+        the kernels loaded); the pure-TF backward and the other modes compute
+        dy in buffers of their own. Read by the memory model (`larq_prox.memory`).
+        """
+        return self.mode == "proposed" and not self.synchronized and kernels.available()
+
     def kept_tensors(self, input_shape=None) -> list[Kept]:
         """What a training step keeps between forward and backward (see `larq_prox.ops.kept`).
 

@@ -41,7 +41,7 @@ from larq_prox.memory.estimates import (
     sweep,
 )
 from larq_prox.memory.from_model import ROWS as FROM_MODEL_ROWS
-from larq_prox.memory.from_model import WORKING_SET_BUFFERS, declares_kept
+from larq_prox.memory.from_model import declares_kept
 from larq_prox.memory.plots import plot_bars, plot_sweep
 from larq_prox.memory.report import DTYPES, FROM_MODEL, MemoryReport, Part, Row
 from larq_prox.memory.schemes import ROWS, SCHEMES
@@ -58,7 +58,6 @@ __all__ = [
     "Row",
     "SCHEMES",
     "UnknownLayerError",
-    "WORKING_SET_BUFFERS",
     "check_batch_size",
     "declares_kept",
     "default_scheme",

@@ -24,52 +24,62 @@ whoever keeps it. A layer that neither declares nor is in the table is
 reported by name (`on_unknown="raise"`, or `"warn"`: its inputs then count as
 kept, a generic guess that the report names).
 
-The working set, the one calibrated rule: `WORKING_SET_BUFFERS` = 2 buffers of
-the largest activation that a gradient flows to (at B, in its dtype: the dy
-and dx of the layer whose backward is running; the image and what frozen
-layers compute from it get none), plus one buffer of the largest trainable
-variable in its gradient's dtype (float32 before the cast to a 16-bit
-variable; then the optimizer's transformed gradient), plus `BATCH_COPIES` = 2
-copies of the input batch (the batch tensor and the data iterator's element),
-less the one a layer keeps.
+The working set: the gradient buffers of the layer call whose backward has
+the most of them alive (`_gradient_buffers`, at B, in their dtypes): the
+gradient of its output (dy); a new buffer for its input's gradient (dx),
+unless its backward writes dx in dy's buffer or passes dy on (the layer's
+`gradient_in_place`, e.g. BinaryBatchNorm's fused kernel, or the table's
+`kept_table.gradient_in_place`: ReLU, Add, views); and, for an input that
+several layers read (a residual shortcut), the other readers' gradients,
+which wait to be summed with this one. Tensors without a gradient (the
+image, what frozen layers compute from it) have no buffers. Plus one buffer
+of the largest trainable variable in its gradient's dtype (float32 before
+the cast to a 16-bit variable; then the optimizer's transformed gradient),
+plus `BATCH_COPIES` = 2 copies of the input batch (the batch tensor and the
+data iterator's element), less the one a layer keeps.
 
 Calibration: TF allocator peak (BFC, `get_memory_info("CPU:0")["peak"]`)
-over warm `train_on_batch` steps, one fresh process per point
-(benchmarks/harness.py), Adam, TF 2.19 CPU (2 shared cores), larq's
-`ste_sign` as input and kernel quantizer. Configurations as in
-benchmarks/memory_measured.py: standard larq layers; low-memory layers
-(bit-packing conv/dense/pool); + BinaryBatchNorm and BinaryGradient; + float16
-kernels. MiB at batch 100, measured / modeled (modeled / measured):
+over warm `train_on_batch` steps, one fresh process per point, the median of
+2-3 processes (benchmarks/zoo_memory.py, results/zoo_memory_s9.json), Adam,
+TF 2.19 CPU. Low-memory = `lqp.models.convert(model, batch_norm="proposed",
+low_memory=True, storage_dtype="float16", saved_dtype="float16")` +
+`BinaryGradient(Adam)`; bf16 = the same under `mixed_bfloat16`. Zoo models
+at 224x224; BinaryNet (`lqp.models.binarynet`, larq's `ste_sign`) at 32x32.
+MiB, measured / modeled (measured over modeled):
 
-| model | standard | low-memory layers | + BinaryBatchNorm, BinaryGradient | + float16 kernels |
-|---|---|---|---|---|
-| MLP | 9.7 / 11.5 (1.19) | 8.0 / 9.7 (1.21) | 8.1 / 9.3 (1.14) | 7.3 / 7.8 (1.07) |
-| CNV | 258 / 272 (1.05) | 135 / 130 (0.96) | 112 / 77 (0.69) | 81 / 65 (0.81) |
-| BinaryNet | 832 / 984 (1.18) | 423 / 470 (1.11) | 305 / 363 (1.19) | 254 / 256 (1.01) |
+| model, batch | standard larq | low-memory | low-memory, bf16 |
+|---|---|---|---|
+| BinaryResNetE18, 16 | 674 / 812 (0.83) | 153 / 208 (0.74) | 139 / 173 (0.81) |
+| BinaryResNetE18, 32 | 1096 / 1376 (0.80) | 260 / 310 (0.84) | 240 / 244 (0.99) |
+| BiRealNet, 16 | 763 / 798 (0.96) | 225 / 268 (0.84) | 200 / 212 (0.95) |
+| BiRealNet, 32 | 1331 / 1348 (0.99) | 312 / 390 (0.80) | 269 / 303 (0.89) |
+| QuickNet, 16 | 656 / 714 (0.92) | 152 / 208 (0.73) | 148 / 186 (0.80) |
+| QuickNet, 32 | 1036 / 1158 (0.89) | 249 / 304 (0.82) | 203 / 262 (0.77) |
+| BinaryDenseNet28, 16 | 2071 / 2288 (0.90) | 317 / 381 (0.83) | 218 / 259 (0.84) |
+| BinaryDenseNet28, 32 | 4041 / 4470 (0.90) | 628 / 713 (0.88) | 390 / 468 (0.83) |
+| BinaryNet, 100 | 859 / 983 (0.87) | 245 / 258 (0.95) | 177 / 192 (0.92) |
 
-Over all 64 measured points (these, batch 1600 / 400 / 200, and the batch
-sweeps of memory_measured.json and memory_headroom.json with the `pcpp_bnn`
-pair, batch 25 to 3200) modeled / measured lies in 0.69-1.43. larq-zoo models
-at 224x224, batch 16, Adam: BinaryResNetE18 649 / 804 (1.24) as the zoo builds
-it, 376 / 377 (1.00) converted (`lqp.models.convert(..., quantizer="pcpp_bnn",
-batch_norm="proposed", low_memory=True)`); QuickNet 638 / 707 (1.11) and
-459 / 413 (0.90). The folded `zeros_like` constants of the "persistent" row
-are measured too (kept_table).
+Measured over modeled lies in 0.73-0.99 on all 27 points: the model is at
+most 1.37x above the peak, never below it. The rule it replaces (two
+buffers of the largest activation) gave 0.63 for ResNetE-18 (1.60x above):
+its stem's BN and ReLU backwards run in place, and its largest backward is
+the stem pool's (dy 12 MiB, dx 49 MiB), not two 49 MiB buffers.
 
 What is left is TF's, not the layers': the model adds rows that are alive at
 different moments (every kept tensor exists when the backward starts, every
-gradient only at its end), so it sits above the peak where float kept tensors
-dominate (standard layers, up to 1.3x); where kept tensors are bits, the peak
-is the backward of the first blocks, whose scratch TF decides: CNV's
-low-memory steps hold about 3.5 buffers of its largest activation there, not
-2 (not broken down here; conv backprop and layout buffers of oneDNN/Eigen and
-the BN backward's temporaries are the candidates), which leaves them up to
-1.45x below. Forward temporaries (pre-BN
+gradient only at its end, and by the backward of the first layers, where the
+low-memory peaks are, most kept tensors have been read and freed): that is
+why it sits above every peak, most where the kept tensors and gradients are
+large next to the working set (QuickNet, ResNetE-18 at B=16). A position-aware
+count (the kept tensors of the layers before the peak layer, the gradients
+after it) would tighten it; it is not done, so that the `kept` row stays the
+whole of what the forward pass leaves for the backward. Not counted: the
+scratch of conv backprop (Eigen/oneDNN), forward temporaries (pre-BN
 outputs, the loss), allocator fragmentation (BFC rounds every allocation up to
-a bin and splits free chunks that a later, larger tensor cannot reuse) and
-TF's own small buffers (counters, metrics, the data iterator) are not counted;
-neither is run-to-run noise: TF's executor order changes the peak (one MLP
-setting at batch 1600 measured 13.9 and 19.8 MiB in two runs).
+a bin and splits free chunks that a later, larger tensor cannot reuse),
+TF's own small buffers (counters, metrics, the data iterator), and run-to-run
+noise: TF's executor order changes the peak (repeated processes of one
+configuration differ by up to 30 MiB, the reason for the medians above).
 """
 
 from __future__ import annotations
@@ -91,16 +101,14 @@ from larq_prox.memory.census import (
     weight_of,
 )
 from larq_prox.memory.kept_table import Held, is_view, table_kept
+from larq_prox.memory.kept_table import gradient_in_place as table_gradient_in_place
 from larq_prox.memory.report import FROM_MODEL, Part, Row, bits_dtype
 from larq_prox.ops.kept import Kept
 
-__all__ = ["ROWS", "WORKING_SET_BUFFERS", "declares_kept", "model_census", "model_rows"]
+__all__ = ["ROWS", "declares_kept", "model_census", "model_rows"]
 
 ROWS = ("kept", "working_set", "weights", "gradients", "slots", "persistent")
 """The rows of a `scheme="from_model"` report."""
-
-WORKING_SET_BUFFERS = 2
-"""Buffers of the largest backward activation in the working set (calibrated; see above)."""
 
 BATCH_COPIES = 2
 """Copies of the input batch during a step: the batch tensor and the data iterator's."""
@@ -139,13 +147,51 @@ class ModelCensus:
     persistent: list = dataclasses.field(default_factory=list)  # _Entry (folded constants)
     batch: list = dataclasses.field(default_factory=list)  # _Entry (model inputs)
     variables: list = dataclasses.field(default_factory=list)  # _Variable
-    # (elements per sample, bits, layer name) of the largest tensor a gradient flows to
-    largest: tuple = (0, 32, "")
+    # (bits per sample, layer name, (role, elements, bits) per buffer) of the layer
+    # call whose backward has the most gradient buffers alive
+    largest: tuple = (0, "", ())
     unknown: list = dataclasses.field(default_factory=list)
 
 
 def _bits(tensor) -> int:
     return tf.as_dtype(tensor.dtype).size * 8
+
+
+def _gradient_in_place(call) -> bool:
+    """Whether the call's backward adds no buffer for its inputs' gradients.
+
+    The layer's declaration (`gradient_in_place`) or, for a layer without one,
+    the table (`kept_table.gradient_in_place`).
+    """
+    declared = getattr(call.layer, "gradient_in_place", None)
+    return bool(declared) if declared is not None else table_gradient_in_place(call)
+
+
+def _gradient_buffers(call, backward: set, consumers: dict) -> list[tuple[str, int, int]]:
+    """(role, elements per sample, bits) of the gradient buffers alive in `call`'s backward.
+
+    dy of each output that gets a gradient; a new dx for each input that gets
+    one, unless the backward writes it in dy's buffer or passes dy on; and the
+    gradients of the input's other readers, which wait to be summed with it.
+    Tensors without a gradient (the image, what frozen layers compute from it)
+    have no buffers.
+    """
+    layer = call.layer
+
+    def floats(pairs) -> list:
+        return [(elements_per_sample(t.shape, layer), _bits(t), k) for t, k in pairs
+                if k in backward and tf.as_dtype(t.dtype).is_floating]
+
+    outputs = floats(zip(call.outputs, call.output_keys))
+    if not outputs:
+        return []
+    inputs = floats(zip(call.inputs, call.input_keys))
+    buffers = [("dy", n, bits) for n, bits, _ in outputs]
+    if not _gradient_in_place(call):
+        buffers += [("dx", n, bits) for n, bits, _ in inputs]
+    buffers += [("dx of the input's other readers", (consumers.get(k, 1) - 1) * n, bits)
+                for n, bits, k in inputs if consumers.get(k, 1) > 1]
+    return buffers
 
 
 def _declared(call, layer, buffer) -> list[tuple[Kept, tuple | None]]:
@@ -238,20 +284,21 @@ def model_census(model: tf.keras.Model, on_unknown: str = "raise") -> ModelCensu
         entries.append(_Entry(kind, kept))
 
     backward: set = set()  # keys of tensors downstream of a trainable variable
-
-    for call in layer_calls(model, keys):
-        layer = call.layer
-        if layer.trainable_weights or any(k in backward for k in call.input_keys):
+    calls = list(layer_calls(model, keys))
+    for call in calls:
+        if call.layer.trainable_weights or any(k in backward for k in call.input_keys):
             backward.update(call.output_keys)
-        # Only tensors that get a gradient have dy/dx buffers (not the image, nor
-        # what frozen layers compute from it).
-        tensors = (*zip(call.inputs, call.input_keys), *zip(call.outputs, call.output_keys))
-        for tensor, key in tensors:
-            if tf.as_dtype(tensor.dtype).is_floating:
-                elements, bits = elements_per_sample(tensor.shape, layer), _bits(tensor)
-                big = census.largest
-                if key in backward and elements * bits > big[0] * big[1]:
-                    census.largest = (elements, bits, layer.name)
+    consumers: dict = {}  # tensor key -> calls that read it
+    for call in calls:
+        for key in set(call.input_keys):
+            consumers[key] = consumers.get(key, 0) + 1
+
+    for call in calls:
+        layer = call.layer
+        buffers = _gradient_buffers(call, backward, consumers)
+        bits = sum(n * b for _, n, b in buffers)
+        if bits > census.largest[0]:
+            census.largest = (bits, layer.name, buffers)
         if id(layer) not in seen_layers:
             seen_layers.add(id(layer))
             _add_variables(census, layer, seen_variables)
@@ -315,14 +362,13 @@ def model_rows(
 ) -> dict[str, Row]:
     """The report rows of `census` at `batch_size`, with the optimizer's slot `rule`."""
     b = batch_size
-    elements, bits, layer_name = census.largest
+    _, layer_name, buffers = census.largest
     trainable = [v for v in census.variables if v.weight.trainable]
     largest_var = max(
         trainable, key=lambda v: v.weight.count * _dtype_size(v.gradient_dtype), default=None
     )
     working = [
-        (f"{WORKING_SET_BUFFERS} x largest activation ({layer_name})",
-         WORKING_SET_BUFFERS * elements * b, bits_dtype(bits)),
+        *[(f"{role} ({layer_name} backward)", n * b, bits_dtype(bits)) for role, n, bits in buffers],
         *_entry_items(census.batch, b),
     ]  # fmt: skip
     if largest_var is not None:

@@ -59,7 +59,7 @@ from larq_prox import quantizers as pcpp_quantizers
 from larq_prox.memory.census import LayerCall, elements_per_sample, layer_classes
 from larq_prox.ops.kept import Kept
 
-__all__ = ["Held", "is_view", "table_kept"]
+__all__ = ["Held", "gradient_in_place", "is_view", "table_kept"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +420,34 @@ def is_view(layer) -> bool:
     if isinstance(layer, layer_classes("Activation")):
         return _activation_name(layer.activation) == "linear"
     return type(layer).__name__ == "TFOpLambda" and getattr(layer, "symbol", None) in _VIEW_OPS
+
+
+_PASS_ON = layer_classes("InputLayer", "Add", "Identity", "GaussianNoise", "Dropout",
+                         "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D")
+_IN_PLACE_ACTIVATIONS = ("linear", "relu", "relu6", "elu", "selu", "sigmoid", "tanh")
+_IN_PLACE_OPS = ("__operators__.add", "math.add", "identity", "nn.relu", "nn.relu6", "nn.elu",
+                 "math.sigmoid", "math.tanh", "stop_gradient")  # fmt: skip
+
+
+def gradient_in_place(call: LayerCall) -> bool:
+    """Whether the backward of `call`'s layer adds no buffer for its input's gradient.
+
+    True where TF's gradient passes dy on (Add, views, identities) or is an
+    element-wise kernel that writes dx in dy's buffer when dy has no other
+    reader (ReluGrad, SigmoidGrad, TanhGrad, EluGrad, dropout's multiply);
+    False for every other layer (convs, BatchNormalization, pooling, softmax,
+    Concatenate's slices): their dx is a buffer of its own.
+    """
+    layer = call.layer
+    if is_view(layer) or isinstance(layer, _PASS_ON):
+        return True
+    if isinstance(layer, layer_classes("ReLU")):
+        return layer.max_value is None and not layer.negative_slope and not layer.threshold
+    if isinstance(layer, layer_classes("ELU")):
+        return True
+    if isinstance(layer, layer_classes("Activation")):
+        return _activation_name(layer.activation) in _IN_PLACE_ACTIVATIONS
+    return type(layer).__name__ == "TFOpLambda" and getattr(layer, "symbol", None) in _IN_PLACE_OPS
 
 
 def table_kept(call: LayerCall) -> list[Held] | None:
