@@ -64,6 +64,7 @@ __all__ = [
     "ForwardBackward",
     "BackwardNeeds",
     "backward_needs",
+    "scaled_sign_backward",
     "check_parameter",
     "ALIASES",
     "FUNCTIONS",
@@ -632,9 +633,9 @@ _APPROX = BackwardNeeds("derivative", derivative=prox.approx_sign_derivative)
 
 # The one adapter table of larq's own sign quantizers (their forward is
 # larq.math.sign), keyed by the function or the exact class: a subclass may
-# change the backward, so it is not matched. Quantizers missing here (
-# MagnitudeAwareSign: +-scale, not +-1; DoReFa, SteTern, SteHeaviside: not
-# sign) run the standard computation.
+# change the backward, so it is not matched. Quantizers missing here
+# (MagnitudeAwareSign: +-scale, not +-1, see `scaled_sign_backward`; DoReFa,
+# SteTern, SteHeaviside: not sign) run the standard computation.
 _LARQ_BACKWARDS: dict[object, Callable[[object], BackwardNeeds]] = {
     lq.quantizers.ste_sign: lambda q: _larq_clip(1.0),
     lq.quantizers.SteSign: lambda q: _larq_clip(q.clip_value),
@@ -665,6 +666,40 @@ def backward_needs(quantizer) -> BackwardNeeds | None:
         return method()
     key = quantizer if quantizer in _LARQ_BACKWARDS else type(quantizer)
     adapter = _LARQ_BACKWARDS.get(key)
+    return None if adapter is None else adapter(quantizer)
+
+
+# Kernel quantizers whose forward is sign(w) times a per-output-channel scale,
+# stop_gradient(mean |w| over every axis but the last): larq's
+# MagnitudeAwareSign (Bi-Real Net's kernels). Exact classes, as above.
+_LARQ_SCALED_BACKWARDS: dict[object, Callable[[object], BackwardNeeds]] = {
+    lq.quantizers.MagnitudeAwareSign: lambda q: _larq_clip(q.clip_value),
+}
+
+
+def scaled_sign_backward(quantizer) -> BackwardNeeds | None:
+    r"""The backward of a kernel quantizer \(F(w) = \operatorname{sign}(w)\,s\), else None.
+
+    \(s\) = stop_gradient(mean |w| over every axis but the last), one scale per
+    output channel (larq's `MagnitudeAwareSign`); its gradient is
+    \(s\,B'(w)\,dy\) with B' as `backward_needs` describes it. The low-memory
+    layers then keep the kernel as sign bits and the per-channel scales. A
+    quantizer declares it with a `scaled_sign_backward()` method; larq's are in
+    an adapter table (the exact class: a subclass may change the forward).
+
+    ```python
+    lqp.quantizers.scaled_sign_backward(lq.quantizers.MagnitudeAwareSign()).kind   # "mask"
+    lqp.quantizers.scaled_sign_backward("ste_sign")                               # None
+    ```
+    """
+    if quantizer is None:
+        return None
+    if isinstance(quantizer, (str, dict)):
+        quantizer = get(quantizer)
+    method = getattr(quantizer, "scaled_sign_backward", None)
+    if callable(method):
+        return method()
+    adapter = _LARQ_SCALED_BACKWARDS.get(type(quantizer))
     return None if adapter is None else adapter(quantizer)
 
 

@@ -70,7 +70,7 @@ QUANTIZERS = [
     (lq.quantizers.SteSign(clip_value=None), "ste_sign"),
     (lq.quantizers.SteSign(clip_value=0.5), lqp_quantizers.BNN(clip_value=0.7)),
     ("ste_sign", None),  # float kernel: kept as it is
-    ("pcpp_bnn", "magnitude_aware_sign"),  # a non-sign kernel quantizer stays larq's
+    ("pcpp_bnn", "magnitude_aware_sign"),  # +-s kernels: kept as sign bits and scales
 ]
 
 
@@ -217,6 +217,8 @@ def test_dense_row_blocks_equal_one_block_bit_for_bit(monkeypatch, dtype):
         (*QUANTIZERS[1], (2, 3, 16)),
         (*QUANTIZERS[2], (6, 20)),
         (*QUANTIZERS[5], (6, 20)),
+        (*QUANTIZERS[6], (6, 20)),
+        ("ste_sign", "magnitude_aware_sign", (2, 3, 16)),
     ],
 )
 def test_dense_matches_larq(input_quantizer, kernel_quantizer, shape):
@@ -644,6 +646,17 @@ def _bytes_read_by_backward(layer, shape):
     return sum(read.values())
 
 
+def _declared_bytes(layer, shape) -> int:
+    """The declaration's bytes at the batch of `shape`, counted as `_bytes_read_by_backward`
+    counts: tensors of >= 64 elements (packed bits: bytes), so not per-channel scales."""
+
+    def elements(k):
+        n = k.elements * (shape[0] if k.per_sample else 1)
+        return (n * k.bits + 7) // 8 if k.bits < 8 else n
+
+    return sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape) if elements(k) >= 64)
+
+
 @pytest.mark.parametrize("make, shape", [
     (lambda: lqp_layers.QuantConv2D(8, 3, padding="same", input_quantizer="ste_sign",
                                     kernel_quantizer="ste_sign", backward_chunks=1), (8, 8, 8, 16)),
@@ -670,8 +683,48 @@ def _bytes_read_by_backward(layer, shape):
 def test_backward_reads_what_the_layer_declares(make, shape):
     layer = make()
     layer.build(shape)
-    declared = sum(k.bytes(shape[0]) for k in layer.kept_tensors(shape))
-    assert _bytes_read_by_backward(layer, shape) == declared, layer.kept_tensors(shape)
+    assert _bytes_read_by_backward(layer, shape) == _declared_bytes(layer, shape), \
+        layer.kept_tensors(shape)
+
+
+@pytest.mark.parametrize("storage_dtype", [None, "float16"])
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_magnitude_aware_kernels_keep_sign_bits_and_scales(kind, storage_dtype):
+    """larq's MagnitudeAwareSign (Bi-Real's kernels): +-s per output channel, s = mean |w|.
+
+    The low-memory layer keeps the kernel as bits and one scale per channel,
+    not a float copy, and its gradients equal larq's on the same kernel values.
+    """
+    shape = (4, 8, 8, 16) if kind == "conv" else (8, 64)
+    make = (lambda cls: cls(5, 3, padding="same", input_quantizer="ste_sign",
+                            kernel_quantizer="magnitude_aware_sign", use_bias=False,
+                            **({} if cls is lq.layers.QuantConv2D else
+                               {"storage_dtype": storage_dtype, "backward_chunks": 1}))) \
+        if kind == "conv" else (lambda cls: cls(16, input_quantizer="ste_sign",
+                                                kernel_quantizer="magnitude_aware_sign",
+                                                use_bias=False,
+                                                **({} if cls is lq.layers.QuantDense else
+                                                   {"storage_dtype": storage_dtype})))  # fmt: skip
+    standard = make(lq.layers.QuantConv2D if kind == "conv" else lq.layers.QuantDense)
+    low = make(lqp_layers.QuantConv2D if kind == "conv" else lqp_layers.QuantDense)
+    standard.build(shape)
+    low.build(shape)
+    weights = [w.astype(storage_dtype or "float32").astype("float32")
+               for w in standard.get_weights()]  # values a 16-bit kernel can hold
+    standard.set_weights(weights)
+    low.set_weights(weights)
+    kept = {k.role: k for k in low.kept_tensors(shape)}
+    channels = 5 if kind == "conv" else 16
+    assert kept["kernel signs"].bits == 1 and kept["kernel scales"].elements == channels
+    assert not any(k.bits > 1 and not k.per_sample and k.elements > channels
+                   for k in kept.values())  # no float copy of the kernel
+    assert _bytes_read_by_backward(low, shape) == _declared_bytes(low, shape)
+    x = _inputs(shape)
+    got, want = _gradients(low, x), _gradients(standard, x)
+    for g, w in zip(got[:2], want[:2], strict=True):  # outputs and dx: the same kernel values
+        np.testing.assert_array_equal(g, w)
+    # dkernel: larq's in float32; a 16-bit variable's gradient is rounded to it.
+    np.testing.assert_array_equal(got[2], want[2].astype(storage_dtype or "float32"))
 
 
 def test_fallback_declares_what_larq_keeps():

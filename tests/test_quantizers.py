@@ -389,6 +389,37 @@ def test_a_subclass_that_overrides_a_method_does_not_inherit_the_declaration():
     np.testing.assert_array_equal(tape.gradient(y, x).numpy(), [1.0, 0.0, 0.0])
 
 
+def test_scaled_sign_backward_rebuilds_magnitude_aware_signs_gradient():
+    """sign(w) * mean|w| per output channel: B' from the mask, times the scale, is autodiff's."""
+    q = lq.quantizers.MagnitudeAwareSign(clip_value=0.8)
+    needs = quantizers.scaled_sign_backward(q)
+    assert needs.kind == "mask"
+    w = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 2, 4)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        y = q(w)
+    want = tape.gradient(y, w).numpy()
+    scale = np.mean(np.abs(w.numpy()), axis=(0, 1, 2))
+    np.testing.assert_array_equal(y.numpy(), np.where(w.numpy() >= 0, 1.0, -1.0) * scale)
+    got = needs.from_mask(needs.mask(w)).numpy() * scale
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Not a scaled sign: plain signs, other quantizers, and a subclass (which may
+    # change the forward) are not matched; a quantizer may declare it itself.
+    assert quantizers.scaled_sign_backward("ste_sign") is None
+    assert quantizers.scaled_sign_backward(lq.quantizers.DoReFa()) is None
+
+    class Scaled(lq.quantizers.MagnitudeAwareSign):
+        pass
+
+    assert quantizers.scaled_sign_backward(Scaled()) is None
+
+    class Declared(lq.quantizers.MagnitudeAwareSign):
+        def scaled_sign_backward(self):
+            return quantizers.BackwardNeeds("none")
+
+    assert quantizers.scaled_sign_backward(Declared()).kind == "none"
+
+
 def test_backward_needs_validates_its_fields():
     with pytest.raises(ValueError, match="kind"):
         quantizers.BackwardNeeds("magnitude")

@@ -190,6 +190,11 @@ class KernelSign:
     variable's (a 16-bit policy, `storage_dtype`), alive from the forward use
     to the backward.
 
+    `scaled=True`: \(s\,\operatorname{sign}(w)\) with \(s\) = stop_gradient(mean
+    |w| over every axis but the last), gradient \(s\,B'(w)\,dy\): larq's
+    `MagnitudeAwareSign` (`lqp.quantizers.scaled_sign_backward`). The
+    backward keeps the mask bits and the per-channel scales.
+
     ```python
     quantize = KernelSign(lqp.quantizers.backward_needs("ste_sign"))
     binary_kernel = quantize(kernel)
@@ -198,18 +203,23 @@ class KernelSign:
 
     precision = 1
 
-    def __init__(self, needs: BackwardNeeds):
+    def __init__(self, needs: BackwardNeeds, scaled: bool = False):
         if needs.kind not in ("none", "mask"):
             raise ValueError(f"KernelSign needs a 'none' or 'mask' backward, got {needs.kind!r}.")
         self.needs = needs
+        self.scaled = scaled
 
     def kept(self, kernel_shape) -> list[Kept]:
-        """What the backward keeps: the mask bits of a "mask" backward, else nothing."""
-        if self.needs.kind == "none":
-            return []
-        return [Kept("kernel mask", int(np.prod(kernel_shape)), 1, per_sample=False)]
+        """What the backward keeps: the mask bits of a "mask" backward, and the scales if scaled."""
+        kept = [] if self.needs.kind == "none" else [
+            Kept("kernel mask", int(np.prod(kernel_shape)), 1, per_sample=False)]
+        if self.scaled:
+            kept.append(kernel_scales_kept(kernel_shape))
+        return kept
 
-    def __call__(self, kernel: tf.Tensor) -> tf.Tensor:
+    def __call__(self, kernel: tf.Tensor, dtype=None) -> tf.Tensor:
+        """The quantized kernel, in `dtype` (default: the kernel's)."""
+        dtype = tf.as_dtype(dtype or kernel.dtype)
         # Values of B' read outside the op: it then captures scalars, not variables.
         values = {}
         if self.needs.kind == "mask":
@@ -220,11 +230,23 @@ class KernelSign:
 
         @tf.custom_gradient
         def _op(kernel):
+            scale = None
+            if self.scaled:
+                axes = list(range(kernel.shape.rank - 1))
+                scale = tf.reduce_mean(tf.abs(tf.cast(kernel, dtype)), axes)
+
+            def scaled(signs):
+                return signs if scale is None else tf.cast(signs, dtype) * scale
+
+            def scale_gradient(dy):
+                return dy if scale is None else tf.cast(tf.cast(dy, dtype) * scale, kernel.dtype)
+
             if self.needs.kind == "none":
-                return sign(kernel), lambda dy: dy
+                return scaled(sign(kernel)), scale_gradient
             packed_mask = kernels.pack_bits(self.needs.mask(kernel))
 
             def grad(dy):
+                dy = scale_gradient(dy)
                 with tf.control_dependencies([dy]):
                     mask = kernels.unpack_bits(packed_mask, tf.shape(dy), tf.bool)
                 if _is_constant(values["inside"], 1) and _is_constant(values["outside"], 0):
@@ -232,9 +254,9 @@ class KernelSign:
                 return dy * tf.where(mask, values["inside"], values["outside"])
 
             with tf.control_dependencies([packed_mask]):  # the latent kernel read once, here
-                return sign(kernel), grad
+                return scaled(sign(kernel)), grad
 
-        return _op(kernel)
+        return tf.cast(_op(kernel), dtype)
 
 
 def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
@@ -251,14 +273,16 @@ def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     return kernels.sign_pack_and_nan_rows(x, after=backward.tensors(kept))
 
 
-def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
+def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType, scaled: bool = False):
     """A function of the gate (dy) giving back the kernel, in `dtype`, in the backward pass.
 
     A +-1 kernel is kept as sign bits: all binary kernels of a BinaryNet
     together are as large as its largest activation, and closing over them
-    would keep every one alive from its forward use to its backward use.
-    `restore(gate, start, stop)` gives rows [start, stop) of the kernel (a
-    dense kernel restored in blocks; `start * columns` a multiple of 8).
+    would keep every one alive from its forward use to its backward use. A
+    +-s kernel (`scaled`: one s per output channel, the last axis) is kept as
+    sign bits and s = max |kernel| per channel: s * (+-1) gives it back
+    exactly. `restore(gate, start, stop)` gives rows [start, stop) of the
+    kernel (a dense kernel restored in blocks; `start * columns` a multiple of 8).
     """
     if not binary_kernel:
 
@@ -272,6 +296,9 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
     # the flag restores the kernel as NaN, so that dx is NaN as larq's is.
     nan = tf.reduce_any(tf.math.is_nan(kernel))
     shape = kernel.shape.as_list()
+    scales = None
+    if scaled:
+        scales = tf.reduce_max(tf.abs(tf.cast(kernel, dtype)), list(range(len(shape) - 1)))
 
     def restore(gate, start=None, stop=None):
         if start is None:
@@ -281,7 +308,8 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType):
             bits = packed[start * row_bits // 8 : (stop * row_bits + 7) // 8]
             rows = [stop - start, *shape[1:]]
         with tf.control_dependencies([gate]):
-            return bitpack.unpack_signs(bits, rows, dtype, nan=nan)
+            signs = bitpack.unpack_signs(bits, rows, dtype, nan=nan)
+        return signs if scales is None else signs * scales
 
     return restore
 
@@ -307,12 +335,19 @@ def _kernel_row_bounds(kernel_shape, binary_kernel: bool) -> list[int]:
     return [*range(0, rows, size), rows]
 
 
-def kernel_kept(kernel_shape, binary_kernel: bool, bits: int = 32) -> Kept:
-    """What the binary ops keep of the kernel: its sign bits, or the kernel itself."""
+def kernel_kept(kernel_shape, binary_kernel: bool, bits: int = 32,
+                scaled: bool = False) -> list[Kept]:
+    """What the binary ops keep of the kernel: its sign bits (and scales), or the kernel itself."""
     count = int(np.prod(kernel_shape))
     if binary_kernel:
-        return Kept("kernel signs", count, 1, per_sample=False)
-    return Kept(f"kernel ({bits} bits)", count, bits, per_sample=False)
+        signs = Kept("kernel signs", count, 1, per_sample=False)
+        return [signs, kernel_scales_kept(kernel_shape, bits)] if scaled else [signs]
+    return [Kept(f"kernel ({bits} bits)", count, bits, per_sample=False)]
+
+
+def kernel_scales_kept(kernel_shape, bits: int = 32) -> Kept:
+    """One scale per output channel (the kernel's last axis) of a +-s kernel."""
+    return Kept("kernel scales", int(kernel_shape[-1]), bits, per_sample=False)
 
 
 def _passthrough() -> InputBackward:
@@ -329,6 +364,7 @@ def binary_conv2d(
     pad_values: float = 0.0,
     binary_kernel: bool = False,
     chunks: int = 1,
+    kernel_scaled: bool = False,
 ) -> tf.Tensor:
     r"""`conv2d(sign(x), kernel)` (NHWC) whose gradient keeps only the bits of x.
 
@@ -336,7 +372,9 @@ def binary_conv2d(
     `conv2d_backprop_input(kernel, dy)` with B' from `input_backward` (B' = 1
     when None). `pad_values` is the value of the padded border of sign(x) for
     `padding="SAME"` (larq's `pad_values`). `binary_kernel=True` promises a
-    +-1 kernel, which the backward then keeps as bits too. `chunks > 1` runs
+    +-1 kernel, which the backward then keeps as bits too; with
+    `kernel_scaled=True` a +-s kernel (one s per output channel, larq's
+    `MagnitudeAwareSign`), kept as bits and the scales. `chunks > 1` runs
     the backward in that many batch chunks (less memory; the gradients then
     equal the one-chunk ones up to float rounding).
 
@@ -368,7 +406,7 @@ def binary_conv2d(
         signs, packed_signs, nan_rows = _binarize_and_pack(x, backward, kept)
         nan = tf.reduce_any(nan_rows)
         kernel_shape = tf.shape(kernel)
-        kept_kernel = _kept_kernel(kernel, binary_kernel, compute)
+        kept_kernel = _kept_kernel(kernel, binary_kernel, compute, kernel_scaled)
 
         per_sample = x.shape[1:].num_elements()
         k = chunks if per_sample is not None and per_sample % 8 == 0 else 1
@@ -502,10 +540,12 @@ def binary_dense(
     kernel: tf.Tensor,
     input_backward: InputBackward | None = None,
     binary_kernel: bool = False,
+    kernel_scaled: bool = False,
 ) -> tf.Tensor:
     r"""`sign(x) @ kernel` over the last axis of x (rank >= 2) whose gradient keeps only bits of x.
 
     Rank > 2 (a transformer's tokens): the leading axes are flattened around the op.
+    `binary_kernel`, `kernel_scaled`: as in `binary_conv2d`.
 
     ```python
     y = binary_dense(x, w, input_backward=InputBackward(needs))   # = ste_sign(x) @ w
@@ -513,7 +553,7 @@ def binary_dense(
     """
     if x.shape.rank is not None and x.shape.rank > 2:
         flat = tf.reshape(x, [-1, tf.shape(x)[-1]])
-        outputs = binary_dense(flat, kernel, input_backward, binary_kernel)
+        outputs = binary_dense(flat, kernel, input_backward, binary_kernel, kernel_scaled)
         outputs = tf.reshape(outputs, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[-1:]], 0))
         outputs.set_shape(x.shape[:-1].concatenate(kernel.shape[-1:]))
         return outputs
@@ -528,7 +568,8 @@ def binary_dense(
         signs, packed_signs, nan_rows = _binarize_and_pack(x, backward, kept)
         nan = tf.reduce_any(nan_rows)
         signs = tf.cast(signs, compute)
-        bounds = _kernel_row_bounds(kernel.shape, binary_kernel)
+        # Blocks only for a +-1 kernel: the partial sums of a +-s kernel would round.
+        bounds = _kernel_row_bounds(kernel.shape, binary_kernel and not kernel_scaled)
         if kernel.dtype == compute or len(bounds) == 2:
             outputs = tf.matmul(signs, tf.cast(kernel, compute))
         else:
@@ -540,7 +581,7 @@ def binary_dense(
                     part = tf.matmul(signs[:, a:b], tf.cast(kernel[a:b], compute))
                 outputs = part if outputs is None else outputs + part
         outputs = tf.cast(outputs, x.dtype)
-        kept_kernel = _kept_kernel(kernel, binary_kernel, compute)
+        kept_kernel = _kept_kernel(kernel, binary_kernel, compute, kernel_scaled)
 
         def grad(dy):
             dy = upcast(dy)
