@@ -263,38 +263,50 @@ def plot(report: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    for model_name, style in (("binarynet", "o-"), ("resnete18", "s--")):
-        rows = [r for r in report.get("bytes", []) if r["model"] == model_name]
-        if rows:
-            ax.plot([r["replicas"] for r in rows], [r["sent_ratio"] for r in rows], style,
-                    label=f"{model_name}: sent per replica (ring)")
-            ax.plot([r["replicas"] for r in rows], [r["input_ratio"] for r in rows], style[0] + ":",
-                    label=f"{model_name}: collective input", alpha=0.6)
-    ax.legend(fontsize=7)
-    ax.axhline(8, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="replicas", ylabel="sum bytes / sign_vote bytes", xscale="log", yscale="log",
-           title="binary-kernel gradient bytes per step")
-    ax = axes[1]
     runs = report.get("accuracy", [])
-    labels = [(m, a, r) for m in ("mlp", "cnv") for a, r in
-              (("single", 1), ("sum", 2), ("sign_vote", 2), ("sum", 4), ("sign_vote", 4))]
-    values = [[run["val_accuracy"][-1] for run in runs if not run.get("synchronized")
-               and (run["model"], run["aggregation"], run["replicas"]) == key] for key in labels]
-    keep = [i for i, v in enumerate(values) if v]
-    ax.bar(range(len(keep)), [np.mean(values[i]) for i in keep],
-           yerr=[np.std(values[i]) for i in keep], color="tab:blue")
-    ax.set_xticks(range(len(keep)), [f"{labels[i][0]} {labels[i][1]} x{labels[i][2]}"
-                                     for i in keep], rotation=60, fontsize=7)
-    lo = min((min(values[i]) for i in keep), default=0)
-    ax.set(ylim=(max(0, lo - 0.05), 1), ylabel="test accuracy", title="Fashion-MNIST")
-    ax = axes[2]
     rows = report.get("speed", {}).get("rows", [])
-    ax.bar(range(len(rows)), [r["ratio_to_single"] for r in rows], color="tab:orange")
-    ax.set_xticks(range(len(rows)), [f"{r['aggregation']} x{r['replicas']}" for r in rows],
-                  rotation=30, fontsize=8)
-    ax.set(ylabel="step time / one device", title="MLP step time (logical CPUs, one host)")
+    panels = [name for name, present in (("bytes", report.get("bytes")), ("accuracy", runs),
+                                         ("speed", rows)) if present]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    if "bytes" in axes:
+        ax = axes["bytes"]
+        for model_name, style in (("binarynet", "o-"), ("resnete18", "s--")):
+            found = [r for r in report["bytes"] if r["model"] == model_name]
+            if found:
+                ax.plot([r["replicas"] for r in found], [r["sent_ratio"] for r in found], style,
+                        label=f"{model_name}: sent per replica (ring)")
+                ax.plot([r["replicas"] for r in found], [r["input_ratio"] for r in found],
+                        style[0] + ":", label=f"{model_name}: collective input", alpha=0.6)
+        ax.legend(fontsize=7)
+        ax.axhline(8, color="gray", lw=0.8, ls="--")
+        ax.set(xlabel="replicas", ylabel="sum bytes / sign_vote bytes", xscale="log",
+               yscale="log", title="binary-kernel gradient bytes per step")
+    if "accuracy" in axes:
+        ax = axes["accuracy"]
+        # Per-replica BN (blue) and synchronized BN (orange, "sync") side by side.
+        labels = [(m, a, r, sync) for m in ("mlp", "cnv") for a, r in
+                  (("single", 1), ("sum", 2), ("sign_vote", 2), ("sum", 4), ("sign_vote", 4))
+                  for sync in (False, True)]
+        values = [[run["val_accuracy"][-1] for run in runs
+                   if (run["model"], run["aggregation"], run["replicas"],
+                       bool(run.get("synchronized"))) == key] for key in labels]
+        keep = [i for i, v in enumerate(values) if v]
+        ax.bar(range(len(keep)), [np.mean(values[i]) for i in keep],
+               yerr=[np.std(values[i]) for i in keep],
+               color=["tab:orange" if labels[i][3] else "tab:blue" for i in keep])
+        ax.set_xticks(range(len(keep)), [
+            f"{labels[i][0]} {labels[i][1]} x{labels[i][2]}{' sync' if labels[i][3] else ''}"
+            for i in keep], rotation=60, fontsize=7)
+        lo = min((min(values[i]) for i in keep), default=0)
+        ax.set(ylim=(max(0, lo - 0.03), min(1, max(max(values[i]) for i in keep) + 0.02)),
+               ylabel="test accuracy (mean, std over seeds)", title="Fashion-MNIST")
+    if "speed" in axes:
+        ax = axes["speed"]
+        ax.bar(range(len(rows)), [r["ratio_to_single"] for r in rows], color="tab:orange")
+        ax.set_xticks(range(len(rows)), [f"{r['aggregation']} x{r['replicas']}" for r in rows],
+                      rotation=30, fontsize=8)
+        ax.set(ylabel="step time / one device", title="MLP step time (logical CPUs, one host)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
