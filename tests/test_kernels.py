@@ -322,6 +322,28 @@ def test_bitmask_pool_equals_reference_bit_for_bit(pool, shape, kind, fallback):
     assert _same(got[0], tf.nn.max_pool2d(x, pool, pool, "VALID").numpy())
 
 
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float64])
+@pytest.mark.parametrize("pool, shape", [((2, 2), (2, 6, 6, 16)), ((3, 2), (1, 7, 5, 24))])
+def test_bitmask_pool_whole_byte_channels_in_other_dtypes(pool, shape, dtype, fallback):
+    """The kernel's byte-wise path (channels divisible by 8) with ties and NaN, 16/64-bit."""
+    x = np.random.default_rng(7).integers(0, 3, size=shape).astype(np.float32)
+    x.reshape(-1)[::5] = np.nan
+    x = tf.constant(x, dtype)
+    out_shape = (shape[0], shape[1] // pool[0], shape[2] // pool[1], shape[3])
+    dy = tf.constant(np.random.default_rng(8).normal(size=out_shape), dtype)
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = pooling.bitmask_max_pool2d(x, pool)
+        return tape.gradient(y, x, output_gradients=dy).numpy()
+
+    got = run()
+    with fallback():
+        want = run()
+    assert _same(got, want)
+
+
 # (pool, strides, padding, input shape): 2x2, the zoo stems' 3x3/2 'same' and 'valid', 3x1,
 # rectangular with gaps, 1x1 (no bits), odd sizes, batch 1, output counts not divisible by 8.
 ARGMAX_POOLS = [
