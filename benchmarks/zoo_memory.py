@@ -17,8 +17,8 @@ installation has `scheme="from_model"`) and the step time.
   the variables it captured): 44.6 MiB for ResNetE-18 at 224x224, which the
   converted model does not need.
 
-The paper's BinaryNet (CIFAR-10 shapes, B=100) runs in the same two
-configurations (`lqp.models.binarynet`, larq's ste_sign).
+The paper's MLP (28x28x1), CNV and BinaryNet (CIFAR-10 shapes), B=100, run in
+the same configurations (`lqp.models.mlp/cnv/binarynet`, larq's ste_sign).
 
     python benchmarks/zoo_memory.py            # 224x224, B=16 and 32 (about an hour on 2 cores)
     python benchmarks/zoo_memory.py --quick    # B=16 only, no DenseNet
@@ -45,7 +45,11 @@ ZOO = {  # name -> (larq_zoo module, class)
     "QuickNet": ("sota", "QuickNet"),
     "BinaryDenseNet28": ("literature", "BinaryDenseNet28"),
 }
-PAPER = {"BinaryNet": ((32, 32, 3), 100)}
+PAPER = {  # name -> (lqp.models builder, input shape, batch size)
+    "MLP": ("mlp", (28, 28, 1), 100),
+    "CNV": ("cnv", (32, 32, 3), 100),
+    "BinaryNet": ("binarynet", (32, 32, 3), 100),
+}
 LOW_MEMORY = dict(batch_norm="proposed", low_memory=True, storage_dtype="float16",
                   saved_dtype="float16")
 CONFIGS = {  # name -> convert() options (None: the model as built)
@@ -96,8 +100,10 @@ def build(name: str, config: str, size: int, model_json: str | None = None):
         kwargs = dict(batch_norm="standard") if options is None else dict(
             batch_norm="proposed", low_memory=True, storage_dtype="float16",
             **{k: v for k, v in options.items() if k == "magnitude_bits"})
-        model = lqp.models.binarynet(kernel_quantizer="ste_sign", input_quantizer="ste_sign",
-                                     **kwargs)
+        builder, shape, _ = PAPER[name]
+        model = getattr(lqp.models, builder)(kernel_quantizer="ste_sign",
+                                             input_quantizer="ste_sign", input_shape=shape,
+                                             **kwargs)
     else:
         import larq_zoo as lqz
 
@@ -340,7 +346,7 @@ def main(argv=None) -> int:
         points = [p for p in json.loads(args.reuse.read_text())["points"] if "error" not in p
                   and p["config"] not in args.configs and (p["model"] in names)]
     for name in names:
-        plan = [(PAPER[name][1], PAPER[name][0][0])] if name in PAPER else [
+        plan = [(PAPER[name][2], PAPER[name][1][0])] if name in PAPER else [
             (b, 224) for b in batches]
         for batch, size in plan:
             for config in args.configs:
