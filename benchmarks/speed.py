@@ -1,6 +1,9 @@
 """Training step time: standard larq vs the low-memory path, with the fused kernels and without.
 
-For the paper's MLP, CNV and BinaryNet shapes (random data, batch 100), one
+For the paper's MLP, CNV and BinaryNet shapes (random data, batch 100) and
+larq-zoo's BinaryResNetE18 at 224x224 (batch 16; `--models resnete18`: the
+zoo model as built vs `lqp.models.convert(..., low_memory=True,
+saved_dtype="float16")` with the row's kernel storage), one
 process builds every setup and times `train_on_batch` steps after warm-up,
 alternating the setups step by step so that load on the machine hits all alike:
 
@@ -49,7 +52,10 @@ import tensorflow as tf  # noqa: E402
 from harness import measure_steps, run_fresh  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-SHAPES = {"mlp": (28, 28, 1), "cnv": (32, 32, 3), "binarynet": (32, 32, 3)}
+SHAPES = {"mlp": (28, 28, 1), "cnv": (32, 32, 3), "binarynet": (32, 32, 3),
+          "resnete18": (224, 224, 3)}
+CLASSES = {"resnete18": 1000}  # larq-zoo's ImageNet head; 10 for the paper's models
+ZOO_BATCH = 16  # the zoo model's batch size (the paper's models: --batch-size)
 SETUPS = ("standard", "kernels", "fallback")
 UPDATE_SETUP = "kernels_tf_update"  # 16-bit storage: kernels, but the optimizer's own update
 
@@ -85,6 +91,18 @@ def setup_switches(setup: str):
 
 def build(model_name: str, setup: str, jit: bool, storage: str | None) -> tf.keras.Model:
     low_memory = setup != "standard"
+    if model_name == "resnete18":  # larq-zoo's, as built; low-memory: the convert() recipe
+        import larq_zoo as lqz
+
+        model = lqz.literature.BinaryResNetE18(input_shape=SHAPES[model_name], weights=None,
+                                               num_classes=CLASSES[model_name])
+        if low_memory:
+            model = lqp.models.convert(model, batch_norm="proposed", low_memory=True,
+                                       storage_dtype=storage, saved_dtype="float16")
+        adam = tf.keras.optimizers.legacy.Adam(1e-3)
+        model.compile(lqp.optimizers.BinaryGradient(adam) if low_memory else adam,
+                      "sparse_categorical_crossentropy", jit_compile=jit)
+        return model
     model = getattr(lqp.models, model_name)(
         kernel_quantizer="pcpp_bnn", input_quantizer="pcpp_bnn",
         batch_norm="proposed" if low_memory else "standard", low_memory=low_memory,
@@ -98,8 +116,9 @@ def build(model_name: str, setup: str, jit: bool, storage: str | None) -> tf.ker
 
 def _data(model_name: str, batch: int):
     rng = np.random.default_rng(0)
+    batch = ZOO_BATCH if model_name in CLASSES else batch
     x = rng.uniform(-1, 1, (batch, *SHAPES[model_name])).astype("float32")
-    return x, rng.integers(0, 10, batch)
+    return x, rng.integers(0, CLASSES.get(model_name, 10), batch)
 
 
 def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warmup: int,
@@ -124,8 +143,8 @@ def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warm
             times[setup].append(time.perf_counter() - start)
     median = {setup: float(np.median(t)) for setup, t in times.items()}
     mode = "jit" if jit else "graph"
-    row = {"model": model_name, "mode": mode, "storage": storage or "float32", "batch": batch,
-           "steps": steps, **{f"{s}_s": median[s] for s in setups}}
+    row = {"model": model_name, "mode": mode, "storage": storage or "float32",
+           "batch": int(x.shape[0]), "steps": steps, **{f"{s}_s": median[s] for s in setups}}
     for setup in setups[1:]:
         row[f"ratio_{setup}"] = median[setup] / median["standard"]
     print(f"{model_name:9s} {mode:5s} {row['storage']:7s} "

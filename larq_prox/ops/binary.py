@@ -462,27 +462,15 @@ def binary_conv2d(
         def grad(dy):
             if any(d > 1 for d in dilations):
                 return dilated_grad(dy)
-            # Chunk by chunk, each chunk waiting for the previous one (starting
-            # from dy): graph mode would otherwise unpack during the forward
-            # pass, or run all chunks side by side. Chunks over the batch bound
-            # the unpacked signs and the conv kernels' scratch to 1/k of an
-            # activation. Within a chunk, the kernel's and the input's
-            # gradients run side by side (as TF's own conv gradient does): the
-            # one chunk of signs they add is 1/k of an activation. dkernel sums
-            # the k partial products.
-            restored = kept_kernel(dy)
-            # The chunks of dx are written into one buffer in place: a concat
-            # would hold all chunks and the whole result at once. XLA has no
-            # InplaceUpdate, and places a concat's parts in its output anyway.
-            in_place = k > 1 and not kernels.in_xla_context()
-            gate, dkernel, dxs = [dy], None, []
-            if in_place:
-                with tf.control_dependencies(gate):
-                    dx_all = tf.raw_ops.Empty(shape=shape, dtype=x.dtype, init=False)
-                gate = [dx_all]
+            # Every backward op waits for the previous one (starting from dy):
+            # graph mode would otherwise unpack during the forward pass, or run
+            # the chunks side by side. Chunks over the batch bound the
+            # unpacked signs and the conv kernels' scratch to 1/k of an
+            # activation; dkernel then sums k partial products.
+            gate, dkernel = dy, None
             for i in range(k):
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
-                with tf.control_dependencies(gate):
+                with tf.control_dependencies([gate]):
                     bits = part(packed_signs, i, bytes_per_sample)
                     signs = _padded(bitpack.unpack_signs(bits, rows, compute, nan=nan))
                     dy_part = upcast(part(dy, i))  # 16-bit dy: its float32 chunk, in turn
@@ -490,9 +478,25 @@ def binary_conv2d(
                     signs, kernel_shape, dy_part, strides, padding, dilations=dilations
                 )
                 dkernel = partial if dkernel is None else dkernel + partial
-                dx = tf.compat.v1.nn.conv2d_backprop_input(
-                    rows + border, restored, dy_part, strides, padding, dilations=dilations
-                )
+                gate = dkernel
+            restored = kept_kernel(dkernel)
+            # The chunks are written into one buffer in place: a concat would
+            # hold all chunks and the whole result at once. XLA has no
+            # InplaceUpdate, and places a concat's parts in its output anyway.
+            in_place = k > 1 and not kernels.in_xla_context()
+            dxs = []
+            if in_place:
+                with tf.control_dependencies([gate]):
+                    dx_all = tf.raw_ops.Empty(shape=shape, dtype=x.dtype, init=False)
+                gate = dx_all
+            for i in range(k):
+                rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
+                with tf.control_dependencies([gate]):
+                    dy_part = upcast(part(dy, i))
+                with tf.control_dependencies([dy_part]):
+                    dx = tf.compat.v1.nn.conv2d_backprop_input(
+                        rows + border, restored, dy_part, strides, padding, dilations=dilations
+                    )
                 if explicit is not None:
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
                 if k == 1:
@@ -502,11 +506,10 @@ def binary_conv2d(
                 dx = tf.cast(dx, x.dtype)  # the chunk's float32 result, rounded once
                 if in_place:
                     rows_i = tf.range(bounds[i], bounds[i + 1])
-                    dx_all = tf.raw_ops.InplaceUpdate(x=dx_all, i=rows_i, v=dx)
-                    gate = [dkernel, dx_all]
+                    dx_all = gate = tf.raw_ops.InplaceUpdate(x=dx_all, i=rows_i, v=dx)
                 else:
                     dxs.append(dx)
-                    gate = [dkernel, dx]
+                    gate = dx
             dkernel = tf.cast(dkernel, kernel.dtype)
             if in_place:
                 return dx_all, dkernel
