@@ -657,15 +657,20 @@ def backward_needs(quantizer) -> BackwardNeeds | None:
     lqp.quantizers.backward_needs(lq.quantizers.SteSign(None)).kind  # "none"
     ```
     """
+    return _declared(quantizer, "backward_needs", _LARQ_BACKWARDS)
+
+
+def _declared(quantizer, method: str, adapters: dict) -> BackwardNeeds | None:
+    """The quantizer's own `method()`, else its adapter (by function or exact class), else None."""
     if quantizer is None:
         return None
     if isinstance(quantizer, (str, dict)):
         quantizer = get(quantizer)
-    method = getattr(quantizer, "backward_needs", None)
-    if callable(method):
-        return method()
-    key = quantizer if quantizer in _LARQ_BACKWARDS else type(quantizer)
-    adapter = _LARQ_BACKWARDS.get(key)
+    declaration = getattr(quantizer, method, None)
+    if callable(declaration):
+        return declaration()
+    key = quantizer if quantizer in adapters else type(quantizer)
+    adapter = adapters.get(key)
     return None if adapter is None else adapter(quantizer)
 
 
@@ -692,15 +697,7 @@ def scaled_sign_backward(quantizer) -> BackwardNeeds | None:
     lqp.quantizers.scaled_sign_backward("ste_sign")                               # None
     ```
     """
-    if quantizer is None:
-        return None
-    if isinstance(quantizer, (str, dict)):
-        quantizer = get(quantizer)
-    method = getattr(quantizer, "scaled_sign_backward", None)
-    if callable(method):
-        return method()
-    adapter = _LARQ_SCALED_BACKWARDS.get(type(quantizer))
-    return None if adapter is None else adapter(quantizer)
+    return _declared(quantizer, "scaled_sign_backward", _LARQ_SCALED_BACKWARDS)
 
 
 def get(identifier):
