@@ -192,6 +192,9 @@ class BackwardNeeds:
     - `"mask"`: \(B'(x)\) is `from_mask(mask(x))`, a function of one bit per
       element (`mask(x)` is bool, `from_mask(bit, dtype)` is elementwise, so
       B' takes two values: `from_mask(True)` and `from_mask(False)`).
+      Optionally `mask_bound(dtype)`, a scalar c, declares that `mask(x)` is
+      `-c <= x <= c` (a clipped straight-through estimator): the fused kernel
+      then computes the mask in the same pass over x as the signs.
     - `"derivative"`: \(B'(x)\) needs the magnitude of x: `derivative(x)`
       computes it; a low-memory layer keeps it at its `backward_bits`.
 
@@ -206,6 +209,7 @@ class BackwardNeeds:
     mask: Callable[[tf.Tensor], tf.Tensor] | None = None
     from_mask: Callable[..., tf.Tensor] | None = None
     derivative: Callable[[tf.Tensor], tf.Tensor] | None = None
+    mask_bound: Callable[[tf.DType], tf.Tensor] | None = None
 
     def __post_init__(self):
         if self.kind not in BACKWARD_KINDS:
@@ -288,6 +292,9 @@ class PCPPQuantizer(_BaseQuantizer):
         """B' rebuilt from `backward_mask(x)`: equals `backward_derivative(x)`."""
         raise NotImplementedError(f"{type(self).__name__}'s B' is not determined by a mask.")
 
+    backward_mask_bound = None
+    """Optional method `(dtype) -> c` declaring `backward_mask(x) == (-c <= x <= c)`."""
+
     @property
     def schedule_parameters(self) -> dict[str, tf.Variable]:
         """The annealable parameters, name -> non-trainable variable."""
@@ -324,7 +331,12 @@ class PCPPQuantizer(_BaseQuantizer):
         if storage == "none":
             return BackwardNeeds("none")
         if storage == "mask":
-            return BackwardNeeds("mask", mask=self.backward_mask, from_mask=self.backward_from_mask)
+            bound = self.backward_mask_bound
+            if bound is not None and not _declaration_current(self, "backward_mask_bound",
+                                                               "backward_mask"):
+                bound = None  # a subclass with its own mask: its bound is not known
+            return BackwardNeeds("mask", mask=self.backward_mask, from_mask=self.backward_from_mask,
+                                 mask_bound=bound)
         return BackwardNeeds("derivative", derivative=self.backward_derivative)
 
     def call(self, inputs, training=None):
@@ -403,8 +415,11 @@ class BNN(PCPPQuantizer):
 
     def backward_mask(self, x):
         # Two comparisons, not abs(x): no float temporary of x's size.
-        clip = tf.cast(self.clip_value, x.dtype)
+        clip = self.backward_mask_bound(x.dtype)
         return tf.logical_and(x <= clip, x >= -clip)
+
+    def backward_mask_bound(self, dtype):
+        return tf.cast(self.clip_value, dtype)
 
     def backward_from_mask(self, mask, dtype=tf.float32):
         return tf.cast(mask, dtype)
@@ -526,8 +541,11 @@ class RPC(_ProxPair):
         return self._prox_derivative(x)
 
     def backward_mask(self, x):
-        varrho = tf.cast(self.varrho, x.dtype)
+        varrho = self.backward_mask_bound(x.dtype)
         return tf.logical_and(x <= varrho, x >= -varrho)
+
+    def backward_mask_bound(self, dtype):
+        return tf.cast(self.varrho, dtype)
 
     def backward_from_mask(self, mask, dtype=tf.float32):
         rho, varrho = tf.cast(self.rho, dtype), tf.cast(self.varrho, dtype)
@@ -622,6 +640,7 @@ def _larq_clip(clip_value) -> BackwardNeeds:
         "mask",
         mask=lambda x: tf.logical_and(x <= clip, x >= -clip),
         from_mask=lambda bit, dtype=tf.float32: tf.cast(bit, dtype),
+        mask_bound=lambda dtype: tf.constant(clip, dtype),
     )
 
 

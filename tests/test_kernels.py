@@ -131,19 +131,88 @@ def test_sign_pack_and_nan_rows_equal_bitpack(shape, dtype, fallback):
         assert got.shape == ref.shape and _same(got.numpy(), ref.numpy())
 
 
-def test_sign_pack_and_nan_rows_runs_the_kernel_in_binary_layers(fallback):
-    def op_types():
-        layer = lqp_layers.QuantDense(3, input_quantizer="ste_sign", kernel_quantizer="ste_sign")
-        graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
-            tf.TensorSpec((None, 6))).graph
-        types = {op.type for op in graph.get_operations()}
-        for function in graph._functions.values():
-            types |= {node.op for node in function.definition.node_def}
-        return types
-
-    assert "LqpSignAndPack" in op_types()
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
+@pytest.mark.parametrize("bound", [1.0, 1.3, 0.0])
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=["x".join(map(str, s)) for s in NAN_SHAPES])
+def test_sign_pack_with_mask_equals_its_reference(shape, bound, dtype, fallback):
+    """The mask of -c <= x <= c bit for bit (NaN outside, c rounded to x's dtype, c = 0:
+    only the zeros), and the other outputs as without the mask."""
+    x = _values(shape, seed=12) * 1.5
+    edges = [bound, -bound, bound * 1.01 + 0.01][: x.size]  # the edges, just outside
+    x.reshape(-1)[: len(edges)] = edges
+    x = tf.cast(x, dtype)
+    got = kernels.sign_pack_and_nan_rows(x, mask_bound=bound)
+    c = tf.cast(bound, dtype).numpy()
+    with np.errstate(invalid="ignore"):
+        inside = (x.numpy() <= c) & (x.numpy() >= -c)
+    assert _same(got[3].numpy(), _np_pack(inside))
+    for a, b in zip(got[:3], kernels.sign_pack_and_nan_rows(x), strict=True):
+        assert _same(a.numpy(), b.numpy())
     with fallback():
-        assert "LqpSignAndPack" not in op_types()
+        reference = kernels.sign_pack_and_nan_rows(x, mask_bound=bound)
+    for a, b in zip(got, reference, strict=True):
+        assert a.shape == b.shape and _same(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=["x".join(map(str, s)) for s in NAN_SHAPES])
+def test_kernel_signs_are_nan_at_the_nan_weights_only(shape, dtype, fallback):
+    """nan="elements": larq.math.sign's NaN (per weight); pack_signs_and_nan: bits and the flag."""
+    x = tf.cast(_values(shape, seed=13), dtype)
+    signs = kernels.sign_pack_and_nan_rows(x, nan="elements")[0]
+    with np.errstate(invalid="ignore"):
+        want = np.where(np.isnan(x.numpy()), np.nan, np.where(x.numpy() >= 0, 1.0, -1.0))
+    assert _same(signs.numpy(), want.astype(dtype.as_numpy_dtype))
+    packed, nan = kernels.pack_signs_and_nan(x)
+    assert _same(packed.numpy(), bitpack.pack_signs(x).numpy())
+    assert bool(nan) == bool(np.isnan(x.numpy()).any())
+    with fallback():
+        reference = kernels.sign_pack_and_nan_rows(x, nan="elements")[0]
+        reference_packed, reference_nan = kernels.pack_signs_and_nan(x)
+    assert _same(signs.numpy(), reference.numpy())
+    assert _same(packed.numpy(), reference_packed.numpy()) and bool(nan) == bool(reference_nan)
+    with pytest.raises(ValueError, match="'rows' or 'elements'"):
+        kernels.sign_pack_and_nan_rows(x, nan="samples")
+
+
+def _op_types(layer):
+    """How many ops of each type a training call of `layer` runs (its functions' too)."""
+    import collections
+
+    graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
+        tf.TensorSpec((None, 6))).graph
+    types = collections.Counter(op.type for op in graph.get_operations())
+    for function in graph._functions.values():
+        types.update(node.op for node in function.definition.node_def)
+    return types
+
+
+def test_sign_pack_and_nan_rows_runs_the_kernel_in_binary_layers(fallback):
+    """A clipped STE's mask is packed in the signs' pass (input and kernel alike); a mask
+    without a declared bound is packed apart."""
+    def dense(quantizer="ste_sign"):
+        return lqp_layers.QuantDense(3, input_quantizer=quantizer, kernel_quantizer="ste_sign")
+
+    types = _op_types(dense())
+    assert types["LqpSignMaskAndPack"] == 2 and types["LqpPackBits"] == 0
+    assert "SelectV2" not in types  # no pure-TF sign or mask select left
+    types = _op_types(dense("pcpp_bc"))  # B' = 1: the input's signs alone
+    assert types["LqpSignMaskAndPack"] == 1 and types["LqpSignAndPack"] >= 1
+
+    class OwnMask(quantizers.BNN):  # a new mask: the inherited bound must not be used
+        backward_storage = "mask"
+
+        def backward_mask(self, x):
+            return x > 0
+
+    needs = quantizers.backward_needs(OwnMask())
+    assert needs.kind == "mask" and needs.mask_bound is None
+    assert quantizers.backward_needs(quantizers.BNN(clip_value=2.0)).mask_bound(tf.float32) == 2.0
+    types = _op_types(dense(OwnMask()))
+    assert types["LqpSignMaskAndPack"] == 1 and types["LqpPackBits"] == 1
+    with fallback():
+        types = _op_types(dense())
+        assert not any(name.startswith("Lqp") for name in types)
 
 
 @pytest.mark.parametrize("select", [True, False])

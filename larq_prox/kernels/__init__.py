@@ -11,6 +11,7 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `normalize_proposed(edges=...)` (`magnitude_bits`) | the bins of \|x\|, their bit planes and per-channel means; their unpacking in the backward | 1 more read of x forward; the planes read with the bits |
 | `sign_and_pack` | `x >= 0`, `pack_bits`, `where` | 1 read, bits + signs written |
 | `sign_pack_and_nan_rows` | the same plus `bitpack.nan_rows` and NaN signs for a sample holding a NaN | 1 read, bits + signs + flags written |
+| `sign_pack_and_nan_rows(mask_bound=c)` | the same plus a clipped STE's mask `-c <= x <= c`, `pack_bits` | 1 read, and the mask bits written |
 | `pack_bits`, `pack_signs`, `unpack_bits`, `unpack_signs` | `larq_prox.bitpack` (same signatures, same bits) | 1 |
 | `apply_mask` | `unpack_bits` + `where` / multiply of a binary input's STE mask | 1 |
 | `first_max_bits`, `unpool_bits` | `bitmask_max_pool2d`'s window mask and its scatter | 1 |
@@ -69,6 +70,7 @@ __all__ = [
     "pack_signs",
     "reason",
     "sign_and_pack",
+    "pack_signs_and_nan",
     "sign_pack_and_nan_rows",
     "unpack_bits",
     "unpack_signs",
@@ -159,7 +161,7 @@ def use(*tensors: tf.Tensor, dtypes=_FLOAT_DTYPES) -> bool:
     return True
 
 
-for _name in ("LqpL1Moments", "LqpSignAndPack", "LqpPackBits", "LqpUnpackBits", "LqpFirstMaxBits",
+for _name in ("LqpL1Moments", "LqpSignAndPack", "LqpSignMaskAndPack", "LqpPackBits", "LqpUnpackBits", "LqpFirstMaxBits",
               "LqpArgmaxMaxPool"):
     tf.no_gradient(_name)
 
@@ -186,7 +188,8 @@ def _unpack(packed, shape, dtype, on, off, reference):
     packed = tf.convert_to_tensor(packed)
     if use(packed, dtypes=(tf.uint8,)) and dtype in _UNPACK_DTYPES:
         shape = tf.cast(tf.convert_to_tensor(shape), tf.int32)
-        return library().lqp_unpack_bits(packed, shape, tf.constant(on, dtype), tf.constant(off, dtype))
+        on, off = (tf.cast(v, dtype) for v in (on, off))
+        return library().lqp_unpack_bits(packed, shape, on, off)
     return reference(packed, shape, dtype)
 
 
@@ -196,9 +199,15 @@ def unpack_bits(packed: tf.Tensor, shape, dtype=tf.bool) -> tf.Tensor:
                    False if dtype == tf.bool else 0, bitpack.unpack_bits)
 
 
-def unpack_signs(packed: tf.Tensor, shape, dtype=tf.float32) -> tf.Tensor:
-    """`bitpack.unpack_signs`: the bits as +1 / -1 of `dtype`."""
-    return _unpack(packed, shape, dtype, 1, -1, bitpack.unpack_signs)
+def unpack_signs(packed: tf.Tensor, shape, dtype=tf.float32, nan=None) -> tf.Tensor:
+    """`bitpack.unpack_signs`: the bits as +1 / -1 of `dtype`; all NaN where the bool `nan` is True."""
+    if nan is None:
+        return _unpack(packed, shape, dtype, 1, -1, bitpack.unpack_signs)
+    not_a_number = tf.constant(float("nan"), dtype)
+    on = tf.where(nan, not_a_number, tf.constant(1, dtype))
+    off = tf.where(nan, not_a_number, tf.constant(-1, dtype))
+    return _unpack(packed, shape, dtype, on, off,
+                   lambda packed, shape, dtype: bitpack.unpack_signs(packed, shape, dtype, nan=nan))
 
 
 def sign_and_pack(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -214,7 +223,8 @@ def sign_and_pack(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.where(positive, tf.constant(1, x.dtype), tf.constant(-1, x.dtype)), packed
 
 
-def sign_pack_and_nan_rows(x: tf.Tensor, after=()) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None,
+                           nan: str = "rows") -> tuple[tf.Tensor, ...]:
     """(signs, packed bits of x >= 0, `bitpack.nan_rows(x)`), the signs NaN in a sample holding a NaN.
 
     A NaN has no sign bit: the flags ([batch, 1, ...] bool) carry it to
@@ -223,27 +233,60 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=()) -> tuple[tf.Tensor, tf.Tensor
     before they are allocated (the kernel may write them in x's buffer).
     One pass over x by the kernel; its pure-TF reference reads x twice
     (a comparison and `is_nan`) and builds the signs from the bool result.
+    With `mask_bound` (a scalar c in x's dtype), also the packed mask of
+    `-c <= x <= c` (a clipped STE's B'), in the same pass: then
+    (signs, packed, nan_rows, packed_mask). `nan="elements"`: NaN signs at
+    the NaN elements only (`larq.math.sign`'s), for a kernel's signs.
 
     ```python
     signs, packed, nan_rows = kernels.sign_pack_and_nan_rows(x)
+    signs, packed, nan_rows, mask = kernels.sign_pack_and_nan_rows(x, mask_bound=1.0)
+    ```
+    """
+    if nan not in ("rows", "elements"):
+        raise ValueError(f"`nan` must be 'rows' or 'elements', got {nan!r}.")
+    x = tf.convert_to_tensor(x)
+    masked = mask_bound is not None
+    if masked:
+        mask_bound = tf.cast(mask_bound, x.dtype)
+    if x.shape.rank and use(x):
+        attrs = dict(nan_signs=nan == "rows", nan_elements=nan == "elements")
+        with tf.control_dependencies(list(after)):
+            if masked:
+                signs, packed, mask, nan_rows = library().lqp_sign_mask_and_pack(
+                    x, mask_bound, **attrs)
+                return signs, packed, nan_rows, mask
+            return tuple(library().lqp_sign_and_pack(x, **attrs))
+    positive = x >= 0
+    packed = bitpack.pack_bits(positive)
+    nan_rows = bitpack.nan_rows(x)
+    mask = []
+    if masked:
+        mask = [bitpack.pack_bits(tf.logical_and(x <= mask_bound, x >= -mask_bound))]
+    # Only comparisons read x, and the signs come from their bool result once
+    # the bits are packed: x is freed before the signs are allocated.
+    with tf.control_dependencies([packed, nan_rows, *mask, *after]):
+        not_a_number = tf.constant(float("nan"), x.dtype)
+        where_nan = nan_rows if nan == "rows" else tf.math.is_nan(x)
+        one = tf.where(where_nan, not_a_number, tf.constant(1, x.dtype))
+        minus_one = tf.where(where_nan, not_a_number, tf.constant(-1, x.dtype))
+        signs = tf.where(positive, one, minus_one)
+    return (signs, packed, nan_rows, *mask)
+
+
+def pack_signs_and_nan(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(`pack_signs(x)`, whether x holds a NaN): one pass over x (a kernel kept as bits).
+
+    ```python
+    packed, nan = kernels.pack_signs_and_nan(kernel)
+    kernels.unpack_signs(packed, tf.shape(kernel), nan=nan)   # all NaN if a weight was
     ```
     """
     x = tf.convert_to_tensor(x)
     if x.shape.rank and use(x):
-        with tf.control_dependencies(list(after)):
-            signs, packed, nan_rows = library().lqp_sign_and_pack(x, nan_signs=True)
-        return signs, packed, nan_rows
-    positive = x >= 0
-    packed = bitpack.pack_bits(positive)
-    nan_rows = bitpack.nan_rows(x)
-    # Only comparisons read x, and the signs come from their bool result once
-    # the bits are packed: x is freed before the signs are allocated.
-    with tf.control_dependencies([packed, nan_rows, *after]):
-        nan = tf.constant(float("nan"), x.dtype)
-        one = tf.where(nan_rows, nan, tf.constant(1, x.dtype))
-        minus_one = tf.where(nan_rows, nan, tf.constant(-1, x.dtype))
-        signs = tf.where(positive, one, minus_one)
-    return signs, packed, nan_rows
+        _, packed, nan_rows = library().lqp_sign_and_pack(x)
+        return packed, tf.reduce_any(nan_rows)
+    return bitpack.pack_signs(x), tf.reduce_any(tf.math.is_nan(x))
 
 
 def apply_mask(dx: tf.Tensor, packed: tf.Tensor, inside, outside, select: bool) -> tf.Tensor:

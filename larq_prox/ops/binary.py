@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from larq_prox import bitpack, kernels
+from larq_prox import kernels
 from larq_prox.ops.kept import Kept
 from larq_prox.ops.precision import arithmetic_dtype, chunked_compute, upcast
 from larq_prox.quantizers import BackwardNeeds
@@ -125,6 +125,11 @@ class InputBackward:
                 tf.cast(self.needs.from_mask(tf.constant(bit), x.dtype), x.dtype)
                 for bit in (True, False)
             )
+            if self.needs.mask_bound is not None:
+                # -c <= x <= c: packed with the signs, in the op's one pass over x
+                # (`with_mask`); c is read here, where B' may read variables.
+                bound = tf.stop_gradient(tf.cast(self.needs.mask_bound(x.dtype), x.dtype))
+                return dict(bound=bound, inside=inside, outside=outside)
             return dict(bits=kernels.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
         # B' in float32 for 16-bit activations: its 8-bit codes need more than
         # bfloat16's 8 bits of precision to round right.
@@ -142,6 +147,17 @@ class InputBackward:
     def tensors(self, kept: dict) -> list[tf.Tensor]:
         """The kept tensors of activation size (for ordering: x dies once they exist)."""
         return [kept[k] for k in ("bits", "values", "codes") if k in kept]
+
+    def sign_and_pack(self, x: tf.Tensor, kept: dict) -> tuple[tuple, dict]:
+        """`kernels.sign_pack_and_nan_rows(x)` after what `kept` holds of x, and `kept` completed.
+
+        A mask declared as `-c <= x <= c` (`keep` left its bound) is packed by
+        the same pass over x as the signs; any other `kept` passes through.
+        """
+        if "bound" not in kept:
+            return kernels.sign_pack_and_nan_rows(x, after=self.tensors(kept)), kept
+        *results, bits = kernels.sign_pack_and_nan_rows(x, mask_bound=kept["bound"])
+        return tuple(results), {**kept, "bits": bits}
 
     def apply(self, dx: tf.Tensor, kept: dict, start=None, stop=None, per_sample=None):
         """dx * B'(x) for the samples start:stop (all when None) of `per_sample` elements each.
@@ -221,12 +237,14 @@ class KernelSign:
         """The quantized kernel, in `dtype` (default: the kernel's)."""
         dtype = tf.as_dtype(dtype or kernel.dtype)
         # Values of B' read outside the op: it then captures scalars, not variables.
-        values = {}
+        values, bound = {}, None
         if self.needs.kind == "mask":
             values = {
                 key: tf.cast(self.needs.from_mask(tf.constant(bit), kernel.dtype), kernel.dtype)
                 for key, bit in (("inside", True), ("outside", False))
             }
+            if self.needs.mask_bound is not None:
+                bound = tf.cast(self.needs.mask_bound(kernel.dtype), kernel.dtype)
 
         @tf.custom_gradient
         def _op(kernel):
@@ -241,26 +259,33 @@ class KernelSign:
             def scale_gradient(dy):
                 return dy if scale is None else tf.cast(tf.cast(dy, dtype) * scale, kernel.dtype)
 
+            # With the kernels, one pass over the kernel: its signs (NaN at a
+            # NaN weight, as larq's sign) and a clipped STE's mask (-c <= w <= c).
+            fused = kernels.use(kernel)
             if self.needs.kind == "none":
-                return scaled(sign(kernel)), scale_gradient
-            packed_mask = kernels.pack_bits(self.needs.mask(kernel))
+                signs = kernels.sign_pack_and_nan_rows(kernel, nan="elements")[0] if fused else None
+                return scaled(sign(kernel) if signs is None else signs), scale_gradient
+            if bound is not None and fused:
+                signs, _, _, packed_mask = kernels.sign_pack_and_nan_rows(
+                    kernel, mask_bound=bound, nan="elements")
+            else:
+                signs, packed_mask = None, kernels.pack_bits(self.needs.mask(kernel))
+            select = _is_constant(values["inside"], 1) and _is_constant(values["outside"], 0)
 
             def grad(dy):
-                dy = scale_gradient(dy)
-                with tf.control_dependencies([dy]):
-                    mask = kernels.unpack_bits(packed_mask, tf.shape(dy), tf.bool)
-                if _is_constant(values["inside"], 1) and _is_constant(values["outside"], 0):
-                    return tf.where(mask, dy, tf.constant(0, dy.dtype))
-                return dy * tf.where(mask, values["inside"], values["outside"])
+                dy = scale_gradient(dy)  # B' from the bits, in one pass over dy
+                return kernels.apply_mask(dy, packed_mask, values["inside"], values["outside"],
+                                          select)
 
             with tf.control_dependencies([packed_mask]):  # the latent kernel read once, here
-                return scaled(sign(kernel)), grad
+                return scaled(sign(kernel) if signs is None else signs), grad
 
         return tf.cast(_op(kernel), dtype)
 
 
 def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
-    """sign(x), its packed bits and `bitpack.nan_rows(x)`, after `kept` (what `backward` keeps of x).
+    """(sign(x), its packed bits, `bitpack.nan_rows(x)`), after `kept` (what `backward` keeps of x),
+    and `kept` completed (a clipped STE's mask is packed in the same pass).
 
     A NaN has no sign bit (NaN >= 0 is False): a sample holding one gets NaN
     signs (so NaN outputs, as larq's `ste_sign` gives NaN there), and the
@@ -270,7 +295,7 @@ def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):
     of x; the signs come after `kept`, so x is freed before sign(x) and the
     conv's output are allocated (two float activations alive here, not three).
     """
-    return kernels.sign_pack_and_nan_rows(x, after=backward.tensors(kept))
+    return backward.sign_and_pack(x, kept)
 
 
 def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType, scaled: bool = False):
@@ -291,10 +316,9 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType, scaled
                 return tf.cast(tf.identity(kernel[start:stop]), dtype)
 
         return gated
-    packed = kernels.pack_signs(kernel)
     # A NaN latent weight gives a NaN binary weight, which has no sign bit:
     # the flag restores the kernel as NaN, so that dx is NaN as larq's is.
-    nan = tf.reduce_any(tf.math.is_nan(kernel))
+    packed, nan = kernels.pack_signs_and_nan(kernel)
     shape = kernel.shape.as_list()
     scales = None
     if scaled:
@@ -308,7 +332,7 @@ def _kept_kernel(kernel: tf.Tensor, binary_kernel: bool, dtype: tf.DType, scaled
             bits = packed[start * row_bits // 8 : (stop * row_bits + 7) // 8]
             rows = [stop - start, *shape[1:]]
         with tf.control_dependencies([gate]):
-            signs = bitpack.unpack_signs(bits, rows, dtype, nan=nan)
+            signs = kernels.unpack_signs(bits, rows, dtype, nan=nan)
         return signs if scales is None else signs * scales
 
     return restore
@@ -403,7 +427,7 @@ def binary_conv2d(
     def _op(x, kernel):
         shape = tf.shape(x)
         compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
-        signs, packed_signs, nan_rows = _binarize_and_pack(x, backward, kept)
+        (signs, packed_signs, nan_rows), kept_x = _binarize_and_pack(x, backward, kept)
         nan = tf.reduce_any(nan_rows)
         kernel_shape = tf.shape(kernel)
         kept_kernel = _kept_kernel(kernel, binary_kernel, compute, kernel_scaled)
@@ -449,7 +473,7 @@ def binary_conv2d(
             # TF's CPU Conv2DBackpropFilter/Input refuse dilations > 1 (without
             # oneDNN): differentiate tf.nn.convolution (space_to_batch) instead.
             with tf.control_dependencies([dy]):
-                signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
+                signs = kernels.unpack_signs(packed_signs, shape, compute, nan=nan)
             restored = kept_kernel(signs)
             with tf.GradientTape() as tape:
                 tape.watch([signs, restored])
@@ -457,7 +481,7 @@ def binary_conv2d(
                     _padded(signs), restored, strides[1:3], padding, dilations=dilations[1:3]
                 )
             dx, dkernel = tape.gradient(y, [signs, restored], output_gradients=upcast(dy))
-            return tf.cast(backward.apply(dx, kept), x.dtype), tf.cast(dkernel, kernel.dtype)
+            return tf.cast(backward.apply(dx, kept_x), x.dtype), tf.cast(dkernel, kernel.dtype)
 
         def grad(dy):
             if any(d > 1 for d in dilations):
@@ -472,7 +496,7 @@ def binary_conv2d(
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
                 with tf.control_dependencies([gate]):
                     bits = part(packed_signs, i, bytes_per_sample)
-                    signs = _padded(bitpack.unpack_signs(bits, rows, compute, nan=nan))
+                    signs = _padded(kernels.unpack_signs(bits, rows, compute, nan=nan))
                     dy_part = upcast(part(dy, i))  # 16-bit dy: its float32 chunk, in turn
                 partial = tf.compat.v1.nn.conv2d_backprop_filter(
                     signs, kernel_shape, dy_part, strides, padding, dilations=dilations
@@ -500,9 +524,9 @@ def binary_conv2d(
                 if explicit is not None:
                     dx = tf.slice(dx, [p[0] for p in explicit], rows)
                 if k == 1:
-                    dx = backward.apply(dx, kept)
+                    dx = backward.apply(dx, kept_x)
                 else:
-                    dx = backward.apply(dx, kept, bounds[i], bounds[i + 1], per_sample)
+                    dx = backward.apply(dx, kept_x, bounds[i], bounds[i + 1], per_sample)
                 dx = tf.cast(dx, x.dtype)  # the chunk's float32 result, rounded once
                 if in_place:
                     rows_i = tf.range(bounds[i], bounds[i + 1])
@@ -565,7 +589,7 @@ def binary_dense(
     def _op(x, kernel):
         shape = tf.shape(x)
         compute = arithmetic_dtype(x.dtype)  # float32 for 16-bit activations
-        signs, packed_signs, nan_rows = _binarize_and_pack(x, backward, kept)
+        (signs, packed_signs, nan_rows), kept_x = _binarize_and_pack(x, backward, kept)
         nan = tf.reduce_any(nan_rows)
         signs = tf.cast(signs, compute)
         # Blocks only for a +-1 kernel: the partial sums of a +-s kernel would round.
@@ -588,14 +612,14 @@ def binary_dense(
             if len(bounds) == 2:
                 dx = tf.matmul(dy, kept_kernel(dy), transpose_b=True)
                 with tf.control_dependencies([dx]):
-                    signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
+                    signs = kernels.unpack_signs(packed_signs, shape, compute, nan=nan)
                 dkernel = tf.cast(tf.matmul(signs, dy, transpose_a=True), kernel.dtype)
-                return tf.cast(backward.apply(dx, kept), x.dtype), dkernel
+                return tf.cast(backward.apply(dx, kept_x), x.dtype), dkernel
             # Per block of kernel rows: dx's columns from the restored block,
             # then dkernel's rows, each block freed before the next starts.
             in_place = not kernels.in_xla_context()  # XLA has no InplaceUpdate
             with tf.control_dependencies([dy]):
-                signs = bitpack.unpack_signs(packed_signs, shape, compute, nan=nan)
+                signs = kernels.unpack_signs(packed_signs, shape, compute, nan=nan)
             gate, dxs, dkernels, dkernel = signs, [], [], None
             for a, b in zip(bounds[:-1], bounds[1:]):
                 dx = tf.matmul(dy, kept_kernel(gate, a, b), transpose_b=True)
@@ -611,7 +635,7 @@ def binary_dense(
                     dkernels.append(part)
                 dxs.append(dx)
             dkernel = dkernel if in_place else tf.concat(dkernels, 0)
-            return tf.cast(backward.apply(tf.concat(dxs, 1), kept), x.dtype), dkernel
+            return tf.cast(backward.apply(tf.concat(dxs, 1), kept_x), x.dtype), dkernel
 
         return outputs, grad
 

@@ -1,6 +1,8 @@
 // Fused CPU kernels of larq-prox's low-memory path (see larq_prox/kernels/__init__.py).
 //
-// Portable C++17: plain loops the compiler vectorizes (-O3), no intrinsics.
+// Portable C++17: plain loops the compiler vectorizes (-O3, the machine's ISA),
+// no intrinsics; 16-bit elements are converted by lqp_numeric.h's branch-free
+// code, so that their loops vectorize too.
 // Threads come from TensorFlow's CPU device pool. Bits are packed as
 // larq_prox/bitpack.py packs them: element 8k+i of the flattened tensor is bit
 // 7-i (most significant first) of byte k; padding bits of the last byte are 0.
@@ -23,6 +25,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/lib/core/threadpool.h"
+#include "lqp_numeric.h"
 
 namespace larq_prox {
 
@@ -48,8 +51,12 @@ void parallel_for(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit, Fn
   pool->ParallelFor(total, cost_per_unit, [&fn](int64_t begin, int64_t end) { fn(begin, end); });
 }
 
+using numeric::narrow;
+using numeric::widen;
+
+// An element in its arithmetic type (float for 16-bit and float, double for double).
 template <typename T>
-inline float to_float(T v) { return static_cast<float>(v); }
+inline numeric::Work<T> value(T v) { return widen<numeric::Work<T>>(v); }
 
 // Eight 0/1 bytes as one byte of bits, the first byte in the highest bit (the
 // bit order of pack_bits): each byte t lands on bit 63 - t of the product.
@@ -100,20 +107,7 @@ inline void pack_bytes(const uint8_t* m, int64_t k0, int64_t k1, int64_t n, uint
 // m ? a : b (m is 0 or 1) by bit masks: no branch, so the loops vectorize
 // (a branch on random bits mispredicts half the time), and exact for any value.
 template <typename T>
-inline T blend(uint8_t m, T a, T b) {
-  using U = typename std::conditional<sizeof(T) == 1, uint8_t,
-            typename std::conditional<sizeof(T) == 2, uint16_t,
-            typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type>::type>::type;
-  static_assert(sizeof(U) == sizeof(T), "blend: unsupported element size");
-  U ua, ub;
-  std::memcpy(&ua, &a, sizeof(T));
-  std::memcpy(&ub, &b, sizeof(T));
-  const U mask = static_cast<U>(U(0) - static_cast<U>(m));
-  const U r = static_cast<U>((ua & mask) | (ub & static_cast<U>(~mask)));
-  T out;
-  std::memcpy(&out, &r, sizeof(T));
-  return out;
-}
+inline T blend(uint8_t m, T a, T b) { return numeric::pick<T>(m != 0, a, b); }
 
 template <>
 inline bool blend<bool>(uint8_t m, bool a, bool b) { return m ? a : b; }
@@ -211,10 +205,10 @@ class L1MomentsOp : public OpKernel {
           for (int64_t r = b * per_block; r < r1; ++r) {
             const T* row = y + r * channels;
             if (sweep == 0) {
-              for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<U>(row[c]);
+              for (int64_t c = 0; c < channels; ++c) acc[c] += widen<U>(row[c]);
             } else {
               for (int64_t c = 0; c < channels; ++c) {
-                acc[c] += std::abs(static_cast<U>(row[c]) - mean[c]);
+                acc[c] += std::abs(widen<U>(row[c]) - mean[c]);
               }
             }
           }
@@ -304,8 +298,8 @@ class BinaryBatchNormForwardOp : public OpKernel {
           const T* in = y + r * channels;
           T* out = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const U v = (static_cast<U>(in[c]) - mean[c]) / psi[c] + beta[c];
-            out[c] = static_cast<T>(v);
+            const U v = (widen<U>(in[c]) - mean[c]) / psi[c] + beta[c];
+            out[c] = narrow<T>(v);
             acc[c] += std::abs(v);
           }
         }
@@ -313,7 +307,7 @@ class BinaryBatchNormForwardOp : public OpKernel {
         // byte it shares with the next block is written by the next block.
         const int64_t e0 = r0 * channels, e1 = r1 * channels;
         const int64_t k1 = (r1 == rows) ? (n + 7) / 8 : e1 / 8;
-        pack_range(bits, e0 / 8, k1, n, [x](int64_t e) { return x[e] >= T(0); });
+        pack_range(bits, e0 / 8, k1, n, [x](int64_t e) { return value(x[e]) >= 0; });
         double* sums = partial.data() + b * channels;
         for (int64_t c = 0; c < channels; ++c) sums[c] = static_cast<double>(acc[c]);
       }
@@ -416,7 +410,7 @@ class BinaryBatchNormGradOp : public OpKernel {
             for (int64_t c = 0; c < channels; ++c) level[c] = levels[bin[c] * channels + c];
           }
           for (int64_t c = 0; c < channels; ++c) {
-            const U gc = static_cast<U>(g[c]);
+            const U gc = widen<U>(g[c]);
             sum[c] += gc;
             const U ga = gc * level[c];
             corr[c] += blend(m[c], ga, static_cast<U>(-ga));
@@ -459,7 +453,7 @@ class BinaryBatchNormGradOp : public OpKernel {
         expand_bits(bits, r * channels, channels, m.data());
         for (int64_t c = 0; c < channels; ++c) {
           const U shift = blend(m[c], plus[c], minus[c]);
-          out[c] = static_cast<T>(gamma[c] * ((static_cast<U>(g[c]) - shift) / psi[c]));
+          out[c] = narrow<T>(gamma[c] * ((widen<U>(g[c]) - shift) / psi[c]));
         }
       }
     });
@@ -530,7 +524,7 @@ class MagnitudeBinsOp : public OpKernel {
     const int64_t n_edges = static_cast<int64_t>(edges_.size());
     auto bin_of = [&](int64_t e) {
       const int64_t c = e % channels;
-      const U m = std::abs(static_cast<U>(x[e]));
+      const U m = std::abs(widen<U>(x[e]));
       int b = 0;
       for (int64_t j = 0; j < n_edges; ++j) b += m >= edge[j * channels + c];
       return b;
@@ -547,7 +541,7 @@ class MagnitudeBinsOp : public OpKernel {
         for (int64_t r = r0; r < r1; ++r) {
           const T* in = x + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const U m = std::abs(static_cast<U>(in[c]));
+            const U m = std::abs(widen<U>(in[c]));
             int bin = 0;
             for (int64_t j = 0; j < n_edges; ++j) bin += m >= edge[j * channels + c];
             sums[bin * channels + c] += m;
@@ -583,6 +577,27 @@ class MagnitudeBinsOp : public OpKernel {
 };
 
 // ------------------------------------------------------------- bit packing
+namespace {
+
+// signs like x; then `packed` outputs of x's packed size; then the NaN flags.
+Status sign_and_pack_shape(InferenceContext* c, int packed) {
+  ShapeHandle bits;
+  c->set_output(0, c->input(0));
+  TF_RETURN_IF_ERROR(packed_shape(c, c->input(0), &bits));
+  for (int i = 1; i <= packed; ++i) c->set_output(i, bits);
+  if (!c->RankKnown(c->input(0))) {
+    c->set_output(packed + 1, c->UnknownShape());
+  } else {
+    const int rank = c->Rank(c->input(0));
+    std::vector<DimensionHandle> dims(rank, c->MakeDim(1));
+    if (rank) dims[0] = c->Dim(c->input(0), 0);
+    c->set_output(packed + 1, c->MakeShape(dims));
+  }
+  return tensorflow::OkStatus();
+}
+
+}  // namespace
+
 REGISTER_OP("LqpSignAndPack")
     .Input("x: T")
     .Output("signs: T")
@@ -590,30 +605,34 @@ REGISTER_OP("LqpSignAndPack")
     .Output("nan_rows: bool")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("nan_signs: bool = false")
-    .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle bits;
-      c->set_output(0, c->input(0));
-      TF_RETURN_IF_ERROR(packed_shape(c, c->input(0), &bits));
-      c->set_output(1, bits);
-      if (!c->RankKnown(c->input(0))) {
-        c->set_output(2, c->UnknownShape());
-      } else {
-        const int rank = c->Rank(c->input(0));
-        std::vector<DimensionHandle> dims(rank, c->MakeDim(1));
-        if (rank) dims[0] = c->Dim(c->input(0), 0);
-        c->set_output(2, c->MakeShape(dims));
-      }
-      return tensorflow::OkStatus();
-    })
+    .Attr("nan_elements: bool = false")
+    .SetShapeFn([](InferenceContext* c) { return sign_and_pack_shape(c, 1); })
     .Doc("sign(x) (+1 where x >= 0, -1 elsewhere), the packed bits of x >= 0 and whether each "
          "sample (slice along axis 0) holds a NaN, [batch, 1, ...] (bitpack.nan_rows), in one "
-         "pass over x. With nan_signs, the signs of a sample holding a NaN are all NaN.");
+         "pass over x. With nan_signs, the signs of a sample holding a NaN are all NaN; with "
+         "nan_elements, the signs of the NaN elements (larq.math.sign's).");
 
-template <typename T>
+REGISTER_OP("LqpSignMaskAndPack")
+    .Input("x: T")
+    .Input("bound: T")
+    .Output("signs: T")
+    .Output("bits: uint8")
+    .Output("mask: uint8")
+    .Output("nan_rows: bool")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("nan_signs: bool = false")
+    .Attr("nan_elements: bool = false")
+    .SetShapeFn([](InferenceContext* c) { return sign_and_pack_shape(c, 2); })
+    .Doc("LqpSignAndPack, and in the same pass the packed bits of -bound <= x <= bound (the "
+         "mask of a clipped straight-through estimator; false at NaN).");
+
+// Masked: the op with the mask of -bound <= x <= bound (LqpSignMaskAndPack).
+template <typename T, bool Masked>
 class SignAndPackOp : public OpKernel {
  public:
   explicit SignAndPackOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nan_signs", &nan_signs_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nan_elements", &nan_elements_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -624,11 +643,19 @@ class SignAndPackOp : public OpKernel {
     const int64_t per_sample = samples ? n / samples : 0;
     TensorShape flag_shape;
     for (int i = 0; i < rank; ++i) flag_shape.AddDim(i ? 1 : samples);
-    Tensor *signs_t = nullptr, *bits_t, *nan_t;
+    Tensor *signs_t = nullptr, *bits_t, *mask_t = nullptr, *nan_t;
+    const int nan_output = Masked ? 3 : 2;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({(n + 7) / 8}), &bits_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, flag_shape, &nan_t));
+    if (Masked) {
+      OP_REQUIRES(ctx, ctx->input(1).NumElements() == 1,
+                  InvalidArgument("LqpSignMaskAndPack: bound must be a scalar"));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({(n + 7) / 8}), &mask_t));
+    }
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(nan_output, flag_shape, &nan_t));
     const T* x = x_t.flat<T>().data();
     uint8_t* bits = bits_t->flat<uint8_t>().data();
+    uint8_t* mask_bits = Masked ? mask_t->flat<uint8_t>().data() : nullptr;
+    const auto bound = Masked ? value(ctx->input(1).flat<T>()(0)) : value(T(0.0f));
     const int64_t bytes = (n + 7) / 8;
     // Per-sample flags, set by whichever chunk meets a NaN (relaxed stores of 1).
     std::unique_ptr<std::atomic<bool>[]> nan(new std::atomic<bool>[samples]);
@@ -636,31 +663,47 @@ class SignAndPackOp : public OpKernel {
     // The signs may overwrite x's buffer in place: each chunk reads its x first.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_t.shape(), &signs_t));
     T* signs = signs_t->flat<T>().data();
-    const T plus(1.0f), minus(-1.0f);
+    const T plus(1.0f), minus(-1.0f), not_a_number(NAN);
+    const bool nan_elements = nan_elements_;
     parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 48,
                  [&](int64_t c0, int64_t c1) {
       uint8_t m[8 * kChunkBytes];
+      uint8_t inside[Masked ? 8 * kChunkBytes : 1];
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         const int64_t k0 = chunk * kChunkBytes, k1 = std::min(bytes, k0 + kChunkBytes);
         const int64_t e0 = 8 * k0, len = std::min(n, 8 * k1) - e0;
-        for (int64_t j = 0; j < len; ++j) m[j] = to_float(x[e0 + j]) >= 0.0f;
+        for (int64_t j = 0; j < len; ++j) m[j] = value(x[e0 + j]) >= 0;
+        if (Masked) {
+          for (int64_t j = 0; j < len; ++j) {
+            const auto v = value(x[e0 + j]);
+            inside[j] = (v <= bound) & (v >= -bound);
+          }
+          pack_bytes(inside, k0, k1, n, mask_bits);
+        }
         // The samples this chunk overlaps: any NaN (v != v) in its part of each.
         for (int64_t j = 0; j < len;) {
           const int64_t sample = (e0 + j) / per_sample;
           const int64_t end = std::min(len, (sample + 1) * per_sample - e0);
-          bool any = false;
-          for (; j < end; ++j) {
-            const float v = to_float(x[e0 + j]);
-            any |= v != v;
+          uint8_t any = 0;  // an integer OR (a loop of its own): vectorizes
+          for (int64_t i = j; i < end; ++i) {
+            const auto v = value(x[e0 + i]);
+            any |= static_cast<uint8_t>(v != v);
           }
           if (any) nan[sample].store(true, std::memory_order_relaxed);
+          j = end;
         }
         pack_bytes(m, k0, k1, n, bits);
-        for (int64_t j = 0; j < len; ++j) signs[e0 + j] = blend(m[j], plus, minus);
+        if (nan_elements) {  // x is read before its element of the signs is written
+          for (int64_t j = 0; j < len; ++j) {
+            const auto v = value(x[e0 + j]);
+            signs[e0 + j] = numeric::pick(v != v, not_a_number, blend(m[j], plus, minus));
+          }
+        } else {
+          for (int64_t j = 0; j < len; ++j) signs[e0 + j] = blend(m[j], plus, minus);
+        }
       }
     });
     bool* flags = nan_t->flat<bool>().data();
-    const T not_a_number(NAN);
     for (int64_t r = 0; r < samples; ++r) {
       flags[r] = nan[r].load(std::memory_order_relaxed);
       if (flags[r] && nan_signs_) {  // rare: the only second pass, over that sample's signs
@@ -671,6 +714,7 @@ class SignAndPackOp : public OpKernel {
 
  private:
   bool nan_signs_ = false;
+  bool nan_elements_ = false;
 };
 
 REGISTER_OP("LqpPackSigns")
@@ -715,7 +759,7 @@ class PackSignsOp : public OpKernel {
     const Tensor& x_t = ctx->input(0);
     const T* x = x_t.flat<T>().data();
     pack_output(ctx, x_t.NumElements(), kChunkBytes * 24,
-                [x](int64_t e) -> uint8_t { return to_float(x[e]) >= 0.0f; });
+                [x](int64_t e) -> uint8_t { return value(x[e]) >= 0.0f; });
   }
 };
 
@@ -841,7 +885,7 @@ class ApplyMaskOp : public OpKernel {
         if (select) {
           for (int64_t j = 0; j < len; ++j) o[j] = blend(m[j], g[j], zero);
         } else {
-          for (int64_t j = 0; j < len; ++j) o[j] = g[j] * blend(m[j], inside, outside);
+          for (int64_t j = 0; j < len; ++j) o[j] = narrow<T>(value(g[j]) * value(blend(m[j], inside, outside)));
         }
       }
     });
@@ -923,7 +967,7 @@ class FirstMaxBitsOp : public OpKernel {
             return x[((b * height + r * p + i) * width + col * q + j) * channels + c];
           };
           int64_t best = 0;
-          if (!std::isnan(to_float(at(0, 0)))) {
+          if (!std::isnan(value(at(0, 0)))) {
             for (int64_t k = 0; k < p * q; ++k) {
               if (at(k / q, k % q) == target) {
                 best = k;
@@ -953,14 +997,14 @@ class FirstMaxBitsOp : public OpKernel {
               uint8_t* f = first.data() + (i * q + j) * channels;
               if (i == 0 && j == 0) {  // a NaN first element is the window's pick
                 for (int64_t c = 0; c < channels; ++c) {
-                  const float v = to_float(xs[c]);
-                  const uint8_t hit = (v == to_float(target[c])) | std::isnan(v);
+                  const auto v = value(xs[c]);
+                  const uint8_t hit = (v == value(target[c])) | std::isnan(v);
                   f[c] = hit;
                   done[c] = hit;
                 }
               } else {
                 for (int64_t c = 0; c < channels; ++c) {
-                  const uint8_t hit = to_float(xs[c]) == to_float(target[c]);
+                  const uint8_t hit = value(xs[c]) == value(target[c]);
                   f[c] = hit & static_cast<uint8_t>(1 - done[c]);
                   done[c] |= hit;
                 }
@@ -1246,9 +1290,15 @@ class ArgmaxMaxPoolOp : public OpKernel {
     const int bits = g.bits;
     std::vector<PartialByte> partial(static_cast<size_t>(units * 2 * bits));
     std::vector<int> partial_count(static_cast<size_t>(units), 0);
-    const T lowest = Eigen::NumTraits<T>::lowest();
+    // Compared in the arithmetic type W (16-bit elements widened exactly), the
+    // offsets held in W's width: every select is a bit mask of one width, so
+    // the channel loops vectorize.
+    using W = numeric::Work<T>;
+    using A = numeric::Bits<W>;
+    const W lowest = value(Eigen::NumTraits<T>::lowest());
     parallel_for(ctx, units, row * g.p * g.q * 4, [&](int64_t u0, int64_t u1) {
-      std::vector<T> best(channels);
+      std::vector<W> best(channels), top(channels);
+      std::vector<A> a(channels);
       std::vector<uint8_t> arg(row), plane(row);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / g.out_rows, ho = u % g.out_rows;
@@ -1257,31 +1307,38 @@ class ArgmaxMaxPoolOp : public OpKernel {
         for (int64_t wo = 0; wo < g.out_cols; ++wo) {
           const int64_t w0 = wo * g.t - g.pad_left;
           const int64_t j_lo = std::max<int64_t>(0, -w0), j_hi = std::min<int64_t>(g.q, g.width - w0);
-          T* top = y + (u * g.out_cols + wo) * channels;  // forward: MaxPool's running maximum
-          uint8_t* a = arg.data() + wo * channels;        // MaxPoolGrad's argmax, of `best`
-          std::fill(top, top + channels, lowest);
-          std::fill(a, a + channels, uint8_t{0});
+          // top: MaxPool's running maximum; best and a: MaxPoolGrad's argmax.
+          std::fill(top.begin(), top.end(), lowest);
+          std::fill(a.begin(), a.end(), A{0});
           bool first = true;
           for (int64_t i = i_lo; i < i_hi; ++i) {
             for (int64_t j = j_lo; j < j_hi; ++j) {
               const T* v = x + ((b * g.height + h0 + i) * g.width + w0 + j) * channels;
-              const uint8_t k = static_cast<uint8_t>(i * g.q + j);
+              const A k = static_cast<A>(i * g.q + j);
               if (first) {  // the first valid element is taken, whatever its value
                 for (int64_t c = 0; c < channels; ++c) {
-                  best[c] = v[c];
+                  const W e = value(v[c]);
+                  best[c] = e;
                   a[c] = k;
-                  top[c] = top[c] < v[c] ? v[c] : top[c];
+                  top[c] = numeric::pick(top[c] < e, e, top[c]);
                 }
                 first = false;
                 continue;
               }
               for (int64_t c = 0; c < channels; ++c) {
-                const bool take = best[c] < v[c];  // strictly greater; never a NaN
-                best[c] = take ? v[c] : best[c];
-                a[c] = take ? k : a[c];
-                top[c] = top[c] < v[c] ? v[c] : top[c];
+                const W e = value(v[c]);
+                const bool take = best[c] < e;  // strictly greater; never a NaN
+                best[c] = numeric::pick(take, e, best[c]);
+                a[c] = numeric::pick(take, k, a[c]);
+                top[c] = numeric::pick(top[c] < e, e, top[c]);
               }
             }
+          }
+          T* out = y + (u * g.out_cols + wo) * channels;
+          uint8_t* offsets = arg.data() + wo * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            out[c] = narrow<T>(top[c]);  // exact: a value of T
+            offsets[c] = static_cast<uint8_t>(a[c]);
           }
         }
         int count = 0;
@@ -1351,8 +1408,11 @@ class ArgmaxMaxPoolGradOp : public OpKernel {
     const int64_t in_row = g.width * channels;
     const int bits = g.bits;
     const int64_t covering = (g.p + g.s - 1) / g.s;  // output rows reading an input row, at most
+    using W = numeric::Work<T>;
+    using A = numeric::Bits<W>;  // offsets in W's width: one-width selects vectorize
     parallel_for(ctx, g.batch * g.height, in_row * covering * 3, [&](int64_t u0, int64_t u1) {
       std::vector<uint8_t> offsets(row), m(row);
+      std::vector<A> wide(row);
       const T zero(0.0f);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / g.height, h = u % g.height;
@@ -1371,18 +1431,20 @@ class ArgmaxMaxPoolGradOp : public OpKernel {
             expand_bits(packed, plane_bit * n + e0, row, m.data());
             for (int64_t e = 0; e < row; ++e) offsets[e] |= static_cast<uint8_t>(m[e] << plane_bit);
           }
+          for (int64_t e = 0; e < row; ++e) wide[e] = offsets[e];
           const T* g_row = dy + e0;
           for (int64_t wo = 0; wo < g.out_cols; ++wo) {
             const int64_t w0 = wo * g.t - g.pad_left;
             const int64_t j_lo = std::max<int64_t>(0, -w0), j_hi = std::min<int64_t>(g.q, g.width - w0);
-            const uint8_t* o = offsets.data() + wo * channels;
+            const A* o = wide.data() + wo * channels;
             const T* gw = g_row + wo * channels;
             for (int64_t j = j_lo; j < j_hi; ++j) {
-              const uint8_t k = static_cast<uint8_t>(i * g.q + j);
+              const A k = static_cast<A>(i * g.q + j);
               T* a = acc + (w0 + j) * channels;
-              // Adding +0 where not picked leaves a sum unchanged (a sum from +0 is never -0).
+              // Adding +0 where not picked leaves a sum unchanged (a sum from +0 is
+              // never -0); each sum rounded to T, as T's own addition.
               for (int64_t c = 0; c < channels; ++c) {
-                a[c] += blend(static_cast<uint8_t>(o[c] == k), gw[c], zero);
+                a[c] = narrow<T>(value(a[c]) + numeric::pick(o[c] == k, value(gw[c]), W(0)));
               }
             }
           }
@@ -1422,7 +1484,9 @@ LQP_BN(Eigen::bfloat16, float)
 
 #define LQP_ELEMENTWISE(T)                                                                   \
   REGISTER_KERNEL_BUILDER(Name("LqpSignAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"),  \
-                          SignAndPackOp<T>);                                                 \
+                          SignAndPackOp<T, false>);                                          \
+  REGISTER_KERNEL_BUILDER(Name("LqpSignMaskAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          SignAndPackOp<T, true>);                                           \
   REGISTER_KERNEL_BUILDER(Name("LqpPackSigns").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
                           PackSignsOp<T>);                                                   \
   REGISTER_KERNEL_BUILDER(Name("LqpApplyMask").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \

@@ -13,10 +13,11 @@
 // Locking and copy-on-write follow TF's own training ops
 // (training_op_helpers.h): the variables' mutexes are taken in address order,
 // and a buffer that a pending read still holds is copied before the update.
-// Portable C++17: the 16-bit conversions, sign and clip are branch-free
-// integer code (bit masks, no float selects, which GCC keeps as branches and
-// so does not vectorize: 3.5x slower), vectorized by the compiler with SSE2 or
-// NEON (no F16C needed); threads come from TensorFlow's CPU device pool.
+// Portable C++17: the 16-bit conversions (lqp_numeric.h), sign and clip are
+// branch-free integer code (bit masks, no float selects, which GCC keeps as
+// branches and so does not vectorize: 3.5x slower), vectorized by the compiler
+// for the machine's ISA (no F16C needed); threads come from TensorFlow's CPU
+// device pool.
 
 #define EIGEN_USE_THREADS
 
@@ -33,6 +34,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/kernels/training_op_helpers.h"
 #include "tensorflow/core/lib/core/threadpool.h"
+#include "lqp_numeric.h"
 
 namespace larq_prox {
 namespace {
@@ -47,70 +49,14 @@ using tensorflow::errors::InvalidArgument;
 using tensorflow::shape_inference::InferenceContext;
 using CPUDevice = Eigen::ThreadPoolDevice;
 
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// All-ones where `condition`, else 0: selects as bit masks, so that the
-// loops below have no control flow and vectorize.
-inline uint32_t mask(bool condition) { return 0u - static_cast<uint32_t>(condition); }
-
-inline uint32_t select(uint32_t m, uint32_t a, uint32_t b) { return (a & m) | (b & ~m); }
-
-// IEEE half <-> float, exact (Eigen's half_to_float and float_to_half_rtne
-// with masks instead of branches): bit for bit what TF's Cast does, NaN ->
-// quiet NaN of the same sign, overflow -> inf.
-inline float half_to_float(uint16_t h) {
-  const uint32_t shifted_exponent = 0x7c00u << 13;
-  const uint32_t bits = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
-  const uint32_t exponent = bits & shifted_exponent;
-  const uint32_t normal = bits + ((127u - 15u) << 23);
-  const uint32_t inf_nan = normal + ((128u - 16u) << 23);
-  // Subnormal: renormalized by a float subtraction of normal numbers (exact,
-  // and unaffected by TF's flush-to-zero of float denormals).
-  const uint32_t subnormal = bits_of(float_of(normal + (1u << 23)) - float_of(113u << 23));
-  const uint32_t o = select(mask(exponent == shifted_exponent), inf_nan,
-                            select(mask(exponent == 0), subnormal, normal));
-  return float_of(o | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
-}
-
-inline uint16_t float_to_half(float value) {
-  const uint32_t bits = bits_of(value);
-  const uint32_t sign = bits & 0x80000000u;
-  const int32_t f = static_cast<int32_t>(bits ^ sign);  // |value|'s bits: signed compares
-  const int32_t f16max = (127 + 16) << 23;
-  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-  const uint32_t inf_nan = 0x7c00u | (mask(f > (255 << 23)) & 0x0200u);
-  // Below 2^-14 the result is subnormal: adding 0.5 aligns its 10 bits at the
-  // bottom and the float addition rounds to nearest even.
-  const uint32_t subnormal =
-      bits_of(float_of(static_cast<uint32_t>(f)) + float_of(denorm_magic)) - denorm_magic;
-  const uint32_t u = static_cast<uint32_t>(f);
-  const uint32_t normal = (u + ((15u - 127u) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
-  const uint32_t o = select(mask(f >= f16max), inf_nan,
-                            select(mask(f < (113 << 23)), subnormal, normal));
-  return static_cast<uint16_t>(o | (sign >> 16));
-}
-
-// bfloat16 <-> float: the top half of the float, rounded to nearest even;
-// NaN -> quiet NaN of the same sign (as Eigen::bfloat16).
-inline float bfloat16_to_float(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
-
-inline uint16_t float_to_bfloat16(float value) {
-  const uint32_t f = bits_of(value);
-  const uint32_t rounded = (f + 0x7fffu + ((f >> 16) & 1u)) >> 16;
-  const uint32_t nan = ((f >> 16) & 0x8000u) | 0x7fc0u;
-  const bool is_nan = static_cast<int32_t>(f & 0x7fffffffu) > 0x7f800000;
-  return static_cast<uint16_t>(select(mask(is_nan), nan, rounded));
-}
+using numeric::bfloat16_to_float;
+using numeric::bits_of;
+using numeric::float_of;
+using numeric::float_to_bfloat16;
+using numeric::float_to_half;
+using numeric::half_to_float;
+using numeric::mask;
+using numeric::select;
 
 // sign(x) (sign(0) = 0 with the zero's sign, NaN stays NaN), by bits.
 inline float sign_of(float x) {
