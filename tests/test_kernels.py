@@ -8,6 +8,7 @@ to rtol 1e-5 (float32) and atol 1e-5 times the tensor's scale.
 """
 
 import logging
+import platform
 
 import larq_prox  # noqa: F401  (legacy Keras first)
 import numpy as np
@@ -674,6 +675,21 @@ def test_build_is_cached_per_tensorflow_version_and_names_a_missing_compiler(mon
     monkeypatch.setenv("CXX", "no-such-compiler-lqp")
     with pytest.raises(build.BuildError, match="no-such-compiler-lqp"):
         build.build()
+
+
+def test_build_targets_this_machine_and_keys_the_cache_on_the_target(monkeypatch):
+    """-march=native by default; another -march (or none) is another build; a bad one is
+    refused with the variable to set."""
+    assert build.arch_flags() == ["-march=native"]
+    native = build.library_path()
+    monkeypatch.setenv(build.ARCH_ENV, "portable")
+    portable = build.library_path()
+    assert build.arch_flags() == [] and portable != native
+    monkeypatch.setenv(build.ARCH_ENV, "x86-64-v2" if "x86" in platform.machine() else "armv8-a")
+    assert build.library_path() not in (native, portable)
+    monkeypatch.setenv(build.ARCH_ENV, "no-such-cpu-lqp")
+    with pytest.raises(build.BuildError, match=build.ARCH_ENV):
+        build.library_path()
 
 
 def test_build_cache_key_follows_the_sources_contents_not_their_paths(monkeypatch, tmp_path):
