@@ -13,10 +13,16 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `sign_pack_and_nan_rows` | the same plus `bitpack.nan_rows` and NaN signs for a sample holding a NaN | 1 read, bits + signs + flags written |
 | `sign_pack_and_nan_rows(mask_bound=c)` | the same plus a clipped STE's mask `-c <= x <= c`, `pack_bits` | 1 read, and the mask bits written |
 | `pack_bits`, `pack_signs`, `unpack_bits`, `unpack_signs` | `larq_prox.bitpack` (same signatures, same bits) | 1 |
+| `pack_signs_and_nan` | `pack_signs` + `reduce_any(is_nan)` of a binary kernel | 1 |
 | `apply_mask` | `unpack_bits` + `where` / multiply of a binary input's STE mask | 1 |
 | `first_max_bits`, `unpool_bits` | `bitmask_max_pool2d`'s window mask and its scatter | 1 |
 | `fused_apply_adam`, `fused_apply_momentum` | TF's `ResourceApplyAdam` / `ResourceApplyKerasMomentum` on a 16-bit variable (and BinaryGradient's `sign(g) * scale`), see `larq_prox.fused_update` | 1 read of the variable, its slots and g; 1 write each |
 | `argmax_max_pool`, `argmax_unpool` | `argmax_max_pool2d`'s max pool + offset scan + bit planes, and its unpack + int64 indices + `MaxPoolGradWithArgmax` | 1 read of x / of dy and the bits |
+
+The library is compiled for the machine's instruction set (`-march=native`,
+see `larq_prox.kernels.build`), and 16-bit elements are converted by
+branch-free integer code (`src/lqp_numeric.h`): the loops over float16 and
+bfloat16 tensors vectorize like those over float32.
 
 Each public function runs its kernel when `use()` says so and the reference
 otherwise, so callers switch by calling it. `use()` is False, with one log

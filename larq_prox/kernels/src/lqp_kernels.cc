@@ -984,41 +984,49 @@ class FirstMaxBitsOp : public OpKernel {
     // as 0/1 bytes (first match so far, vectorizable), then 8 bytes packed into one
     // byte of bits each, stored once. The scalar loop above (divisions, a branch
     // per match, single-bit writes) is ~10x slower; it serves the other shapes.
+    // The flags are held in W's integer width while they are compared (one
+    // width per loop: the loops vectorize), narrowed to bytes to be packed.
+    using W = numeric::Work<T>;
+    using A = numeric::Bits<W>;
     auto byte_units = [&](int64_t u0, int64_t u1) {
-      std::vector<uint8_t> first(static_cast<size_t>(p * q * channels));
-      std::vector<uint8_t> done(static_cast<size_t>(channels));
+      std::vector<A> first(static_cast<size_t>(p * q * channels));
+      std::vector<A> done(static_cast<size_t>(channels));
+      std::vector<W> top(static_cast<size_t>(channels));
+      std::vector<uint8_t> flags(static_cast<size_t>(channels));
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / ho, r = u % ho;
         for (int64_t col = 0; col < wo; ++col) {
           const T* target = y + ((b * ho + r) * wo + col) * channels;
+          for (int64_t c = 0; c < channels; ++c) top[c] = value(target[c]);
           for (int64_t i = 0; i < p; ++i) {
             for (int64_t j = 0; j < q; ++j) {
               const T* xs = x + ((b * height + r * p + i) * width + col * q + j) * channels;
-              uint8_t* f = first.data() + (i * q + j) * channels;
+              A* f = first.data() + (i * q + j) * channels;
               if (i == 0 && j == 0) {  // a NaN first element is the window's pick
                 for (int64_t c = 0; c < channels; ++c) {
-                  const auto v = value(xs[c]);
-                  const uint8_t hit = (v == value(target[c])) | std::isnan(v);
+                  const W v = value(xs[c]);
+                  const A hit = static_cast<A>((v == top[c]) | (v != v));
                   f[c] = hit;
                   done[c] = hit;
                 }
               } else {
                 for (int64_t c = 0; c < channels; ++c) {
-                  const uint8_t hit = value(xs[c]) == value(target[c]);
-                  f[c] = hit & static_cast<uint8_t>(1 - done[c]);
+                  const A hit = static_cast<A>(value(xs[c]) == top[c]);
+                  f[c] = hit & static_cast<A>(1 - done[c]);
                   done[c] |= hit;
                 }
               }
             }
           }
           // No element equals the max (a NaN elsewhere in the window): the first.
-          for (int64_t c = 0; c < channels; ++c) first[c] |= static_cast<uint8_t>(1 - done[c]);
+          for (int64_t c = 0; c < channels; ++c) first[c] |= static_cast<A>(1 - done[c]);
           for (int64_t i = 0; i < p; ++i) {
             for (int64_t j = 0; j < q; ++j) {
               const int64_t e = u * row_elems + (i * wo * q + col * q + j) * channels;
-              const uint8_t* f = first.data() + (i * q + j) * channels;
+              const A* f = first.data() + (i * q + j) * channels;
+              for (int64_t c = 0; c < channels; ++c) flags[c] = static_cast<uint8_t>(f[c]);
               uint8_t* out = bits + (e >> 3);
-              for (int64_t c = 0; c < channels; c += 8) out[c >> 3] = pack_bytes(f + c);
+              for (int64_t c = 0; c < channels; c += 8) out[c >> 3] = pack_bytes(flags.data() + c);
             }
           }
         }
