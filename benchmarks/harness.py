@@ -132,13 +132,20 @@ def measure_steps(model, x, y, steps: int) -> dict:
             "step_seconds": times, "persistent_state_bytes": state}
 
 
-def run_fresh(script: str, args: list[str], timeout: float | None = None) -> tuple[dict | None, str]:
+def run_fresh(script: str, args: list[str], timeout: float | None = None,
+              bfc: bool = True) -> tuple[dict | None, str]:
     """Run `script args` in a fresh process with TF's BFC CPU allocator; its last JSON line.
 
-    Returns (result, "") or (None, the end of stderr) when the process failed.
+    `bfc=False`: with TF's default CPU allocator (what a user's process has;
+    for timings). Returns (result, "") or (None, the end of stderr) when the
+    process failed.
     """
-    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3",
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    if bfc:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    else:
+        env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
     try:
         done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,
                               text=True, check=False, timeout=timeout)

@@ -410,6 +410,12 @@ def plot(steps: list[dict], memory: list[dict], path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--steps-worker"]:
+        model_name, storage, mode, steps, warmup, batch = argv[1:7]
+        storage = None if storage == "float32" else storage
+        print(json.dumps(time_steps(model_name, storage, mode == "jit", int(steps), int(warmup),
+                                    int(batch))))
+        return 0
     if argv[:1] == ["--memory-worker"]:
         model_name, setup, storage, batch, mode = argv[1:6]
         storage = None if storage == "float32" else storage
@@ -424,6 +430,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--op-repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--fresh-rows", action="store_true",
+                        help="time each model/storage row in a fresh process (TF's default "
+                             "allocator): no row inherits the memory of the ones before")
     parser.add_argument("--parts", default="ops,updates,steps,memory",
                         type=lambda s: s.split(","),
                         help="what to measure: ops, updates, steps, memory")
@@ -466,8 +475,19 @@ def main(argv=None) -> int:
             for mode in args.modes:
                 for st in storages:
                     if not (mode == "jit" and st is not None):
-                        row = time_steps(m, st, mode == "jit", args.steps, args.warmup,
-                                         args.batch_size)
+                        if args.fresh_rows:  # a process per row, TF's default allocator
+                            row, error = run_fresh(__file__, [
+                                "--steps-worker", m, st or "float32", mode, str(args.steps),
+                                str(args.warmup), str(args.batch_size)], timeout=3600, bfc=False)
+                            if row is None:
+                                print(f"steps {m} {st} {mode}: failed: {error[-300:]}")
+                                continue
+                            print(f"{m:9s} {mode:5s} {row['storage']:7s} ratios " + " ".join(
+                                f"{k[6:]} {v:.2f}" for k, v in row.items()
+                                if k.startswith("ratio_")), flush=True)
+                        else:
+                            row = time_steps(m, st, mode == "jit", args.steps, args.warmup,
+                                             args.batch_size)
                         row["load_average"] = os.getloadavg()
                         result["steps"].append(row)
                         save()

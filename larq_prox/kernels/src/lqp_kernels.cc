@@ -1419,8 +1419,12 @@ class ArgmaxMaxPoolGradOp : public OpKernel {
     using W = numeric::Work<T>;
     using A = numeric::Bits<W>;  // offsets in W's width: one-width selects vectorize
     parallel_for(ctx, g.batch * g.height, in_row * covering * 3, [&](int64_t u0, int64_t u1) {
+      // An output row's offsets and dy, decoded and widened once for the (up
+      // to `covering`) input rows it reaches: slot ho % covering holds row ho.
       std::vector<uint8_t> offsets(row), m(row);
-      std::vector<A> wide(row);
+      std::vector<A> wide(static_cast<size_t>(covering * row));
+      std::vector<W> grads(static_cast<size_t>(covering * row));
+      std::vector<int64_t> held(static_cast<size_t>(covering), -1);
       const T zero(0.0f);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / g.height, h = u % g.height;
@@ -1434,25 +1438,31 @@ class ArgmaxMaxPoolGradOp : public OpKernel {
         for (int64_t ho = ho_lo; ho < ho_hi; ++ho) {
           const int64_t i = hp - ho * g.s;
           const int64_t e0 = (b * g.out_rows + ho) * row;
-          std::fill(offsets.begin(), offsets.end(), uint8_t{0});
-          for (int plane_bit = 0; plane_bit < bits; ++plane_bit) {
-            expand_bits(packed, plane_bit * n + e0, row, m.data());
-            for (int64_t e = 0; e < row; ++e) offsets[e] |= static_cast<uint8_t>(m[e] << plane_bit);
+          const int64_t slot = ho % covering;
+          A* o_row = wide.data() + slot * row;
+          W* g_row = grads.data() + slot * row;
+          if (held[slot] != e0) {
+            std::fill(offsets.begin(), offsets.end(), uint8_t{0});
+            for (int plane_bit = 0; plane_bit < bits; ++plane_bit) {
+              expand_bits(packed, plane_bit * n + e0, row, m.data());
+              for (int64_t e = 0; e < row; ++e) offsets[e] |= static_cast<uint8_t>(m[e] << plane_bit);
+            }
+            for (int64_t e = 0; e < row; ++e) o_row[e] = offsets[e];
+            for (int64_t e = 0; e < row; ++e) g_row[e] = value(dy[e0 + e]);
+            held[slot] = e0;
           }
-          for (int64_t e = 0; e < row; ++e) wide[e] = offsets[e];
-          const T* g_row = dy + e0;
           for (int64_t wo = 0; wo < g.out_cols; ++wo) {
             const int64_t w0 = wo * g.t - g.pad_left;
             const int64_t j_lo = std::max<int64_t>(0, -w0), j_hi = std::min<int64_t>(g.q, g.width - w0);
-            const A* o = wide.data() + wo * channels;
-            const T* gw = g_row + wo * channels;
+            const A* o = o_row + wo * channels;
+            const W* gw = g_row + wo * channels;
             for (int64_t j = j_lo; j < j_hi; ++j) {
               const A k = static_cast<A>(i * g.q + j);
               T* a = acc + (w0 + j) * channels;
               // Adding +0 where not picked leaves a sum unchanged (a sum from +0 is
               // never -0); each sum rounded to T, as T's own addition.
               for (int64_t c = 0; c < channels; ++c) {
-                a[c] = narrow<T>(value(a[c]) + numeric::pick(o[c] == k, value(gw[c]), W(0)));
+                a[c] = narrow<T>(value(a[c]) + numeric::pick(o[c] == k, gw[c], W(0)));
               }
             }
           }
