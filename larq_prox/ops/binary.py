@@ -127,7 +127,7 @@ class InputBackward:
             )
             if self.needs.mask_bound is not None:
                 # -c <= x <= c: packed with the signs, in the op's one pass over x
-                # (`with_mask`); c is read here, where B' may read variables.
+                # (`sign_and_pack`); c is read here, where B' may read variables.
                 bound = tf.stop_gradient(tf.cast(self.needs.mask_bound(x.dtype), x.dtype))
                 return dict(bound=bound, inside=inside, outside=outside)
             return dict(bits=kernels.pack_bits(self.needs.mask(x)), inside=inside, outside=outside)
