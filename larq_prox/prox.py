@@ -24,6 +24,7 @@ __all__ = [
     "clip",
     "approx_sign_derivative",
     "clip_derivative",
+    "clip_mask",
     "signswish",
     "signswish_derivative",
     "prox_linear",
@@ -60,6 +61,15 @@ def clip(x: tf.Tensor, clip_value: float = 1.0) -> tf.Tensor:
 def clip_derivative(x: tf.Tensor, clip_value: float = 1.0) -> tf.Tensor:
     r"""\(1\{|x| \le c\}\), the straight-through estimator's gradient mask."""
     return tf.cast(tf.abs(x) <= clip_value, x.dtype)
+
+
+def clip_mask(x: tf.Tensor, clip_value) -> tf.Tensor:
+    r"""\(-c \le x \le c\) as bool (False at NaN): `clip_derivative`'s mask.
+
+    Two comparisons, not abs(x): no float temporary of x's size.
+    """
+    clip_value = tf.cast(clip_value, x.dtype)
+    return tf.logical_and(x <= clip_value, x >= -clip_value)
 
 
 def approx_sign_derivative(x: tf.Tensor) -> tf.Tensor:

@@ -414,9 +414,7 @@ class BNN(PCPPQuantizer):
         return prox.clip_derivative(x, self.clip_value)
 
     def backward_mask(self, x):
-        # Two comparisons, not abs(x): no float temporary of x's size.
-        clip = self.backward_mask_bound(x.dtype)
-        return tf.logical_and(x <= clip, x >= -clip)
+        return prox.clip_mask(x, self.backward_mask_bound(x.dtype))
 
     def backward_mask_bound(self, dtype):
         return tf.cast(self.clip_value, dtype)
@@ -541,8 +539,7 @@ class RPC(_ProxPair):
         return self._prox_derivative(x)
 
     def backward_mask(self, x):
-        varrho = self.backward_mask_bound(x.dtype)
-        return tf.logical_and(x <= varrho, x >= -varrho)
+        return prox.clip_mask(x, self.backward_mask_bound(x.dtype))
 
     def backward_mask_bound(self, dtype):
         return tf.cast(self.varrho, dtype)
@@ -638,7 +635,7 @@ def _larq_clip(clip_value) -> BackwardNeeds:
     clip = float(clip_value)
     return BackwardNeeds(
         "mask",
-        mask=lambda x: tf.logical_and(x <= clip, x >= -clip),
+        mask=lambda x: prox.clip_mask(x, clip),
         from_mask=lambda bit, dtype=tf.float32: tf.cast(bit, dtype),
         mask_bound=lambda dtype: tf.constant(clip, dtype),
     )

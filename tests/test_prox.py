@@ -123,3 +123,13 @@ def test_signswish_rewrite_matches_the_formula():
     x = np.linspace(-3, 3, 61)
     np.testing.assert_allclose(prox.signswish(tf.constant(x), 5.0), np_signswish(x, 5.0),
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.float32])
+def test_clip_mask_is_the_closed_interval_false_at_nan(dtype):
+    x = np.array([-1.5, -1.25, -0.3, 0.0, 1.25, 1.2500001, np.inf, np.nan], np.float32)
+    got = prox.clip_mask(tf.constant(x, dtype), 1.25).numpy()
+    np.testing.assert_array_equal(got, [False, True, True, True, True, dtype == tf.float16,
+                                        False, False])
+    derivative = prox.clip_derivative(tf.constant(x[:-1], dtype), 1.25).numpy()
+    np.testing.assert_array_equal(got[:-1], derivative == 1)

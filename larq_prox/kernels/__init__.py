@@ -56,7 +56,7 @@ import os
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context: no public API
 
-from larq_prox import bitpack
+from larq_prox import bitpack, prox
 
 __all__ = [
     "ENV",
@@ -74,9 +74,9 @@ __all__ = [
     "pack_bits",
     "in_xla_context",
     "pack_signs",
+    "pack_signs_and_nan",
     "reason",
     "sign_and_pack",
-    "pack_signs_and_nan",
     "sign_pack_and_nan_rows",
     "unpack_bits",
     "unpack_signs",
@@ -167,8 +167,8 @@ def use(*tensors: tf.Tensor, dtypes=_FLOAT_DTYPES) -> bool:
     return True
 
 
-for _name in ("LqpL1Moments", "LqpSignAndPack", "LqpSignMaskAndPack", "LqpPackBits", "LqpUnpackBits", "LqpFirstMaxBits",
-              "LqpArgmaxMaxPool"):
+for _name in ("LqpL1Moments", "LqpSignAndPack", "LqpSignMaskAndPack", "LqpPackBits",
+              "LqpUnpackBits", "LqpFirstMaxBits", "LqpArgmaxMaxPool"):
     tf.no_gradient(_name)
 
 
@@ -268,7 +268,7 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None,
     nan_rows = bitpack.nan_rows(x)
     mask = []
     if masked:
-        mask = [bitpack.pack_bits(tf.logical_and(x <= mask_bound, x >= -mask_bound))]
+        mask = [bitpack.pack_bits(prox.clip_mask(x, mask_bound))]
     # Only comparisons read x, and the signs come from their bool result once
     # the bits are packed: x is freed before the signs are allocated.
     with tf.control_dependencies([packed, nan_rows, *mask, *after]):

@@ -11,8 +11,8 @@ the 16-bit update runs ~2.5x faster than with x86-64's baseline SSE2), and
 the cache key holds the target options the compiler resolved, so that a
 cache shared by different machines gives each its own build.
 `LARQ_PROX_KERNELS_ARCH` sets another `-march` value (`x86-64-v2`,
-`armv8-a`, ...), or `portable` for the compiler's baseline. A file lock lets parallel processes (pytest workers) wait for
-one build instead of racing. `make install` runs it; otherwise the first use
+`armv8-a`, ...), or `portable` for the compiler's baseline. A file lock lets
+parallel processes (pytest workers) wait for one build instead of racing. `make install` runs it; otherwise the first use
 of a kernel does (about 30-60 s on 2 cores).
 
     python -m larq_prox.kernels.build          # prints the library's path and the build time
