@@ -4,7 +4,8 @@ For the paper's MLP, CNV and BinaryNet shapes (random data, batch 100) and
 larq-zoo's BinaryResNetE18 at 224x224 (batch 16; `--models resnete18`: the
 zoo model as built vs `lqp.models.convert(..., low_memory=True,
 saved_dtype="float16")` with the row's kernel storage), one
-process builds every setup and times `train_on_batch` steps after warm-up,
+process builds every setup and times training steps as `model.fit` runs them
+(the train function on one persistent iterator; `fit_stepper`) after warm-up,
 alternating the setups step by step so that load on the machine hits all alike:
 
 - standard: QuantConv2D/QuantDense + BatchNormalization + MaxPool2D, Adam
@@ -121,6 +122,24 @@ def _data(model_name: str, batch: int):
     return x, rng.integers(0, CLASSES.get(model_name, 10), batch)
 
 
+def fit_stepper(model: tf.keras.Model, x, y):
+    """One training step as `model.fit` runs it: the train function on one persistent iterator.
+
+    `train_on_batch` builds a dataset and an iterator on every call; on the
+    converted ResNetE-18 that stalled about one step in four by ~1.3 s of
+    whole-machine idle time (same CPU time as the other steps; see
+    benchmarks/results/speed_s11.json, "train_on_batch_artifact"), which
+    `model.fit`, iterating one dataset, never showed.
+    """
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    train_function = model.make_train_function()
+
+    def step() -> None:
+        train_function(iterator)["loss"].numpy()  # .numpy(): wait for the step to finish
+
+    return step
+
+
 def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warmup: int,
                batch: int) -> dict:
     """Median step time of each setup, alternating; ratios to standard."""
@@ -129,22 +148,29 @@ def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warm
     x, y = _data(model_name, batch)
     # Under XLA the kernels never run: one low-memory setup (the pure-TF ops).
     setups = ("standard", "fallback") if jit else SETUPS + ((UPDATE_SETUP,) if storage else ())
-    models = {}
+    steppers = {}
     for setup in setups:
         with setup_switches(setup):
-            models[setup] = build(model_name, setup, jit, storage)
+            model = build(model_name, setup, jit, storage)
+            steppers[setup] = fit_stepper(model, x, y)
             for _ in range(warmup):  # traces here, with the switch as set
-                models[setup].train_on_batch(x, y)
-    times = {setup: [] for setup in models}
+                steppers[setup]()
+    # Steps of a few ms are timed in groups of `group` (>= ~50 ms of standard steps).
+    start = time.perf_counter()
+    steppers["standard"]()
+    group = max(1, int(np.ceil(0.05 / (time.perf_counter() - start))))
+    times = {setup: [] for setup in steppers}
     for _ in range(steps):
-        for setup, model in models.items():
+        for setup, step in steppers.items():
             start = time.perf_counter()
-            model.train_on_batch(x, y)
-            times[setup].append(time.perf_counter() - start)
+            for _ in range(group):
+                step()
+            times[setup].append((time.perf_counter() - start) / group)
     median = {setup: float(np.median(t)) for setup, t in times.items()}
     mode = "jit" if jit else "graph"
     row = {"model": model_name, "mode": mode, "storage": storage or "float32",
-           "batch": int(x.shape[0]), "steps": steps, **{f"{s}_s": median[s] for s in setups}}
+           "batch": int(x.shape[0]), "steps": steps, "steps_per_sample": group, **{f"{s}_s": median[s] for s in setups},
+           "steps_ms": {s: [round(1e3 * t, 1) for t in times[s]] for s in setups}}
     for setup in setups[1:]:
         row[f"ratio_{setup}"] = median[setup] / median["standard"]
     print(f"{model_name:9s} {mode:5s} {row['storage']:7s} "
