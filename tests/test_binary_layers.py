@@ -138,6 +138,51 @@ def test_chunked_backward(batch, conv):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("policy, chunks", [("float32", 1), ("mixed_bfloat16", 4),
+                                             ("mixed_float16", 4)])
+def test_default_backward_chunks_follow_the_activation_dtype(policy, chunks):
+    """backward_chunks=None: one piece for float32 activations (then larq's
+    gradients bit for bit), `HALF_PRECISION_CHUNKS` batch chunks for 16-bit ones."""
+    assert binary_ops.default_chunks(tf.keras.mixed_precision.Policy(policy).compute_dtype) \
+        == chunks
+    shape = (8, 6, 6, 8)
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        low = lqp_layers.QuantConv2D(5, 3, input_quantizer="ste_sign",
+                                     kernel_quantizer="ste_sign")
+        low.build(shape)
+        x = tf.cast(_inputs(shape), low.compute_dtype)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.cast(low(x, training=True), tf.float32))
+            return tape.gradient(loss, [x, low.kernel])
+
+        graph = step.get_concrete_function(x).graph
+        filter_grads = [op for op in graph.get_operations()
+                        if op.type == "Conv2DBackpropFilter"]
+        assert len(filter_grads) == chunks
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert low.get_config()["backward_chunks"] is None
+    if chunks == 1:
+        standard = lq.layers.QuantConv2D(5, 3, input_quantizer="ste_sign",
+                                         kernel_quantizer="ste_sign")
+        standard.build(shape)
+        standard.set_weights(low.get_weights())
+        x = _inputs(shape)
+        for got, want in zip(_gradients(low, x), _gradients(standard, x), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("chunks", [0, 2.0, True, "4"])
+def test_backward_chunks_must_be_a_positive_integer_or_none(chunks):
+    with pytest.raises(ValueError, match="backward_chunks.*integer >= 1 or None"):
+        lqp_layers.QuantConv2D(5, 3, backward_chunks=chunks)
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_activation_inside_the_layer_matches_larq(activation):
     shape = (3, 9, 8, 8)

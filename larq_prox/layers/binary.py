@@ -19,9 +19,10 @@ between the forward and the backward pass, only
   (row-major, the element TF's `MaxPoolGrad` routes the gradient to).
 
 Gradients equal those of the standard layers: bit for bit for dense, max
-pool and conv with `backward_chunks=1` (where B' is exact), up to float
-rounding with the default `backward_chunks=4` (the conv backward in 4 batch
-chunks, which bounds its unpacked signs and TF's conv scratch buffers).
+pool and conv with float32 activations (where B' is exact), up to float
+rounding for a conv whose backward runs in batch chunks (`backward_chunks`;
+by default 4 for 16-bit activations, where the chunks bound the float32
+buffers the convolutions compute on, see `ops.binary.default_chunks`).
 
 | input quantizer | bits kept per element |
 |---|---|
@@ -398,10 +399,12 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
 
     `backward_chunks`: the backward pass runs in that many batch chunks, one
     after the other, which bounds the unpacked signs and the conv kernels'
-    scratch buffers to a fraction of an activation. The gradients equal
+    float32 buffers to a fraction of an activation. The gradients equal
     larq's up to float rounding (dkernel sums the chunks' partial products;
     TF picks conv kernels by batch size); `backward_chunks=1` gives larq's
-    gradients bit for bit.
+    gradients bit for bit. None (default): 1 for float32 activations, 4 for
+    16-bit ones (`larq_prox.ops.binary.default_chunks`: chunks lower the
+    peak only where the float32 buffers outgrow the 16-bit dy and dx).
 
     `storage_dtype` (None, "float16", "bfloat16"): the dtype of the latent
     kernel variable, and so of its optimizer slots (see the module docstring).
@@ -416,11 +419,16 @@ class QuantConv2D(_LowMemoryKernel, lq.layers.QuantConv2D):
     ```
     """
 
-    def __init__(self, *args, backward_chunks: int = 4, storage_dtype: str | None = None,
-                 backward_bits: int | None = 8, saved_dtype: str | None = None, **kwargs):
-        if not isinstance(backward_chunks, int) or backward_chunks < 1:
+    def __init__(self, *args, backward_chunks: int | None = None,
+                 storage_dtype: str | None = None, backward_bits: int | None = 8,
+                 saved_dtype: str | None = None, **kwargs):
+        if backward_chunks is not None and (
+            not isinstance(backward_chunks, int) or isinstance(backward_chunks, bool)
+            or backward_chunks < 1
+        ):
             raise ValueError(
-                f"`backward_chunks` must be an integer >= 1, got {backward_chunks!r}."
+                f"`backward_chunks` must be an integer >= 1 or None (1 for float32 "
+                f"activations, 4 for 16-bit ones), got {backward_chunks!r}."
             )
         self.backward_chunks = backward_chunks
         self.saved_dtype = check_saved_dtype(saved_dtype)
