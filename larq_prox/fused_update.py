@@ -1,4 +1,4 @@
-r"""Fused 16-bit optimizer updates: a wrapped optimizer's own rule in one kernel pass.
+r"""Fused optimizer updates: a wrapped optimizer's own rule in one kernel pass.
 
 With 16-bit weights (`storage_dtype="float16"` / `"bfloat16"`, whose optimizer
 slots Keras creates in the same dtype), TensorFlow's CPU training ops
@@ -8,7 +8,9 @@ variable, its slots and the gradient once, compute the same formula in float32
 with float32 coefficients, and store each result rounded once; for binary
 kernels they also fold in `BinaryGradient`'s \(\operatorname{sign}(g) \cdot s\),
 so no separate sign tensor is made, and larq's `weight_clip` constraint
-(`clip_of`), so no second pass over the weights.
+(`clip_of`), so no second pass over the weights. float32 variables take the
+fused update where it saves such passes: binary kernels (sign) and clipped
+weights; TF's op updates the others.
 
 An `UpdateRule` says which update a kernel reproduces: the optimizer method
 `implements` (a legacy Keras optimizer's `_resource_apply_dense`), the slots it
@@ -21,13 +23,15 @@ bias corrections), the slots from its `get_slot`. Registered: "adam" (legacy
 `Adam`, amsgrad=False) and "momentum" (legacy `SGD` with momentum, also
 nesterov). A new rule is one `register(UpdateRule(...))`.
 
-Everything else runs the optimizer's own update: float32/64 variables (TF's
-ops are fast there), sparse gradients, optimizers without a rule or with
-gradient transforms (clipnorm, clipvalue, global_clipnorm,
+Everything else runs the optimizer's own update: float64 variables and
+float32 ones with nothing to fold in, sparse gradients, optimizers without a
+rule or with gradient transforms (clipnorm, clipvalue, global_clipnorm,
 gradient_transformers), `LARQ_PROX_FUSED_UPDATE=0` (TF's 16-bit arithmetic,
 the other kernels still on), and wherever `kernels.use` says no
-(`LARQ_PROX_KERNELS=0`, no library, XLA, GPU); each reason is logged once.
-Both switches are read when the train step is traced.
+(`LARQ_PROX_KERNELS=0`, no library, XLA, GPU); each reason is logged once
+where 16-bit variables are concerned (for float32 ones the fusion only saves
+time, and TF's ops run quietly). Both switches are read when the train step is
+traced.
 
 ```python
 import tensorflow as tf
@@ -35,7 +39,7 @@ import larq_prox as lqp
 
 adam = tf.keras.optimizers.legacy.Adam(1e-3)
 lqp.fused_update.rule_for(adam)          # (UpdateRule(name='adam', ...), None)
-model.compile(lqp.optimizers.BinaryGradient(adam), ...)   # uses it for 16-bit kernels
+model.compile(lqp.optimizers.BinaryGradient(adam), ...)   # uses it for binary kernels
 ```
 """
 
@@ -52,8 +56,8 @@ import tensorflow as tf
 
 from larq_prox import kernels
 
-__all__ = ["ENV", "RULES", "UpdateRule", "apply_gradients", "clip_of", "register", "rule_for",
-           "split"]
+__all__ = ["ENV", "HALF_DTYPES", "RULES", "UpdateRule", "apply_gradients", "clip_of", "register",
+           "rule_for", "split", "worth_fusing"]
 
 ENV = "LARQ_PROX_FUSED_UPDATE"
 """Environment variable: `0` runs the optimizers' own updates (read at every trace)."""
@@ -173,6 +177,23 @@ def _say_once(why: str) -> None:
         _log.warning("larq-prox fused 16-bit update not used: %s; the optimizer's own runs.", why)
 
 
+HALF_DTYPES = (tf.float16, tf.bfloat16)
+
+
+def worth_fusing(variable, sign: bool) -> bool:
+    """Whether the fused update saves passes over `variable` (for the kernel's dtypes).
+
+    16-bit variables always (TF's ops compute in 16 bits); float32 ones whose
+    update reads sign(g) (BinaryGradient's binary kernels) or clips the weights
+    (`clip_of`): TF's ops would make those passes of their own.
+    """
+    dtype = variable.dtype.base_dtype
+    if dtype in HALF_DTYPES:
+        return True
+    return dtype == tf.float32 and (sign or clip_of(getattr(variable, "constraint", None))
+                                    is not None)
+
+
 GradientOf = Callable[[tf.Variable], tuple[bool, float]]
 """`variable -> (sign, scale)`: the update reads sign(g) * scale (sign) or g * scale."""
 
@@ -181,23 +202,27 @@ GradientOf = Callable[[tf.Variable], tuple[bool, float]]
 def split(optimizer, grads_and_vars, gradient_of: GradientOf) -> tuple[list, list]:
     """(fused, rest): the pairs a fused kernel updates, as (grad, var, sign, scale), and the others.
 
-    A pair is fused when its variable is 16-bit, its gradient dense and of the
-    variable's dtype, `optimizer` has a rule (`rule_for`) and `kernels.use` allows it.
+    A pair is fused when the kernel saves passes over its variable
+    (`worth_fusing`: 16-bit, or float32 with a sign gradient or a weight clip),
+    its gradient is dense and of the variable's dtype, `optimizer` has a rule
+    (`rule_for`) and `kernels.use` allows it.
     """
-    sixteen = [(g, v) for g, v in grads_and_vars
-               if v.dtype.base_dtype in kernels.UPDATE_DTYPES]
-    if not sixteen:
+    candidates = [(g, v) for g, v in grads_and_vars if worth_fusing(v, gradient_of(v)[0])]
+    if not candidates:
         return [], list(grads_and_vars)
+    say = (_say_once if any(v.dtype.base_dtype in HALF_DTYPES for _, v in candidates)
+           else lambda why: None)
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        _say_once(f"{ENV}={os.environ[ENV]}")
+        say(f"{ENV}={os.environ[ENV]}")
         return [], list(grads_and_vars)
     rule, why = rule_for(optimizer)
     if rule is None:
-        _say_once(why)
+        say(why)
         return [], list(grads_and_vars)
+    chosen = {v.ref() for _, v in candidates}
     fused, rest = [], []
     for g, v in grads_and_vars:
-        if (v.dtype.base_dtype in kernels.UPDATE_DTYPES and not isinstance(g, tf.IndexedSlices)
+        if (v.ref() in chosen and not isinstance(g, tf.IndexedSlices)
                 and g.dtype.base_dtype == v.dtype.base_dtype
                 and kernels.use(g, v, dtypes=kernels.UPDATE_DTYPES)):
             fused.append((g, v, *gradient_of(v)))
@@ -220,11 +245,15 @@ def _coefficients(optimizer, variables) -> dict:
     return state
 
 
-def apply_gradients(optimizer, fused: list, rest: list, name: str | None = None):
+def apply_gradients(optimizer, fused: list, rest: list, name: str | None = None,
+                    variables: list | None = None):
     """`optimizer.apply_gradients(experimental_aggregate_gradients=False)` with `fused` by the kernels.
 
     `fused` from `split`; `rest` are (grad, var) pairs the optimizer updates
-    itself, after the fused updates. Slots, `iterations` (incremented once),
+    itself, after the fused updates. `variables`: all of them in the order the
+    caller got them, in which the slots are created (Keras' h5 format restores
+    an optimizer's weights in that order); default fused, then rest. Slots,
+    `iterations` (incremented once),
     constraints and `tf.distribute` updates work as in Keras' own apply; a
     `WeightClip` constraint is applied inside the kernel (`clip_of`).
     """
@@ -232,7 +261,8 @@ def apply_gradients(optimizer, fused: list, rest: list, name: str | None = None)
     if rule is None:
         raise ValueError(f"no fused update for this optimizer: {why}")
     rest = [(g, v) for g, v in rest if g is not None]
-    var_list = [v for _, v, *_ in fused] + [v for _, v in rest]
+    var_list = (list(variables) if variables is not None
+                else [v for _, v, *_ in fused] + [v for _, v in rest])
     with tf.name_scope(optimizer._name):
         with tf.init_scope():
             optimizer._create_all_weights(var_list)

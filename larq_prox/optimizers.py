@@ -478,12 +478,14 @@ class BinaryGradient(Optimizer):
         if experimental_aggregate_gradients:
             # Across replicas first ("sum": the sign of a sum is not a sum of signs).
             grads_and_vars = self.gradient_aggregator(grads_and_vars)
-        # 16-bit variables whose optimizer has a fused rule: sign, scale and the
-        # update in one kernel pass (`larq_prox.fused_update`); the rest as before.
+        # 16-bit variables and float32 binary kernels whose optimizer has a fused
+        # rule: sign, scale and the update in one kernel pass
+        # (`larq_prox.fused_update`); the rest as before.
         fused, rest = fused_update.split(self._optimizer, grads_and_vars, self._gradient_of)
         rest = self._binary(rest)
         if fused:
-            return fused_update.apply_gradients(self._optimizer, fused, rest, name=name)
+            return fused_update.apply_gradients(self._optimizer, fused, rest, name=name,
+                                                variables=[v for _, v in grads_and_vars])
         return self._optimizer.apply_gradients(
             rest, name=name, experimental_aggregate_gradients=False
         )

@@ -11,6 +11,7 @@ for another target's float32 rounding order).
 import os
 
 import larq_prox as lqp
+import larq as lq
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,15 +29,15 @@ OPTIMIZERS = {
     "nesterov": lambda: SGD(0.05, momentum=0.8, nesterov=True),
 }
 SLOTS = {"adam": ("m", "v"), "momentum": ("momentum",), "nesterov": ("momentum",)}
-DTYPES = (tf.float16, tf.bfloat16)
+DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 SHAPE = (5, 430)  # 2150 elements: two 1024-element chunks and a partial one
 
 
 def _ulp_close(actual, expected, dtype, what):
     actual = np.asarray(tf.cast(actual, tf.float32))
     expected = np.asarray(tf.cast(expected, tf.float32))
-    bits = 10 if dtype == tf.float16 else 7
-    tiny = 2.0**-24 if dtype == tf.float16 else 0.0
+    bits = {tf.float16: 10, tf.bfloat16: 7, tf.float32: 23}[dtype]
+    tiny = {tf.float16: 2.0**-24, tf.bfloat16: 0.0, tf.float32: 2.0**-149}[dtype]
     ulp = np.maximum(np.abs(expected) * 2.0**-bits, tiny)
     np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=what)
     ok = ~np.isnan(expected)
@@ -67,7 +68,8 @@ def _gradients(rng, variables, dtype, zeros=True):
 
 
 def _float32_reference(optimizer_name, wrapped, variables, grads):
-    """One BinaryGradient step of a float32 twin, from the 16-bit state, rounded once."""
+    """One BinaryGradient step of a float32 twin, from the 16-bit state, rounded once
+    (TF's ops: sign, scale, update and clip, with the fused update switched off)."""
     twin = [tf.Variable(tf.cast(v, tf.float32), constraint=v.constraint) for v in variables]
     for t, v in zip(twin, variables):
         t.precision = getattr(v, "precision", None)
@@ -79,7 +81,15 @@ def _float32_reference(optimizer_name, wrapped, variables, grads):
         for slot in SLOTS[optimizer_name]:
             inner.get_slot(t, slot).assign(tf.cast(wrapped.inner_optimizer.get_slot(v, slot),
                                                    tf.float32))
-    reference.apply_gradients(zip([tf.cast(g, tf.float32) for g in grads], twin))
+    previous = os.environ.get(fused_update.ENV)
+    os.environ[fused_update.ENV] = "0"
+    try:
+        reference.apply_gradients(zip([tf.cast(g, tf.float32) for g in grads], twin))
+    finally:
+        if previous is None:
+            del os.environ[fused_update.ENV]
+        else:
+            os.environ[fused_update.ENV] = previous
     dtype = variables[0].dtype
     return ([tf.cast(t, dtype) for t in twin],
             [[tf.cast(inner.get_slot(t, s), dtype) for s in SLOTS[optimizer_name]] for t in twin])
@@ -185,11 +195,21 @@ def test_fused_close_to_tf_half_update(optimizer_name, monkeypatch):
     np.testing.assert_allclose(fused, half, rtol=4 * 2.0**-10, atol=1e-4)
 
 
-def test_float32_variables_use_tf_ops():
+def test_float32_binary_kernels_fused_other_float32_variables_use_tf_ops():
+    """float32: the binary kernel's sign, scale and update in the kernel (no Sign op); the
+    bias, with nothing to fold in, by TF's op; a clipped float32 weight fused too."""
     variables, rng = _problem((4, 6), tf.float32)
     optimizer = lqp.optimizers.BinaryGradient(Adam(0.01))
-    types = _traced_op_types(optimizer, _gradients(rng, variables, tf.float32), variables)
-    assert "ResourceApplyAdam" in types and "LqpFusedApplyAdam" not in types
+    graph = _step(optimizer, _gradients(rng, variables, tf.float32),
+                  variables).get_concrete_function().graph
+    ops = graph.get_operations()
+    assert [op.get_attr("T") for op in ops if op.type == "LqpFusedApplyAdam"] == [tf.float32]
+    assert len([op for op in ops if op.type == "ResourceApplyAdam"]) == 1
+    assert not [op for op in ops if op.type == "Sign"]
+    clipped = tf.Variable(tf.zeros(3), constraint=lq.constraints.WeightClip(0.5))
+    assert fused_update.worth_fusing(clipped, sign=False)
+    assert not fused_update.worth_fusing(variables[1], sign=False)
+    assert not fused_update.worth_fusing(tf.Variable(tf.zeros(3, tf.float64)), sign=True)
 
 
 def test_mixed_16_and_32_bit_variables_step_once():

@@ -277,11 +277,20 @@ def test_binary_batch_norm_bits_and_omega_from_kernel_x():
     np.testing.assert_allclose(mean, y.numpy().reshape(-1, 11).mean(0), rtol=1e-5, atol=1e-6)
     want_psi = np.abs(y.numpy().reshape(-1, 11) - mean.numpy()).mean(0) + 1e-3
     np.testing.assert_allclose(psi, want_psi, rtol=1e-5)
-    x, omega, bits = kernels.library().lqp_binary_batch_norm_forward(y, beta, mean, psi)
+    x, omega, bits = kernels.library().lqp_binary_batch_norm_forward(y, beta, mean, psi, [])
     # x bit for bit from the same statistics; the bits are those of that x.
     assert _same(x.numpy(), ((y - mean) / psi + beta).numpy())
     assert _same(bits.numpy(), bitpack.pack_signs(x).numpy())
     np.testing.assert_allclose(omega, np.abs(x.numpy()).reshape(-1, 11).mean(0), rtol=1e-5)
+    # With a scale: x = gamma z + beta, the bits and omega those of z = (y - mean) / psi.
+    gamma = tf.constant(rng.normal(size=(11,)).astype(np.float32))
+    x, omega, bits = kernels.library().lqp_binary_batch_norm_forward(y, beta, mean, psi, gamma)
+    z = (y - mean) / psi
+    np.testing.assert_allclose(x.numpy(), (z * gamma + beta).numpy(), rtol=1e-6, atol=1e-6)
+    assert _same(bits.numpy(), bitpack.pack_signs(z).numpy())
+    np.testing.assert_allclose(omega, np.abs(z.numpy()).reshape(-1, 11).mean(0), rtol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gamma needs 11 elements"):
+        kernels.library().lqp_binary_batch_norm_forward(y, beta, mean, psi, gamma[:3])
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])

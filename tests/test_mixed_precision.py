@@ -4,7 +4,8 @@ Reference: the same op on the float32 copy of the (16-bit-representable)
 inputs, its results rounded to the 16-bit type once. The ops compute in
 float32 with the same chunking, so outputs and gradients equal the rounded
 reference bit for bit; the one documented exception is BinaryBatchNorm's
-affine with a scale, which runs in the activation type (two roundings).
+affine with a scale and magnitude bins, which runs in the activation type
+(two roundings; without bins the kernel computes it in float32).
 """
 
 import larq_prox as lqp  # noqa: F401  (legacy Keras first)
@@ -191,20 +192,32 @@ def test_saved_batch_norm_16_bit(dtype):
 @pytest.mark.skipif(kernels.library() is None, reason="kernels unavailable")
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 @pytest.mark.parametrize("magnitude_bits", [0, 2])
-def test_binary_batch_norm_kernels_read_16_bit_activations(dtype, magnitude_bits):
-    """The kernels' 16-bit path equals the float32 kernels on the same values, rounded once."""
+@pytest.mark.parametrize("scale", [False, True])
+def test_binary_batch_norm_kernels_read_16_bit_activations(dtype, magnitude_bits, scale):
+    """The kernels' 16-bit path equals the float32 kernels on the same values, rounded once
+    (with a scale too: the kernel computes gamma z + beta in float32)."""
     rng = np.random.default_rng(5)
     y16, y32 = _half(rng, (3, 5, 5, 16), dtype)
     dx16, dx32 = _half(rng, (3, 5, 5, 16), dtype)
     beta = tf.constant(rng.standard_normal(16).astype(np.float32))
+    gamma = tf.constant(rng.uniform(-2, 2, 16).astype(np.float32)) if scale else None
     edges = lqp.layers.batch_norm.magnitude_edges(magnitude_bits) if magnitude_bits else ()
 
     def run(y, dx):
         mean, psi = kernels.l1_moments(y, 1e-3)
         with tf.GradientTape() as tape:
             tape.watch([y, beta])
-            x = kernels.normalize_proposed(y, beta, mean, psi, edges=edges)
+            x = kernels.normalize_proposed(y, beta, mean, psi, gamma, edges=edges)
         return [x, *tape.gradient(x, [y, beta], output_gradients=dx), mean, psi]
+
+    if scale and magnitude_bits:  # the affine in y's type after the bins: two roundings
+        half, full = run(y16, dx16), run(y32, dx32)
+        eps = {tf.bfloat16: 2.0**-7, tf.float16: 2.0**-10}[dtype]
+        for got, want in zip(half[:2], full[:2]):
+            scale_ = np.abs(want.numpy()).max()
+            np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want.numpy(), rtol=0,
+                                       atol=4 * eps * scale_)
+        return
 
     half, full = run(y16, dx16), run(y32, dx32)
     if not magnitude_bits:

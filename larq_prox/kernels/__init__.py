@@ -16,7 +16,7 @@ the reference; these kernels compute the same in fewer passes over memory:
 | `pack_signs_and_nan` | `pack_signs` + `reduce_any(is_nan)` of a binary kernel | 1 |
 | `apply_mask` | `unpack_bits` + `where` / multiply of a binary input's STE mask | 1 |
 | `first_max_bits`, `unpool_bits` | `bitmask_max_pool2d`'s window mask and its scatter | 1 |
-| `fused_apply_adam`, `fused_apply_momentum` | TF's `ResourceApplyAdam` / `ResourceApplyKerasMomentum` on a 16-bit variable (and BinaryGradient's `sign(g) * scale`), see `larq_prox.fused_update` | 1 read of the variable, its slots and g; 1 write each |
+| `fused_apply_adam`, `fused_apply_momentum` | TF's `ResourceApplyAdam` / `ResourceApplyKerasMomentum` on a 16-bit (or float32) variable, with BinaryGradient's `sign(g) * scale` and a weight clip, see `larq_prox.fused_update` | 1 read of the variable, its slots and g; 1 write each |
 | `argmax_max_pool`, `argmax_unpool` | `argmax_max_pool2d`'s max pool + offset scan + bit planes, and its unpack + int64 indices + `MaxPoolGradWithArgmax` | 1 read of x / of dy and the bits |
 
 The library is compiled for the machine's instruction set (`-march=native`,
@@ -100,8 +100,9 @@ _said: set = set()
 _BN_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _UNPACK_DTYPES = (tf.bool, tf.uint8, tf.int32, *_FLOAT_DTYPES)
-UPDATE_DTYPES = (tf.float16, tf.bfloat16)
-"""Variable dtypes of the fused optimizer updates (TF's own float32/64 ops are fast already)."""
+UPDATE_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+"""Variable dtypes of the fused optimizer updates (float32: where they fold in a sign or a clip,
+see `fused_update.worth_fusing`)."""
 
 
 # Python decisions at graph-build time: nothing for autograph to convert.
@@ -344,8 +345,9 @@ def normalize_proposed(
     r"""BinaryBatchNorm(proposed)'s \(x = (y - \mu)/\psi + \beta\) with its custom gradient, fused;
     with `gamma` (scale=True) \(x = \gamma (y - \mu)/\psi + \beta\).
 
-    Kernel only (see `bn_usable`): the forward writes x (\((y - \mu)/\psi\) with a
-    scale, then the affine), \(\omega\) and its sign bits in one pass; the backward
+    Kernel only (see `bn_usable`): the forward writes x (with a scale,
+    \(\gamma \hat x + \beta\) and the signs and \(\omega\) of \(\hat x = (y - \mu)/\psi\)),
+    \(\omega\) and the sign bits in one pass; the backward
     reads dx twice and the bits, and keeps between them only the bits, \(\psi\),
     \(\omega\) (and \(\gamma\)). `edges` (the `2^b - 1` bin edges of \(|x|/\omega\) of
     `magnitude_bits=b`): a second forward pass also keeps b bit planes of each
@@ -354,7 +356,8 @@ def normalize_proposed(
 
     A 16-bit y (a mixed-precision policy's): x and dy are 16-bit, the
     statistics, `beta`, `mean`, `psi`, `gamma` float32, the kernels' arithmetic
-    float32 (each value rounded once; with `gamma` the affine runs in y's type).
+    float32 (each value rounded once; with `edges` and `gamma` the affine runs
+    after the bins, as TF ops in y's type).
     """
     library_ = library()
     channels = y.shape[-1]
@@ -365,15 +368,18 @@ def normalize_proposed(
 
     @tf.custom_gradient
     def normalize(y, gamma, beta, mean, psi):
-        shift = tf.zeros([channels], stats) if scaled else flat(beta)
-        x, omega, bits = library_.lqp_binary_batch_norm_forward(y, shift, flat(mean), flat(psi))
+        flat_psi = flat(psi)
+        flat_gamma = flat(gamma) if scaled else None
+        # The affine in the kernel, unless the bins need the normalized value first.
+        fused_affine = scaled and not edges
+        shift = tf.zeros([channels], stats) if scaled and not fused_affine else flat(beta)
+        x, omega, bits = library_.lqp_binary_batch_norm_forward(
+            y, shift, flat(mean), flat_psi, flat_gamma if fused_affine else tf.zeros([0], stats))
         if edges:
             planes, levels = library_.lqp_magnitude_bins(x, omega, edges=edges)
             with tf.control_dependencies([planes]):  # before the affine may overwrite x
                 x = tf.identity(x)
-        flat_psi = flat(psi)
-        flat_gamma = flat(gamma) if scaled else None
-        if scaled:
+        if scaled and not fused_affine:
             x = x * tf.cast(flat_gamma, x.dtype) + tf.cast(flat(beta), x.dtype)
 
         def grad(dx):
@@ -408,7 +414,7 @@ def _clip(clip) -> tf.Tensor:
 def fused_apply_adam(var, m, v, grad, *, lr, beta_1, beta_2, epsilon, beta_1_power,
                      beta_2_power, grad_scale=1.0, sign_gradient: bool = False,
                      clip: float | None = None, use_locking: bool = False) -> tf.Operation:
-    r"""`ResourceApplyAdam` of a 16-bit `var` and its slots `m`, `v`, in float32, one pass (kernel only).
+    r"""`ResourceApplyAdam` of a 16-bit or float32 `var` and its slots `m`, `v`, in float32, one pass (kernel only).
 
     With \(g\) = `grad * grad_scale` (`sign(grad) * grad_scale` with `sign_gradient`)
     and \(\alpha = \text{lr} \sqrt{1 - \beta_2^t} / (1 - \beta_1^t)\):
@@ -427,7 +433,7 @@ def fused_apply_adam(var, m, v, grad, *, lr, beta_1, beta_2, epsilon, beta_1_pow
 def fused_apply_momentum(var, accum, grad, *, lr, momentum, nesterov: bool = False,
                          grad_scale=1.0, sign_gradient: bool = False,
                          clip: float | None = None, use_locking: bool = False) -> tf.Operation:
-    r"""`ResourceApplyKerasMomentum` of a 16-bit `var` and `accum`, in float32, one pass (kernel only).
+    r"""`ResourceApplyKerasMomentum` of a 16-bit or float32 `var` and `accum`, in float32, one pass (kernel only).
 
     \(a = a \mu - g\,\text{lr}\); \(\text{var} \mathrel{+}= a\), or with `nesterov`
     \(\text{var} \mathrel{+}= a \mu - g\,\text{lr}\); \(g\) and `clip` as in `fused_apply_adam`.

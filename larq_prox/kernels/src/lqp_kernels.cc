@@ -239,6 +239,7 @@ REGISTER_OP("LqpBinaryBatchNormForward")
     .Input("beta: U")
     .Input("mean: U")
     .Input("psi: U")
+    .Input("gamma: U")
     .Output("x: T")
     .Output("omega: U")
     .Output("bits: uint8")
@@ -255,7 +256,9 @@ REGISTER_OP("LqpBinaryBatchNormForward")
       return tensorflow::OkStatus();
     })
     .Doc("x = (y - mean) / psi + beta, omega = mean|x| and the packed bits of x >= 0, one sweep; "
-         "arithmetic in U, x rounded to T once (its bits are those of the rounded x).");
+         "arithmetic in U, x rounded to T once (its bits are those of the rounded x). With a "
+         "gamma of `channels` elements (scale=True; empty: none): z = (y - mean) / psi, omega = "
+         "mean|z| and the bits of z >= 0, x = gamma z + beta, rounded to T once.");
 
 template <typename T, typename U>
 class BinaryBatchNormForwardOp : public OpKernel {
@@ -271,6 +274,11 @@ class BinaryBatchNormForwardOp : public OpKernel {
                   InvalidArgument("LqpBinaryBatchNormForward: beta, mean, psi need ", channels,
                                   " elements (the last axis of y)"));
     }
+    const int64_t gammas = ctx->input(4).NumElements();
+    OP_REQUIRES(ctx, gammas == 0 || gammas == channels,
+                InvalidArgument("LqpBinaryBatchNormForward: gamma needs ", channels,
+                                " elements (the last axis of y), or none without a scale; got ",
+                                gammas));
     const int64_t n = y_t.NumElements();
     const int64_t rows = channels ? n / channels : 0;
     Tensor* x_t = nullptr;
@@ -283,6 +291,7 @@ class BinaryBatchNormForwardOp : public OpKernel {
     const U* beta = ctx->input(1).flat<U>().data();
     const U* mean = ctx->input(2).flat<U>().data();
     const U* psi = ctx->input(3).flat<U>().data();
+    const U* gamma = gammas ? ctx->input(4).flat<U>().data() : nullptr;
     T* x = x_t->flat<T>().data();
     U* omega = omega_t->flat<U>().data();
     uint8_t* bits = bits_t->flat<uint8_t>().data();
@@ -291,23 +300,40 @@ class BinaryBatchNormForwardOp : public OpKernel {
     std::vector<double> partial(static_cast<size_t>(blocks * channels));
     parallel_for(ctx, blocks, per_block * channels * 6, [&](int64_t b0, int64_t b1) {
       std::vector<U> acc(channels);
+      // With a scale, the signs of z (x holds gamma z + beta), one byte each.
+      std::vector<uint8_t> positive(gamma ? static_cast<size_t>(per_block * channels) : 0);
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(acc.begin(), acc.end(), U(0));
         const int64_t r0 = b * per_block, r1 = std::min(rows, (b + 1) * per_block);
         for (int64_t r = r0; r < r1; ++r) {
           const T* in = y + r * channels;
           T* out = x + r * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const U v = (widen<U>(in[c]) - mean[c]) / psi[c] + beta[c];
-            out[c] = narrow<T>(v);
-            acc[c] += std::abs(v);
+          if (gamma) {
+            uint8_t* sign = positive.data() + (r - r0) * channels;
+            for (int64_t c = 0; c < channels; ++c) {
+              const U z = (widen<U>(in[c]) - mean[c]) / psi[c];
+              out[c] = narrow<T>(z * gamma[c] + beta[c]);
+              sign[c] = z >= 0;
+              acc[c] += std::abs(z);
+            }
+          } else {
+            for (int64_t c = 0; c < channels; ++c) {
+              const U v = (widen<U>(in[c]) - mean[c]) / psi[c] + beta[c];
+              out[c] = narrow<T>(v);
+              acc[c] += std::abs(v);
+            }
           }
         }
         // This block's elements start on a byte (r0 is a multiple of 8); the
         // byte it shares with the next block is written by the next block.
         const int64_t e0 = r0 * channels, e1 = r1 * channels;
         const int64_t k1 = (r1 == rows) ? (n + 7) / 8 : e1 / 8;
-        pack_range(bits, e0 / 8, k1, n, [x](int64_t e) { return value(x[e]) >= 0; });
+        if (gamma) {
+          const uint8_t* sign = positive.data();
+          pack_range(bits, e0 / 8, k1, n, [sign, e0](int64_t e) { return sign[e - e0] != 0; });
+        } else {
+          pack_range(bits, e0 / 8, k1, n, [x](int64_t e) { return value(x[e]) >= 0; });
+        }
         double* sums = partial.data() + b * channels;
         for (int64_t c = 0; c < channels; ++c) sums[c] = static_cast<double>(acc[c]);
       }

@@ -1,4 +1,4 @@
-// Fused 16-bit optimizer updates of larq-prox (see larq_prox/fused_update.py).
+// Fused optimizer updates of larq-prox (see larq_prox/fused_update.py).
 //
 // TensorFlow's CPU training ops on Eigen::half / bfloat16 variables
 // (ResourceApplyAdam, ResourceApplyKerasMomentum) evaluate each expression in
@@ -8,7 +8,9 @@
 // coefficients), and write each result back rounded once (round to nearest
 // even, as TF's casts). Optionally the gradient is first replaced by
 // sign(g) * scale (BinaryGradient's binary weight gradient; sign(0) = 0,
-// sign(NaN) = NaN), so that no separate sign tensor is made.
+// sign(NaN) = NaN), so that no separate sign tensor is made. On float32
+// variables the same ops fold that sign and a weight clip into the update:
+// one pass where TF's ops take four (Sign, Mul, the update, the clip).
 //
 // Locking and copy-on-write follow TF's own training ops
 // (training_op_helpers.h): the variables' mutexes are taken in address order,
@@ -69,27 +71,40 @@ inline float sign_of(float x) {
 template <typename T>
 struct Storage;
 
+// How a variable type is stored (Raw) and widened to / rounded from float.
 template <>
 struct Storage<Eigen::half> {
+  using Raw = uint16_t;
   static float load(uint16_t v) { return half_to_float(v); }
   static uint16_t store(float v) { return float_to_half(v); }
 };
 
 template <>
 struct Storage<Eigen::bfloat16> {
+  using Raw = uint16_t;
   static float load(uint16_t v) { return bfloat16_to_float(v); }
   static uint16_t store(float v) { return float_to_bfloat16(v); }
 };
 
+template <>
+struct Storage<float> {
+  using Raw = float;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+};
+
 template <typename T>
-inline uint16_t* raw(Tensor& t) {
-  static_assert(sizeof(T) == 2, "16-bit storage only");
-  return reinterpret_cast<uint16_t*>(t.flat<T>().data());
+using Raw = typename Storage<T>::Raw;
+
+template <typename T>
+inline Raw<T>* raw(Tensor& t) {
+  static_assert(sizeof(T) == sizeof(Raw<T>), "storage of the variable's width");
+  return reinterpret_cast<Raw<T>*>(t.flat<T>().data());
 }
 
 template <typename T>
-inline const uint16_t* raw(const Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.flat<T>().data());
+inline const Raw<T>* raw(const Tensor& t) {
+  return reinterpret_cast<const Raw<T>*>(t.flat<T>().data());
 }
 
 constexpr int64_t kChunk = 1024;  // elements per inner step (float buffers on the stack)
@@ -97,7 +112,7 @@ constexpr int64_t kChunk = 1024;  // elements per inner step (float buffers on t
 // The gradient as the update reads it: g * scale, or sign(g) * scale
 // (sign(0) = 0, NaN stays NaN).
 template <typename T>
-inline void load_gradient(const uint16_t* g, int64_t len, bool sign, float scale, float* out) {
+inline void load_gradient(const Raw<T>* g, int64_t len, bool sign, float scale, float* out) {
   for (int64_t j = 0; j < len; ++j) out[j] = Storage<T>::load(g[j]);
   if (sign) {
     for (int64_t j = 0; j < len; ++j) out[j] = sign_of(out[j]) * scale;
@@ -107,12 +122,12 @@ inline void load_gradient(const uint16_t* g, int64_t len, bool sign, float scale
 }
 
 template <typename T>
-inline void load(const uint16_t* in, int64_t len, float* out) {
+inline void load(const Raw<T>* in, int64_t len, float* out) {
   for (int64_t j = 0; j < len; ++j) out[j] = Storage<T>::load(in[j]);
 }
 
 template <typename T>
-inline void store(const float* in, int64_t len, uint16_t* out) {
+inline void store(const float* in, int64_t len, Raw<T>* out) {
   for (int64_t j = 0; j < len; ++j) out[j] = Storage<T>::store(in[j]);
 }
 
@@ -178,11 +193,11 @@ REGISTER_OP("LqpFusedApplyAdam")
     .Input("grad: T")
     .Input("grad_scale: float")
     .Input("clip: float")
-    .Attr("T: {half, bfloat16}")
+    .Attr("T: {half, bfloat16, float}")
     .Attr("sign_gradient: bool = false")
     .Attr("use_locking: bool = false")
     .SetShapeFn(no_outputs)
-    .Doc(R"doc(ResourceApplyAdam of a 16-bit variable in float32 arithmetic, one pass.
+    .Doc(R"doc(ResourceApplyAdam of a 16-bit or float32 variable in float32 arithmetic, one pass.
 
 g = grad * grad_scale (sign(grad) * grad_scale with sign_gradient),
 alpha = lr * sqrt(1 - beta2_power) / (1 - beta1_power),
@@ -215,10 +230,10 @@ class FusedApplyAdamOp : public OpKernel {
     // TF's ApplyAdamNonCuda, in float32: the same operations in the same order.
     const float alpha = lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
     const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
-    uint16_t* var = raw<T>(tensors[0]);
-    uint16_t* m = raw<T>(tensors[1]);
-    uint16_t* v = raw<T>(tensors[2]);
-    const uint16_t* grad = raw<T>(ctx->input(9));
+    Raw<T>* var = raw<T>(tensors[0]);
+    Raw<T>* m = raw<T>(tensors[1]);
+    Raw<T>* v = raw<T>(tensors[2]);
+    const Raw<T>* grad = raw<T>(ctx->input(9));
     const int64_t n = tensors[0].NumElements();
     const bool sign = sign_;
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
@@ -257,12 +272,12 @@ REGISTER_OP("LqpFusedApplyMomentum")
     .Input("momentum: float")
     .Input("grad_scale: float")
     .Input("clip: float")
-    .Attr("T: {half, bfloat16}")
+    .Attr("T: {half, bfloat16, float}")
     .Attr("use_nesterov: bool = false")
     .Attr("sign_gradient: bool = false")
     .Attr("use_locking: bool = false")
     .SetShapeFn(no_outputs)
-    .Doc(R"doc(ResourceApplyKerasMomentum of a 16-bit variable in float32 arithmetic, one pass.
+    .Doc(R"doc(ResourceApplyKerasMomentum of a 16-bit or float32 variable in float32 arithmetic, one pass.
 
 g = grad * grad_scale (sign(grad) * grad_scale with sign_gradient),
 accum = accum * momentum - g * lr; var += accum, or with use_nesterov
@@ -291,9 +306,9 @@ class FusedApplyMomentumOp : public OpKernel {
     }
     const float lr = scalar(ctx, 2), momentum = scalar(ctx, 4), scale = scalar(ctx, 5);
     const float clip = scalar(ctx, 6);
-    uint16_t* var = raw<T>(tensors[0]);
-    uint16_t* accum = raw<T>(tensors[1]);
-    const uint16_t* grad = raw<T>(ctx->input(3));
+    Raw<T>* var = raw<T>(tensors[0]);
+    Raw<T>* accum = raw<T>(tensors[1]);
+    const Raw<T>* grad = raw<T>(ctx->input(3));
     const int64_t n = tensors[0].NumElements();
     const bool sign = sign_, nesterov = nesterov_;
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
@@ -332,5 +347,6 @@ class FusedApplyMomentumOp : public OpKernel {
       FusedApplyMomentumOp<T>);
 LQP_UPDATE(Eigen::half)
 LQP_UPDATE(Eigen::bfloat16)
+LQP_UPDATE(float)
 
 }  // namespace larq_prox
