@@ -128,7 +128,7 @@ def fit_stepper(model: tf.keras.Model, x, y):
     `train_on_batch` builds a dataset and an iterator on every call; on the
     converted ResNetE-18 that stalled about one step in four by ~1.3 s of
     whole-machine idle time (same CPU time as the other steps; see
-    benchmarks/results/speed_s11.json, "train_on_batch_artifact"), which
+    benchmarks/results/conv_backward_chunks_s11.json, "train_on_batch_artifact"), which
     `model.fit`, iterating one dataset, never showed.
     """
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
