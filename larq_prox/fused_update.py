@@ -55,9 +55,10 @@ import larq as lq
 import tensorflow as tf
 
 from larq_prox import kernels
+from larq_prox.ops.precision import HALF_DTYPES
 
-__all__ = ["ENV", "HALF_DTYPES", "RULES", "UpdateRule", "apply_gradients", "clip_of", "register",
-           "rule_for", "split", "worth_fusing"]
+__all__ = ["ENV", "RULES", "UpdateRule", "apply_gradients", "clip_of", "register", "rule_for",
+           "split", "worth_fusing"]
 
 ENV = "LARQ_PROX_FUSED_UPDATE"
 """Environment variable: `0` runs the optimizers' own updates (read at every trace)."""
@@ -177,9 +178,6 @@ def _say_once(why: str) -> None:
         _log.warning("larq-prox fused 16-bit update not used: %s; the optimizer's own runs.", why)
 
 
-HALF_DTYPES = (tf.float16, tf.bfloat16)
-
-
 def worth_fusing(variable, sign: bool) -> bool:
     """Whether the fused update saves passes over `variable` (for the kernel's dtypes).
 
@@ -207,10 +205,11 @@ def split(optimizer, grads_and_vars, gradient_of: GradientOf) -> tuple[list, lis
     its gradient is dense and of the variable's dtype, `optimizer` has a rule
     (`rule_for`) and `kernels.use` allows it.
     """
-    candidates = [(g, v) for g, v in grads_and_vars if worth_fusing(v, gradient_of(v)[0])]
+    gradients = {v.ref(): gradient_of(v) for _, v in grads_and_vars}
+    candidates = [v for _, v in grads_and_vars if worth_fusing(v, gradients[v.ref()][0])]
     if not candidates:
         return [], list(grads_and_vars)
-    say = (_say_once if any(v.dtype.base_dtype in HALF_DTYPES for _, v in candidates)
+    say = (_say_once if any(v.dtype.base_dtype in HALF_DTYPES for v in candidates)
            else lambda why: None)
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         say(f"{ENV}={os.environ[ENV]}")
@@ -219,13 +218,13 @@ def split(optimizer, grads_and_vars, gradient_of: GradientOf) -> tuple[list, lis
     if rule is None:
         say(why)
         return [], list(grads_and_vars)
-    chosen = {v.ref() for _, v in candidates}
+    chosen = {v.ref() for v in candidates}
     fused, rest = [], []
     for g, v in grads_and_vars:
         if (v.ref() in chosen and not isinstance(g, tf.IndexedSlices)
                 and g.dtype.base_dtype == v.dtype.base_dtype
                 and kernels.use(g, v, dtypes=kernels.UPDATE_DTYPES)):
-            fused.append((g, v, *gradient_of(v)))
+            fused.append((g, v, *gradients[v.ref()]))
         else:
             rest.append((g, v))
     return fused, rest

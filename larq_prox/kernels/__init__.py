@@ -372,7 +372,7 @@ def normalize_proposed(
         flat_gamma = flat(gamma) if scaled else None
         # The affine in the kernel, unless the bins need the normalized value first.
         fused_affine = scaled and not edges
-        shift = tf.zeros([channels], stats) if scaled and not fused_affine else flat(beta)
+        shift = tf.zeros([channels], stats) if scaled and edges else flat(beta)
         x, omega, bits = library_.lqp_binary_batch_norm_forward(
             y, shift, flat(mean), flat_psi, flat_gamma if fused_affine else tf.zeros([0], stats))
         if edges:
