@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from larq_prox import kernels
 from larq_prox.ops.kept import Kept
+from larq_prox.ops import schedule
 from larq_prox.ops.precision import arithmetic_dtype, chunked_compute, upcast
 from larq_prox.quantizers import BackwardNeeds
 
@@ -488,6 +489,7 @@ def binary_conv2d(
                 return conv(signs * part(nan_factor, i))  # NaN signs in a sample holding a NaN
 
             outputs = chunked_compute(conv_chunk, bounds, x.dtype)
+        schedule.record_gradients(x, outputs)
         border = tf.constant([0, 0, 0, 0])
         if explicit is not None:
             rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
@@ -514,7 +516,12 @@ def binary_conv2d(
             # graph mode would otherwise unpack during the forward pass, or run
             # the chunks side by side. Chunks over the batch bound the
             # unpacked signs and the conv kernels' scratch to 1/k of an
-            # activation; dkernel then sums k partial products.
+            # activation; dkernel then sums k partial products. In one chunk,
+            # dx waits for dkernel only where holding the signs and dx at once
+            # would raise the step's peak (`ops.schedule`).
+            overlap = k == 1 and schedule.may_overlap(
+                schedule.tensor_bytes(dy), schedule.tensor_bytes(x, compute),
+                schedule.tensor_bytes(x))
             gate, dkernel = dy, None
             for i in range(k):
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
@@ -527,7 +534,9 @@ def binary_conv2d(
                 )
                 dkernel = partial if dkernel is None else dkernel + partial
                 gate = dkernel
-            restored = kept_kernel(dkernel)
+            if overlap:
+                gate = dy
+            restored = kept_kernel(gate)
             # The chunks are written into one buffer in place: a concat would
             # hold all chunks and the whole result at once. XLA has no
             # InplaceUpdate, and places a concat's parts in its output anyway.

@@ -300,8 +300,9 @@ class BinaryBatchNormForwardOp : public OpKernel {
     std::vector<double> partial(static_cast<size_t>(blocks * channels));
     parallel_for(ctx, blocks, per_block * channels * 6, [&](int64_t b0, int64_t b1) {
       std::vector<U> acc(channels);
-      // With a scale, the signs of z (x holds gamma z + beta), one byte each.
-      std::vector<uint8_t> positive(gamma ? static_cast<size_t>(per_block * channels) : 0);
+      // The block's z = (y - mean) / psi in cache (x holds gamma z + beta, or
+      // z + beta unscaled); with a scale, the bits are packed from z.
+      std::vector<U> z_block(static_cast<size_t>(per_block * channels));
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(acc.begin(), acc.end(), U(0));
         const int64_t r0 = b * per_block, r1 = std::min(rows, (b + 1) * per_block);
@@ -309,19 +310,19 @@ class BinaryBatchNormForwardOp : public OpKernel {
           const T* in = y + r * channels;
           T* out = x + r * channels;
           if (gamma) {
-            uint8_t* sign = positive.data() + (r - r0) * channels;
+            U* z = z_block.data() + (r - r0) * channels;
             for (int64_t c = 0; c < channels; ++c) {
-              const U z = (widen<U>(in[c]) - mean[c]) / psi[c];
-              out[c] = narrow<T>(z * gamma[c] + beta[c]);
-              sign[c] = z >= 0;
-              acc[c] += std::abs(z);
+              z[c] = (widen<U>(in[c]) - mean[c]) / psi[c];
+              acc[c] += std::abs(z[c]);
             }
+            for (int64_t c = 0; c < channels; ++c) out[c] = narrow<T>(z[c] * gamma[c] + beta[c]);
           } else {
+            U* v = z_block.data() + (r - r0) * channels;
             for (int64_t c = 0; c < channels; ++c) {
-              const U v = (widen<U>(in[c]) - mean[c]) / psi[c] + beta[c];
-              out[c] = narrow<T>(v);
-              acc[c] += std::abs(v);
+              v[c] = (widen<U>(in[c]) - mean[c]) / psi[c] + beta[c];
+              acc[c] += std::abs(v[c]);
             }
+            for (int64_t c = 0; c < channels; ++c) out[c] = narrow<T>(v[c]);
           }
         }
         // This block's elements start on a byte (r0 is a multiple of 8); the
@@ -329,8 +330,8 @@ class BinaryBatchNormForwardOp : public OpKernel {
         const int64_t e0 = r0 * channels, e1 = r1 * channels;
         const int64_t k1 = (r1 == rows) ? (n + 7) / 8 : e1 / 8;
         if (gamma) {
-          const uint8_t* sign = positive.data();
-          pack_range(bits, e0 / 8, k1, n, [sign, e0](int64_t e) { return sign[e - e0] != 0; });
+          const U* z = z_block.data();
+          pack_range(bits, e0 / 8, k1, n, [z, e0](int64_t e) { return z[e - e0] >= 0; });
         } else {
           pack_range(bits, e0 / 8, k1, n, [x](int64_t e) { return value(x[e]) >= 0; });
         }
