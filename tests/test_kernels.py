@@ -176,6 +176,25 @@ def test_kernel_signs_are_nan_at_the_nan_weights_only(shape, dtype, fallback):
         kernels.sign_pack_and_nan_rows(x, nan="samples")
 
 
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=["x".join(map(str, s)) for s in NAN_SHAPES])
+def test_float32_signs_of_a_16_bit_tensor(shape, dtype, fallback):
+    """signs_dtype=float32 (a 16-bit kernel read in float32): the kernel writes the signs in
+    float32, equal to the 16-bit signs cast; bits and masks as without it."""
+    x = tf.cast(_values(shape, seed=14), dtype)
+    for kwargs in (dict(nan="elements"), dict(nan="elements", mask_bound=1.0), {}):
+        got = kernels.sign_pack_and_nan_rows(x, signs_dtype=tf.float32, **kwargs)
+        own = kernels.sign_pack_and_nan_rows(x, **kwargs)
+        assert got[0].dtype == tf.float32
+        assert _same(got[0].numpy(), tf.cast(own[0], tf.float32).numpy())
+        for a, b in zip(got[1:], own[1:], strict=True):
+            assert _same(a.numpy(), b.numpy())
+        with fallback():
+            reference = kernels.sign_pack_and_nan_rows(x, signs_dtype=tf.float32, **kwargs)
+        for a, b in zip(got, reference, strict=True):
+            assert a.dtype == b.dtype and _same(a.numpy(), b.numpy())
+
+
 def _op_types(layer):
     """How many ops of each type a training call of `layer` runs (its functions' too)."""
     import collections
@@ -216,6 +235,27 @@ def test_sign_pack_and_nan_rows_runs_the_kernel_in_binary_layers(fallback):
         assert not any(name.startswith("Lqp") for name in types)
 
 
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_a_16_bit_kernel_is_read_in_float32_without_casts(storage):
+    """storage_dtype: the kernel's float32 signs come from the sign kernel and its gradient
+    is rounded to 16 bits by the mask kernel: no kernel-sized Cast either way."""
+    layer = lqp_layers.QuantDense(3, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                                  storage_dtype=storage)
+    layer.build((None, 6))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+        return tape.gradient(y, layer.kernel)
+
+    graph = step.get_concrete_function(tf.TensorSpec((None, 6))).graph
+    casts = [op for op in graph.get_operations()
+             if op.type == "Cast" and op.outputs[0].shape == layer.kernel.shape]
+    assert not casts, [op.name for op in casts]
+    assert step(tf.ones([2, 6])).dtype == tf.as_dtype(storage)
+
+
 @pytest.mark.parametrize("select", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_apply_mask(shape, select, fallback):
@@ -228,6 +268,23 @@ def test_apply_mask(shape, select, fallback):
         want = kernels.apply_mask(dx, packed, inside, outside, select).numpy()
     assert _same(got, want)
 
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+@pytest.mark.parametrize("select", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_apply_mask_rounds_a_float32_gradient_to_16_bits_once(shape, select, dtype, fallback):
+    """dtype=float16/bfloat16 on a float32 dx (a 16-bit kernel's gradient): the float32
+    result rounded once, as the reference's float32 result cast."""
+    dx = tf.constant(_values(shape, seed=2) * 3.7)
+    packed = bitpack.pack_bits(tf.constant(_values(shape, special=False)) > 0)
+    inside, outside = (1.0, 0.0) if select else (0.3, -2.1)
+    got = kernels.apply_mask(dx, packed, inside, outside, select, dtype=dtype)
+    want = tf.cast(kernels.apply_mask(dx, packed, inside, outside, select), dtype)
+    assert got.dtype == dtype and _same(got.numpy(), want.numpy())
+    with fallback():
+        reference = kernels.apply_mask(dx, packed, inside, outside, select, dtype=dtype)
+    assert reference.dtype == dtype and _same(got.numpy(), reference.numpy())
 
 # ------------------------------------------------- BinaryBatchNorm(proposed)
 def _bn_step(y, dx, mode="proposed", beta=0.3, scale=False, magnitude_bits=0):

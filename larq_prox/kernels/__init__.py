@@ -99,6 +99,7 @@ _said: set = set()
 
 _BN_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+_HALF = (tf.float16, tf.bfloat16)
 _UNPACK_DTYPES = (tf.bool, tf.uint8, tf.int32, *_FLOAT_DTYPES)
 UPDATE_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 """Variable dtypes of the fused optimizer updates (float32: where they fold in a sign or a clip,
@@ -224,14 +225,14 @@ def sign_and_pack(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """
     x = tf.convert_to_tensor(x)
     if use(x):
-        return tuple(library().lqp_sign_and_pack(x)[:2])
+        return tuple(library().lqp_sign_and_pack(x, S=x.dtype)[:2])
     positive = x >= 0
     packed = bitpack.pack_bits(positive)
     return tf.where(positive, tf.constant(1, x.dtype), tf.constant(-1, x.dtype)), packed
 
 
-def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None,
-                           nan: str = "rows") -> tuple[tf.Tensor, ...]:
+def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None, nan: str = "rows",
+                           signs_dtype=None) -> tuple[tf.Tensor, ...]:
     """(signs, packed bits of x >= 0, `bitpack.nan_rows(x)`), the signs NaN in a sample holding a NaN.
 
     A NaN has no sign bit: the flags ([batch, 1, ...] bool) carry it to
@@ -244,6 +245,8 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None,
     `-c <= x <= c` (a clipped STE's B'), in the same pass: then
     (signs, packed, nan_rows, packed_mask). `nan="elements"`: NaN signs at
     the NaN elements only (`larq.math.sign`'s), for a kernel's signs.
+    `signs_dtype`: the signs' type (default x's); float32 for a 16-bit x is
+    written by the kernel directly (a 16-bit kernel read in float32, no cast).
 
     ```python
     signs, packed, nan_rows = kernels.sign_pack_and_nan_rows(x)
@@ -253,11 +256,13 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None,
     if nan not in ("rows", "elements"):
         raise ValueError(f"`nan` must be 'rows' or 'elements', got {nan!r}.")
     x = tf.convert_to_tensor(x)
+    signs_dtype = tf.as_dtype(signs_dtype or x.dtype)
     masked = mask_bound is not None
     if masked:
         mask_bound = tf.cast(mask_bound, x.dtype)
-    if x.shape.rank and use(x):
-        attrs = dict(nan_signs=nan == "rows", nan_elements=nan == "elements")
+    if x.shape.rank and use(x) and (signs_dtype == x.dtype or (
+            x.dtype in _HALF and signs_dtype == tf.float32)):
+        attrs = dict(nan_signs=nan == "rows", nan_elements=nan == "elements", S=signs_dtype)
         with tf.control_dependencies(list(after)):
             if masked:
                 signs, packed, mask, nan_rows = library().lqp_sign_mask_and_pack(
@@ -273,10 +278,10 @@ def sign_pack_and_nan_rows(x: tf.Tensor, after=(), mask_bound=None,
     # Only comparisons read x, and the signs come from their bool result once
     # the bits are packed: x is freed before the signs are allocated.
     with tf.control_dependencies([packed, nan_rows, *mask, *after]):
-        not_a_number = tf.constant(float("nan"), x.dtype)
+        not_a_number = tf.constant(float("nan"), signs_dtype)
         where_nan = nan_rows if nan == "rows" else tf.math.is_nan(x)
-        one = tf.where(where_nan, not_a_number, tf.constant(1, x.dtype))
-        minus_one = tf.where(where_nan, not_a_number, tf.constant(-1, x.dtype))
+        one = tf.where(where_nan, not_a_number, tf.constant(1, signs_dtype))
+        minus_one = tf.where(where_nan, not_a_number, tf.constant(-1, signs_dtype))
         signs = tf.where(positive, one, minus_one)
     return (signs, packed, nan_rows, *mask)
 
@@ -291,21 +296,27 @@ def pack_signs_and_nan(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """
     x = tf.convert_to_tensor(x)
     if x.shape.rank and use(x):
-        _, packed, nan_rows = library().lqp_sign_and_pack(x)
+        _, packed, nan_rows = library().lqp_sign_and_pack(x, S=x.dtype)
         return packed, tf.reduce_any(nan_rows)
     return bitpack.pack_signs(x), tf.reduce_any(tf.math.is_nan(x))
 
 
-def apply_mask(dx: tf.Tensor, packed: tf.Tensor, inside, outside, select: bool) -> tf.Tensor:
-    """`dx * where(bits, inside, outside)`; `select=True`: `where(bits, dx, 0)` (inside 1, outside 0)."""
+def apply_mask(dx: tf.Tensor, packed: tf.Tensor, inside, outside, select: bool,
+               dtype=None) -> tf.Tensor:
+    """`dx * where(bits, inside, outside)`; `select=True`: `where(bits, dx, 0)` (inside 1, outside 0).
+
+    Computed in dx's type; `dtype` (default dx's): the result's type, rounded
+    once (a float32 gradient of a 16-bit kernel: the kernel writes it directly).
+    """
     dx = tf.convert_to_tensor(dx)
+    dtype = tf.as_dtype(dtype or dx.dtype)
     inside, outside = (tf.cast(v, dx.dtype) for v in (inside, outside))
-    if use(dx):
-        return library().lqp_apply_mask(dx, packed, inside, outside, select=bool(select))
+    if use(dx) and (dtype == dx.dtype or (dx.dtype == tf.float32 and dtype in _HALF)):
+        return library().lqp_apply_mask(dx, packed, inside, outside, select=bool(select), R=dtype)
     mask = bitpack.unpack_bits(packed, tf.shape(dx))
     if select:
-        return tf.where(mask, dx, tf.constant(0, dx.dtype))
-    return dx * tf.where(mask, inside, outside)
+        return tf.cast(tf.where(mask, dx, tf.constant(0, dx.dtype)), dtype)
+    return tf.cast(dx * tf.where(mask, inside, outside), dtype)
 
 
 # ---------------------------------------------------- BinaryBatchNorm(proposed)

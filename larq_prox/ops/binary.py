@@ -257,18 +257,23 @@ class KernelSign:
             def scaled(signs):
                 return signs if scale is None else tf.cast(signs, dtype) * scale
 
-            def scale_gradient(dy):
-                return dy if scale is None else tf.cast(tf.cast(dy, dtype) * scale, kernel.dtype)
+            def scale_gradient(dy):  # in `dtype`, dy's
+                return dy if scale is None else tf.cast(dy, dtype) * scale
 
-            # With the kernels, one pass over the kernel: its signs (NaN at a
-            # NaN weight, as larq's sign) and a clipped STE's mask (-c <= w <= c).
+            def signs_of(signs):  # the signs in `dtype` (a 16-bit kernel's, read in float32)
+                return tf.cast(sign(kernel) if signs is None else signs, dtype)
+
+            # With the kernels, one pass over the kernel: its signs in `dtype`
+            # (NaN at a NaN weight, as larq's sign) and a clipped STE's mask
+            # (-c <= w <= c); the gradient is rounded to the kernel's type once.
             fused = kernels.use(kernel)
             if self.needs.kind == "none":
-                signs = kernels.sign_pack_and_nan_rows(kernel, nan="elements")[0] if fused else None
-                return scaled(sign(kernel) if signs is None else signs), scale_gradient
+                signs = (kernels.sign_pack_and_nan_rows(kernel, nan="elements", signs_dtype=dtype)[0]
+                         if fused else None)
+                return scaled(signs_of(signs)), lambda dy: tf.cast(scale_gradient(dy), kernel.dtype)
             if bound is not None and fused:
                 signs, _, _, packed_mask = kernels.sign_pack_and_nan_rows(
-                    kernel, mask_bound=bound, nan="elements")
+                    kernel, mask_bound=bound, nan="elements", signs_dtype=dtype)
             else:
                 signs, packed_mask = None, kernels.pack_bits(self.needs.mask(kernel))
             select = _is_constant(values["inside"], 1) and _is_constant(values["outside"], 0)
@@ -276,12 +281,12 @@ class KernelSign:
             def grad(dy):
                 dy = scale_gradient(dy)  # B' from the bits, in one pass over dy
                 return kernels.apply_mask(dy, packed_mask, values["inside"], values["outside"],
-                                          select)
+                                          select, dtype=kernel.dtype)
 
             with tf.control_dependencies([packed_mask]):  # the latent kernel read once, here
-                return scaled(sign(kernel) if signs is None else signs), grad
+                return scaled(signs_of(signs)), grad
 
-        return tf.cast(_op(kernel), dtype)
+        return _op(kernel)
 
 
 def _binarize_and_pack(x: tf.Tensor, backward: InputBackward, kept: dict):

@@ -627,34 +627,37 @@ Status sign_and_pack_shape(InferenceContext* c, int packed) {
 
 REGISTER_OP("LqpSignAndPack")
     .Input("x: T")
-    .Output("signs: T")
+    .Output("signs: S")
     .Output("bits: uint8")
     .Output("nan_rows: bool")
     .Attr("T: {half, bfloat16, float, double}")
+    .Attr("S: {half, bfloat16, float, double}")
     .Attr("nan_signs: bool = false")
     .Attr("nan_elements: bool = false")
     .SetShapeFn([](InferenceContext* c) { return sign_and_pack_shape(c, 1); })
     .Doc("sign(x) (+1 where x >= 0, -1 elsewhere), the packed bits of x >= 0 and whether each "
          "sample (slice along axis 0) holds a NaN, [batch, 1, ...] (bitpack.nan_rows), in one "
          "pass over x. With nan_signs, the signs of a sample holding a NaN are all NaN; with "
-         "nan_elements, the signs of the NaN elements (larq.math.sign's).");
+         "nan_elements, the signs of the NaN elements (larq.math.sign's). The signs in S: T, or "
+         "float for a 16-bit x (a 16-bit kernel read in float32).");
 
 REGISTER_OP("LqpSignMaskAndPack")
     .Input("x: T")
     .Input("bound: T")
-    .Output("signs: T")
+    .Output("signs: S")
     .Output("bits: uint8")
     .Output("mask: uint8")
     .Output("nan_rows: bool")
     .Attr("T: {half, bfloat16, float, double}")
+    .Attr("S: {half, bfloat16, float, double}")
     .Attr("nan_signs: bool = false")
     .Attr("nan_elements: bool = false")
     .SetShapeFn([](InferenceContext* c) { return sign_and_pack_shape(c, 2); })
     .Doc("LqpSignAndPack, and in the same pass the packed bits of -bound <= x <= bound (the "
          "mask of a clipped straight-through estimator; false at NaN).");
 
-// Masked: the op with the mask of -bound <= x <= bound (LqpSignMaskAndPack).
-template <typename T, bool Masked>
+// Masked: the op with the mask of -bound <= x <= bound (LqpSignMaskAndPack); signs in S.
+template <typename T, typename S, bool Masked>
 class SignAndPackOp : public OpKernel {
  public:
   explicit SignAndPackOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -687,10 +690,10 @@ class SignAndPackOp : public OpKernel {
     // Per-sample flags, set by whichever chunk meets a NaN (relaxed stores of 1).
     std::unique_ptr<std::atomic<bool>[]> nan(new std::atomic<bool>[samples]);
     for (int64_t r = 0; r < samples; ++r) nan[r].store(false, std::memory_order_relaxed);
-    // The signs may overwrite x's buffer in place: each chunk reads its x first.
+    // The signs may overwrite x's buffer in place (same type): each chunk reads its x first.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x_t.shape(), &signs_t));
-    T* signs = signs_t->flat<T>().data();
-    const T plus(1.0f), minus(-1.0f), not_a_number(NAN);
+    S* signs = signs_t->flat<S>().data();
+    const S plus(1.0f), minus(-1.0f), not_a_number(NAN);
     const bool nan_elements = nan_elements_;
     parallel_for(ctx, (bytes + kChunkBytes - 1) / kChunkBytes, kChunkBytes * 48,
                  [&](int64_t c0, int64_t c1) {
@@ -867,16 +870,18 @@ REGISTER_OP("LqpApplyMask")
     .Input("bits: uint8")
     .Input("inside: T")
     .Input("outside: T")
-    .Output("out: T")
+    .Output("out: R")
     .Attr("T: {half, bfloat16, float, double}")
+    .Attr("R: {half, bfloat16, float, double}")
     .Attr("select: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
       return tensorflow::OkStatus();
     })
-    .Doc("dx * (bit ? inside : outside); with select, bit ? dx : 0 (no NaN from dx outside).");
+    .Doc("dx * (bit ? inside : outside); with select, bit ? dx : 0 (no NaN from dx outside). "
+         "The result in R: T, or 16-bit for a float dx (a 16-bit kernel's gradient), rounded once.");
 
-template <typename T>
+template <typename T, typename R>
 class ApplyMaskOp : public OpKernel {
  public:
   explicit ApplyMaskOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -896,7 +901,7 @@ class ApplyMaskOp : public OpKernel {
     const T inside = ctx->input(2).flat<T>()(0), outside = ctx->input(3).flat<T>()(0);
     Tensor* out_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, dx_t.shape(), &out_t));
-    T* out = out_t->flat<T>().data();
+    R* out = out_t->flat<R>().data();
     const bool select = select_;
     const int64_t bytes = (n + 7) / 8;
     const T zero(0.0f);
@@ -908,11 +913,11 @@ class ApplyMaskOp : public OpKernel {
         const int64_t len = std::min(n, e0 + 8 * kChunkBytes) - e0;
         expand_bits(bits, e0, len, m);
         const T* g = dx + e0;
-        T* o = out + e0;
+        R* o = out + e0;
         if (select) {
-          for (int64_t j = 0; j < len; ++j) o[j] = blend(m[j], g[j], zero);
+          for (int64_t j = 0; j < len; ++j) o[j] = narrow<R>(value(blend(m[j], g[j], zero)));
         } else {
-          for (int64_t j = 0; j < len; ++j) o[j] = narrow<T>(value(g[j]) * value(blend(m[j], inside, outside)));
+          for (int64_t j = 0; j < len; ++j) o[j] = narrow<R>(value(g[j]) * value(blend(m[j], inside, outside)));
         }
       }
     });
@@ -1527,15 +1532,27 @@ LQP_BN(double, double)
 LQP_BN(Eigen::half, float)
 LQP_BN(Eigen::bfloat16, float)
 
+// Signs in S of an x in T (a 16-bit kernel's signs may be float), and a mask applied to
+// a dx in T giving R (a float gradient of a 16-bit kernel rounded once).
+#define LQP_SIGNS(T, S)                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("LqpSignAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<S>("S"), \
+      SignAndPackOp<T, S, false>);                                                           \
+  REGISTER_KERNEL_BUILDER(Name("LqpSignMaskAndPack")                                         \
+                              .Device(DEVICE_CPU)                                            \
+                              .TypeConstraint<T>("T")                                        \
+                              .TypeConstraint<S>("S"),                                       \
+                          SignAndPackOp<T, S, true>);
+#define LQP_APPLY_MASK(T, R)                                                                 \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("LqpApplyMask").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<R>("R"), \
+      ApplyMaskOp<T, R>);
+
 #define LQP_ELEMENTWISE(T)                                                                   \
-  REGISTER_KERNEL_BUILDER(Name("LqpSignAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"),  \
-                          SignAndPackOp<T, false>);                                          \
-  REGISTER_KERNEL_BUILDER(Name("LqpSignMaskAndPack").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          SignAndPackOp<T, true>);                                           \
+  LQP_SIGNS(T, T)                                                                            \
   REGISTER_KERNEL_BUILDER(Name("LqpPackSigns").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
                           PackSignsOp<T>);                                                   \
-  REGISTER_KERNEL_BUILDER(Name("LqpApplyMask").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
-                          ApplyMaskOp<T>);                                                   \
+  LQP_APPLY_MASK(T, T)                                                                       \
   REGISTER_KERNEL_BUILDER(Name("LqpFirstMaxBits").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
                           FirstMaxBitsOp<T>);                                                \
   REGISTER_KERNEL_BUILDER(Name("LqpUnpoolBits").Device(DEVICE_CPU).TypeConstraint<T>("T"),   \
@@ -1549,6 +1566,10 @@ LQP_ELEMENTWISE(Eigen::half)
 LQP_ELEMENTWISE(Eigen::bfloat16)
 LQP_ELEMENTWISE(float)
 LQP_ELEMENTWISE(double)
+LQP_SIGNS(Eigen::half, float)
+LQP_SIGNS(Eigen::bfloat16, float)
+LQP_APPLY_MASK(float, Eigen::half)
+LQP_APPLY_MASK(float, Eigen::bfloat16)
 
 REGISTER_KERNEL_BUILDER(Name("LqpPackBits").Device(DEVICE_CPU), PackBitsOp);
 
