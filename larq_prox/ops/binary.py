@@ -39,7 +39,6 @@ import tensorflow as tf
 
 from larq_prox import kernels
 from larq_prox.ops.kept import Kept
-from larq_prox.ops import schedule
 from larq_prox.ops.precision import arithmetic_dtype, chunked_compute, upcast
 from larq_prox.quantizers import BackwardNeeds
 
@@ -494,7 +493,6 @@ def binary_conv2d(
                 return conv(signs * part(nan_factor, i))  # NaN signs in a sample holding a NaN
 
             outputs = chunked_compute(conv_chunk, bounds, x.dtype)
-        schedule.record_gradients(x, outputs)
         border = tf.constant([0, 0, 0, 0])
         if explicit is not None:
             rows_added, cols_added = (sum(explicit[axis]) for axis in (1, 2))
@@ -521,12 +519,10 @@ def binary_conv2d(
             # graph mode would otherwise unpack during the forward pass, or run
             # the chunks side by side. Chunks over the batch bound the
             # unpacked signs and the conv kernels' scratch to 1/k of an
-            # activation; dkernel then sums k partial products. In one chunk,
-            # dx waits for dkernel only where holding the signs and dx at once
-            # would raise the step's peak (`ops.schedule`).
-            overlap = k == 1 and schedule.may_overlap(
-                schedule.tensor_bytes(dy), schedule.tensor_bytes(x, compute),
-                schedule.tensor_bytes(x))
+            # activation; dkernel then sums k partial products. dx waits for
+            # dkernel even in one chunk: side by side the two products gained
+            # <= 2 % of a step once bounded to one layer, and shifted the peak
+            # (benchmarks/results/backward_schedule_s13.json).
             gate, dkernel = dy, None
             for i in range(k):
                 rows = tf.concat([[bounds[i + 1] - bounds[i]], shape[1:]], 0)
@@ -539,9 +535,7 @@ def binary_conv2d(
                 )
                 dkernel = partial if dkernel is None else dkernel + partial
                 gate = dkernel
-            if overlap:
-                gate = dy
-            restored = kept_kernel(gate)
+            restored = kept_kernel(dkernel)
             # The chunks are written into one buffer in place: a concat would
             # hold all chunks and the whole result at once. XLA has no
             # InplaceUpdate, and places a concat's parts in its output anyway.

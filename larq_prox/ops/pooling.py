@@ -64,18 +64,11 @@ import numpy as np
 import tensorflow as tf
 
 from larq_prox import bitpack, kernels
-from larq_prox.ops import schedule
 
 __all__ = ["argmax_bits", "argmax_max_pool2d", "bitmask_max_pool2d", "pool_geometry"]
 
 MAX_WINDOW = 256
 """Largest window (p * q elements) of `argmax_max_pool2d`: its offsets fit uint8."""
-
-
-def _recorded(x: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
-    """`outputs`, its backward's dy and dx recorded for the backward schedule (`ops.schedule`)."""
-    schedule.record_gradients(x, outputs)
-    return outputs
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -133,7 +126,7 @@ def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
     """
     p, q = pool_size
     if kernels.use(x):  # fused mask and scatter; below, their pure-TF reference
-        return _recorded(x, _bitmask_max_pool2d_kernel(x, pool_size))
+        return _bitmask_max_pool2d_kernel(x, pool_size)
 
     @tf.custom_gradient
     def _op(x):
@@ -166,7 +159,7 @@ def bitmask_max_pool2d(x: tf.Tensor, pool_size=(2, 2)) -> tf.Tensor:
 
         return outputs, grad
 
-    return _recorded(x, _op(x))
+    return _op(x)
 
 
 def _bitmask_max_pool2d_kernel(x: tf.Tensor, pool_size) -> tf.Tensor:
@@ -442,7 +435,7 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
             f"got shape {x.shape}; give the model a fixed input size (tf.keras.Input)."
         )
     if kernels.use(x):  # the fused scan and scatter; below, their pure-TF reference
-        return _recorded(x, _argmax_max_pool2d_kernel(x, pool_size, strides, padding))
+        return _argmax_max_pool2d_kernel(x, pool_size, strides, padding)
     windows = _Windows(x.shape[1:], pool_size, strides, padding)
     bits = argmax_bits(pool_size)
     aligned = windows.out_rows * windows.out_cols * windows.channels % 8 == 0
@@ -468,7 +461,7 @@ def argmax_max_pool2d(x: tf.Tensor, pool_size=(2, 2), strides=None, padding="val
 
         return outputs, grad
 
-    return _recorded(x, _op(x))
+    return _op(x)
 
 
 def _argmax_max_pool2d_kernel(x: tf.Tensor, pool_size, strides, padding: str) -> tf.Tensor:

@@ -51,7 +51,6 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from larq_prox.ops import schedule
 from larq_prox.ops.precision import HALF_DTYPES, arithmetic_dtype, chunked_compute, compute, upcast
 
 __all__ = [
@@ -221,9 +220,7 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
             )
         return outputs, grad
 
-    outputs = _op(x, kernel)
-    schedule.record_gradients(x, outputs)  # for the backward schedule (`ops.schedule`)
-    return outputs
+    return _op(x, kernel)
 
 
 def saved_conv2d(
