@@ -173,9 +173,15 @@ def time_steps(model_name: str, storage: str | None, jit: bool, steps: int, warm
            "steps_ms": {s: [round(1e3 * t, 1) for t in times[s]] for s in setups}}
     for setup in setups[1:]:
         row[f"ratio_{setup}"] = median[setup] / median["standard"]
+        # Each round times every setup back to back: the median of the rounds'
+        # own ratios cancels load that changes between rounds.
+        row[f"paired_ratio_{setup}"] = float(np.median(
+            np.array(times[setup]) / np.array(times["standard"])))
     print(f"{model_name:9s} {mode:5s} {row['storage']:7s} "
           + "  ".join(f"{s} {1e3 * median[s]:7.1f} ms" for s in setups)
-          + "  ratios " + " ".join(f"{s} {row[f'ratio_{s}']:.2f}" for s in setups[1:]), flush=True)
+          + "  ratios " + " ".join(f"{s} {row[f'ratio_{s}']:.2f}" for s in setups[1:])
+          + "  paired " + " ".join(f"{row[f'paired_ratio_{s}']:.2f}" for s in setups[1:]),
+          flush=True)
     return row
 
 
