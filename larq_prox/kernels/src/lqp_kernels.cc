@@ -1249,11 +1249,7 @@ inline int write_bits(uint8_t* bits, int64_t start, const uint8_t* m, int64_t le
     for (; j < len && (e & 7); ++j, ++e) v |= static_cast<uint8_t>(m[j] << (7 - (e & 7)));
     partial[count++] = {byte, v};
   }
-  for (; j + 8 <= len; j += 8, e += 8) {
-    uint8_t v = 0;
-    for (int i = 0; i < 8; ++i) v |= static_cast<uint8_t>(m[j + i] << (7 - i));
-    bits[e >> 3] = v;
-  }
+  for (; j + 8 <= len; j += 8, e += 8) bits[e >> 3] = pack_bytes(m + j);
   if (j < len) {
     uint8_t v = 0;
     const int64_t byte = e >> 3;
