@@ -155,6 +155,39 @@ def test_sign_pack_with_mask_equals_its_reference(shape, bound, dtype, fallback)
         assert a.shape == b.shape and _same(a.numpy(), b.numpy())
 
 
+# Several of the kernels' 4096-element chunks, samples that straddle chunk
+# boundaries (the NaN flag of a sample seen by two chunks) and a ragged end.
+CHUNKED_SHAPES = [(3, 1500), (2, 9, 11, 47), (1, 8193)]
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float32])
+@pytest.mark.parametrize("shape", CHUNKED_SHAPES, ids=["x".join(map(str, s)) for s in CHUNKED_SHAPES])
+def test_bit_kernels_across_chunks_equal_their_reference(shape, dtype, fallback):
+    """Sign + mask packing, unpacking and mask application over many chunks, bit for bit."""
+    x = _values(shape, seed=5, special=False)
+    flat = x.reshape(-1)
+    flat[4095:4098] = [np.nan, 1.0, -0.0]  # a NaN on the last element of chunk 0
+    x = tf.cast(x, dtype)
+    packed = tf.constant(_np_pack(_values(shape, seed=6, special=False) > 0))
+    dx = tf.cast(_values(shape, seed=7), dtype)
+
+    def run():
+        return (*kernels.sign_pack_and_nan_rows(x, mask_bound=1.0),
+                kernels.unpack_signs(packed, shape, tf.float32),
+                kernels.unpack_bits(packed, shape),
+                kernels.apply_mask(dx, packed, 1.0, 0.0, True),
+                kernels.apply_mask(dx, packed, 0.5, -2.0, False))
+
+    got = run()
+    with fallback():
+        reference = run()
+    for a, b in zip(got, reference, strict=True):
+        assert _same(a.numpy(), b.numpy())
+    nan_rows = got[2].numpy().reshape(-1)
+    per_sample = x.shape[1:].num_elements()
+    assert nan_rows.tolist() == [r == 4095 // per_sample for r in range(shape[0])]
+
+
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
 @pytest.mark.parametrize("shape", NAN_SHAPES, ids=["x".join(map(str, s)) for s in NAN_SHAPES])
 def test_kernel_signs_are_nan_at_the_nan_weights_only(shape, dtype, fallback):
@@ -491,6 +524,8 @@ ARGMAX_POOLS = [
     ((3, 1), (1, 1), "same", (1, 5, 6, 2)),
     ((3, 1), (2, 1), "valid", (2, 7, 3, 3)),
     ((2, 3), (3, 2), "same", (1, 7, 7, 2)),
+    ((3, 3), (2, 2), "same", (1, 9, 8, 64)),  # the kernel's whole 64-channel blocks
+    ((3, 3), (2, 2), "valid", (2, 7, 6, 70)),  # a block and a tail of 6
     ((1, 1), (2, 2), "valid", (1, 5, 5, 3)),
     ((4, 4), (1, 1), "same", (1, 6, 5, 1)),
 ]
@@ -553,10 +588,11 @@ def test_argmax_pool_equals_reference_and_tf_bit_for_bit(pool, strides, padding,
         np.testing.assert_allclose(got[1], tf_dx, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [3, 67])
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float64])
-def test_argmax_pool_other_dtypes(dtype, fallback):
-    x = tf.cast(_pool_values((2, 9, 8, 3), "nan_inf"), dtype)
-    dy = tf.cast(np.random.default_rng(14).normal(size=(2, 5, 4, 3)), dtype)
+def test_argmax_pool_other_dtypes(dtype, channels, fallback):
+    x = tf.cast(_pool_values((2, 9, 8, channels), "nan_inf"), dtype)
+    dy = tf.cast(np.random.default_rng(14).normal(size=(2, 5, 4, channels)), dtype)
 
     def run():
         with tf.GradientTape() as tape:

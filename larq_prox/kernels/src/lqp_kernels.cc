@@ -1232,6 +1232,61 @@ Status set_spatial(PoolGeometry* g, bool same, int64_t batch, int64_t height, in
 }
 
 // A byte of a bit plane shared with another unit's bits: OR-ed in after the loop.
+// A pool window: the offset of its top-left element (padding included: may
+// be negative), its valid rows [i_lo, i_hi) and columns [j_lo, j_hi) (q
+// columns in all), and the strides of an input row and column, in elements.
+struct Window {
+  int64_t origin, i_lo, i_hi, j_lo, j_hi, q, row_stride, col_stride;
+};
+
+// Channels per block of the window loop: a block's running max, argmax value
+// and offset stay in registers / L1 over the whole window, and the loop over a
+// block of known length vectorizes without a remainder. 16x112x112x64 3x3/2,
+// one thread: 5.2 ms with the window loop outside whole-row vectors, 2.2 ms
+// in blocks of 64 (3.5 ms if the length is not known at compile time).
+constexpr int64_t kPoolLanes = 64;
+
+// One window's max (MaxPool's: from lowest, NaN never taken) and argmax
+// offset (MaxPoolGrad's: the first valid element, whatever its value, then
+// strictly greater ones) for `count` channels of x from channel `c0` (only
+// the window's valid elements are read). Lanes >
+// 0: count == Lanes; 0: count < kPoolLanes (the tail). Offsets held in W's
+// width: every select is a bit mask of one width, so the loops vectorize.
+template <int64_t Lanes, typename T, typename W = numeric::Work<T>>
+inline void window_argmax(const T* x, int64_t c0, const Window& w, int64_t count, W lowest,
+                          T* out, uint8_t* offsets) {
+  using A = numeric::Bits<W>;
+  const int64_t len = Lanes > 0 ? Lanes : count;
+  W best[kPoolLanes], top[kPoolLanes];
+  A a[kPoolLanes];
+  const T* v0 = x + (w.origin + w.i_lo * w.row_stride + w.j_lo * w.col_stride + c0);
+  const A k0 = static_cast<A>(w.i_lo * w.q + w.j_lo);
+  for (int64_t c = 0; c < len; ++c) {
+    const W e = value(v0[c]);
+    best[c] = e;
+    a[c] = k0;
+    top[c] = numeric::pick(lowest < e, e, lowest);
+  }
+  for (int64_t i = w.i_lo; i < w.i_hi; ++i) {
+    for (int64_t j = w.j_lo; j < w.j_hi; ++j) {
+      if (i == w.i_lo && j == w.j_lo) continue;
+      const T* v = x + (w.origin + i * w.row_stride + j * w.col_stride + c0);
+      const A k = static_cast<A>(i * w.q + j);
+      for (int64_t c = 0; c < len; ++c) {
+        const W e = value(v[c]);
+        const bool take = best[c] < e;
+        best[c] = numeric::pick(take, e, best[c]);
+        a[c] = numeric::pick(take, k, a[c]);
+        top[c] = numeric::pick(top[c] < e, e, top[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < len; ++c) {
+    out[c0 + c] = narrow<T>(top[c]);  // exact: a value of T
+    offsets[c0 + c] = static_cast<uint8_t>(a[c]);
+  }
+}
+
 struct PartialByte {
   int64_t index;
   uint8_t value;
@@ -1331,15 +1386,12 @@ class ArgmaxMaxPoolOp : public OpKernel {
     const int bits = g.bits;
     std::vector<PartialByte> partial(static_cast<size_t>(units * 2 * bits));
     std::vector<int> partial_count(static_cast<size_t>(units), 0);
-    // Compared in the arithmetic type W (16-bit elements widened exactly), the
-    // offsets held in W's width: every select is a bit mask of one width, so
-    // the channel loops vectorize.
+    // Compared in the arithmetic type W (16-bit elements widened exactly):
+    // window_argmax, by blocks of kPoolLanes channels.
     using W = numeric::Work<T>;
-    using A = numeric::Bits<W>;
     const W lowest = value(Eigen::NumTraits<T>::lowest());
+    const int64_t full = channels / kPoolLanes * kPoolLanes;
     parallel_for(ctx, units, row * g.p * g.q * 4, [&](int64_t u0, int64_t u1) {
-      std::vector<W> best(channels), top(channels);
-      std::vector<A> a(channels);
       std::vector<uint8_t> arg(row), plane(row);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / g.out_rows, ho = u % g.out_rows;
@@ -1348,39 +1400,14 @@ class ArgmaxMaxPoolOp : public OpKernel {
         for (int64_t wo = 0; wo < g.out_cols; ++wo) {
           const int64_t w0 = wo * g.t - g.pad_left;
           const int64_t j_lo = std::max<int64_t>(0, -w0), j_hi = std::min<int64_t>(g.q, g.width - w0);
-          // top: MaxPool's running maximum; best and a: MaxPoolGrad's argmax.
-          std::fill(top.begin(), top.end(), lowest);
-          std::fill(a.begin(), a.end(), A{0});
-          bool first = true;
-          for (int64_t i = i_lo; i < i_hi; ++i) {
-            for (int64_t j = j_lo; j < j_hi; ++j) {
-              const T* v = x + ((b * g.height + h0 + i) * g.width + w0 + j) * channels;
-              const A k = static_cast<A>(i * g.q + j);
-              if (first) {  // the first valid element is taken, whatever its value
-                for (int64_t c = 0; c < channels; ++c) {
-                  const W e = value(v[c]);
-                  best[c] = e;
-                  a[c] = k;
-                  top[c] = numeric::pick(top[c] < e, e, top[c]);
-                }
-                first = false;
-                continue;
-              }
-              for (int64_t c = 0; c < channels; ++c) {
-                const W e = value(v[c]);
-                const bool take = best[c] < e;  // strictly greater; never a NaN
-                best[c] = numeric::pick(take, e, best[c]);
-                a[c] = numeric::pick(take, k, a[c]);
-                top[c] = numeric::pick(top[c] < e, e, top[c]);
-              }
-            }
-          }
+          const Window w{((b * g.height + h0) * g.width + w0) * channels, i_lo, i_hi, j_lo, j_hi,
+                         g.q, g.width * channels, channels};
           T* out = y + (u * g.out_cols + wo) * channels;
           uint8_t* offsets = arg.data() + wo * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            out[c] = narrow<T>(top[c]);  // exact: a value of T
-            offsets[c] = static_cast<uint8_t>(a[c]);
+          for (int64_t c = 0; c < full; c += kPoolLanes) {
+            window_argmax<kPoolLanes>(x, c, w, kPoolLanes, lowest, out, offsets);
           }
+          if (full < channels) window_argmax<0>(x, full, w, channels - full, lowest, out, offsets);
         }
         int count = 0;
         PartialByte* mine = partial.data() + u * 2 * bits;
