@@ -1231,7 +1231,6 @@ Status set_spatial(PoolGeometry* g, bool same, int64_t batch, int64_t height, in
   return tensorflow::OkStatus();
 }
 
-// A byte of a bit plane shared with another unit's bits: OR-ed in after the loop.
 // A pool window: the offset of its top-left element (padding included: may
 // be negative), its valid rows [i_lo, i_hi) and columns [j_lo, j_hi) (q
 // columns in all), and the strides of an input row and column, in elements.
@@ -1249,9 +1248,9 @@ constexpr int64_t kPoolLanes = 64;
 // One window's max (MaxPool's: from lowest, NaN never taken) and argmax
 // offset (MaxPoolGrad's: the first valid element, whatever its value, then
 // strictly greater ones) for `count` channels of x from channel `c0` (only
-// the window's valid elements are read). Lanes >
-// 0: count == Lanes; 0: count < kPoolLanes (the tail). Offsets held in W's
-// width: every select is a bit mask of one width, so the loops vectorize.
+// the window's valid elements are read). Lanes > 0: count == Lanes; 0: count
+// < kPoolLanes (the tail). Offsets held in W's width: every select is a bit
+// mask of one width, so the loops vectorize.
 template <int64_t Lanes, typename T, typename W = numeric::Work<T>>
 inline void window_argmax(const T* x, int64_t c0, const Window& w, int64_t count, W lowest,
                           T* out, uint8_t* offsets) {
@@ -1287,6 +1286,7 @@ inline void window_argmax(const T* x, int64_t c0, const Window& w, int64_t count
   }
 }
 
+// A byte of a bit plane shared with another unit's bits: OR-ed in after the loop.
 struct PartialByte {
   int64_t index;
   uint8_t value;
