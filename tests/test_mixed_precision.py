@@ -114,7 +114,9 @@ def test_binary_dense_is_float32_rounded(dtype, quantizer):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-def test_saved_conv2d_and_dense_keep_the_16_bit_input_and_compute_in_float32(dtype):
+def test_saved_conv2d_and_dense_keep_the_16_bit_input_and_compute_in_float32(dtype, monkeypatch):
+    # The float32 reference slices its weight gradient as the 16-bit input does.
+    monkeypatch.setattr(saved, "FILTER_CHUNK_SAMPLE_BYTES", 0)
     rng = np.random.default_rng(3)
     x16, x32 = _half(rng, (5, 6, 6, 4), dtype)
     k16, k32 = _half(rng, (3, 3, 4, 3), dtype)
@@ -166,6 +168,33 @@ def test_saved_conv2d_upcasts_one_16_bit_batch_chunk_at_a_time():
                 and op.outputs[0].shape.as_list() == [2, 6, 6, 3]]
     assert len(dy_casts) == saved.FILTER_CHUNKS
     assert sorted(map(filter_grads_before, dy_casts)) == list(range(saved.FILTER_CHUNKS))
+
+
+@pytest.mark.parametrize("shape,chunks", [
+    ((4, 8, 8, 16), 1),  # 4 KiB a sample: one oneDNN call, as a ResNet shortcut's
+    ((4, 128, 128, 4), saved.FILTER_CHUNKS),  # 256 KiB a sample: sliced, as a 224x224 stem's
+])
+def test_saved_conv2d_slices_a_float32_input_only_from_a_size_up(shape, chunks):
+    """float32 x kept as float16: the weight gradient's upcast copy is sliced only
+    where per-sample inputs reach FILTER_CHUNK_SAMPLE_BYTES; either way it equals
+    TF's own gradient at the float16-rounded input."""
+    assert saved.filter_chunks(tf.zeros(shape), tf.zeros(shape, tf.float16)) == chunks
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.standard_normal(shape).astype(np.float32))
+    kernel = tf.constant(rng.standard_normal((3, 3, shape[-1], 5)).astype(np.float32))
+    dy = tf.constant(rng.standard_normal((*shape[:3], 5)).astype(np.float32))
+    conv = lambda a, b: saved.saved_conv2d(a, b, (1, 1), "SAME")  # noqa: E731
+
+    @tf.function
+    def step(x, kernel, dy):
+        return _grads(conv, x, kernel, dy)[1:]
+
+    graph = step.get_concrete_function(x, kernel, dy).graph
+    filter_grads = [op for op in graph.get_operations() if op.type == "Conv2DBackpropFilter"]
+    assert len(filter_grads) == chunks
+    x16 = tf.cast(tf.cast(x, tf.float16), tf.float32)
+    want = _grads(lambda a, b: tf.nn.conv2d(a, b, 1, "SAME"), x16, kernel, dy)[2]
+    np.testing.assert_allclose(step(x, kernel, dy)[1].numpy(), want.numpy(), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)

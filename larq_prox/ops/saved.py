@@ -155,6 +155,37 @@ def _vjp(forward: Callable, x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor):
 FILTER_CHUNKS = 4
 """Batch slices in which a saved conv's weight gradient restores the kept copy (see below)."""
 
+FILTER_CHUNK_SAMPLE_BYTES = 256 * 1024
+"""A float32 input's upcast copy is sliced only from this size per sample up (see below)."""
+
+
+def filter_chunks(x: tf.Tensor, kept: tf.Tensor) -> int:
+    """Batch slices of `_chunked_filter_grad` for input `x` kept as `kept`.
+
+    The slices bound the float32 copy of `kept` (and of a 16-bit dy) that the
+    weight gradient reads. For 16-bit x they always pay: the copies are twice
+    the 16-bit dx. For float32 x the backward allocates dx, as large as the
+    copy, right after, so slices lower no peak unless dx is never computed
+    (a model's first layer): they are kept for inputs of at least
+    `FILTER_CHUNK_SAMPLE_BYTES` per sample, such as a 224x224 stem's, and
+    dropped for small ones (ResNet shortcuts), where each slice's own oneDNN
+    call and weight reorder cost more than the product (converted
+    ResNetE-18: the four shortcut convolutions' 4-slice weight gradients took
+    47 ms a step on 2 threads, against 9 ms in one piece).
+
+    ```python
+    filter_chunks(tf.zeros([16, 28, 28, 64]), tf.zeros([16, 28, 28, 64], tf.float16))  # 1
+    ```
+    """
+    if kept.dtype == arithmetic_dtype(x.dtype):
+        return 1  # nothing to upcast
+    if arithmetic_dtype(x.dtype) != x.dtype:
+        return FILTER_CHUNKS
+    per_sample = x.shape[1:].num_elements()
+    if per_sample is not None and per_sample * 4 < FILTER_CHUNK_SAMPLE_BYTES:
+        return 1
+    return FILTER_CHUNKS
+
 
 def _chunked_filter_grad(filter_grad: Callable, kept: tf.Tensor, kernel_shape, dy: tf.Tensor,
                          chunks: int = FILTER_CHUNKS) -> tf.Tensor:
@@ -202,7 +233,8 @@ def _saved_kernel_op(x, kernel, saved_dtype, forward, dilated, filter_grad, inpu
             if dilated:
                 dx, dkernel = _vjp(forward, _restore(kept, dy), upcast(kernel), upcast(dy))
             else:
-                dkernel = _chunked_filter_grad(filter_grad, kept, kernel_shape, dy)
+                dkernel = _chunked_filter_grad(filter_grad, kept, kernel_shape, dy,
+                                               filter_chunks(x, kept))
                 # dx after dkernel: the upcast input is freed before dx is allocated.
                 with tf.control_dependencies([dkernel]):
                     dx = input_grad(x_shape, upcast(kernel), upcast(dy))
